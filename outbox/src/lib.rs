@@ -1,0 +1,43 @@
+//! Transactional outbox for diesel and Postgres.
+//!
+//! Write a business change and the events that describe it in ONE local transaction; the
+//! `outbox-relay` worker moves committed events to Kafka, in commit order per key, never skipping
+//! one and never publishing a rolled-back one. Consumers deduplicate with the `inbox` table.
+//!
+//! ```no_run
+//! use diesel::prelude::*;
+//! # fn demo(conn: &mut PgConnection) -> Result<(), outbox::Error> {
+//! outbox::Outbox::new().migrate(conn)?; // once, at start-up
+//! conn.transaction(|conn| {
+//!     diesel::sql_query("INSERT INTO orders (id) VALUES (42)").execute(conn)?;
+//!     let event = outbox::Event::builder("orders", "order-42", "OrderCreated")
+//!         .json(&serde_json::json!({"order_id": 42}))
+//!         .header("x-tenant", "acme")
+//!         .build()?;
+//!     outbox::enqueue(conn, &event)?;
+//!     Ok(())
+//! })
+//! # }
+//! ```
+//!
+//! The tables are a stable SQL contract (`docs/TABLES.md`): services in other languages enqueue
+//! with a plain `INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES (..)`.
+
+mod error;
+mod event;
+mod ident;
+mod migrate;
+mod store;
+mod stored;
+pub mod trace;
+
+pub use error::{is_retriable_db, Error, Result};
+pub use event::{
+    validate_topic, Event, EventBuilder, JSON_CONTENT_TYPE, MAX_NAME_LEN, MAX_TOPIC_LEN,
+    RESERVED_HEADERS,
+};
+pub use ident::{Ident, TableRef};
+pub use migrate::{run_migrations, verify_schema, MIGRATIONS};
+pub use store::{enqueue, enqueue_batch, Enqueued, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
+pub use stored::{StoredEvent, Xid8, STORED_EVENT_COLUMNS};
+pub use trace::{current_traceparent, TraceContextLayer, Traceparent};

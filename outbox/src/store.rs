@@ -1,0 +1,320 @@
+//! Writing events: the [`Outbox`] handle and the free-function shortcuts.
+
+use std::collections::HashSet;
+
+use diesel::connection::{AnsiTransactionManager, TransactionManager};
+use diesel::pg::Pg;
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use diesel::sql_types::{BigInt, Bytea, Jsonb, Nullable, Text};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use uuid::Uuid;
+
+use crate::ident::TableRef;
+use crate::migrate;
+use crate::stored::{StoredEvent, STORED_EVENT_COLUMNS};
+use crate::{Error, Event, Result};
+
+/// Default payload limit: 1 MiB. Keep it at or below the broker's `message.max.bytes` minus
+/// headers; anything the broker refuses anyway is dead-lettered by the relay.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Rows per INSERT statement in [`Outbox::enqueue_batch`]: 8 bind parameters per row must stay
+/// under Postgres' 65535 parameter limit.
+const ROWS_PER_STATEMENT: usize = 4096;
+
+/// The unique constraint on `outbox.event_id` (see the migrations).
+const EVENT_ID_CONSTRAINT: &str = "outbox_event_id_key";
+
+/// Where an event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The row's `id`.
+    pub id: i64,
+    /// The event id.
+    pub event_id: Uuid,
+}
+
+/// Writes events into the outbox table inside the caller's transaction.
+///
+/// ```no_run
+/// use diesel::prelude::*;
+/// # fn demo(conn: &mut PgConnection) -> Result<(), outbox::Error> {
+/// let outbox = outbox::Outbox::new();
+/// conn.transaction(|conn| {
+///     // ... the business change, on the same connection ...
+///     let event = outbox::Event::json("orders", "order-42", "OrderCreated",
+///                                     &serde_json::json!({"order_id": 42}))?;
+///     outbox.enqueue(conn, &event)?;
+///     Ok(())
+/// })
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tables: TableRef,
+    max_payload_bytes: usize,
+    table_sql: String,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Outbox {
+    /// An outbox with the defaults: tables found through the connection's `search_path`, payloads
+    /// up to [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    #[must_use]
+    pub fn new() -> Self {
+        let tables = TableRef::default();
+        Self {
+            table_sql: tables.qualify("outbox"),
+            tables,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// Uses the tables in `schema` instead of the `search_path`. Defaults to the `search_path`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidIdentifier`] when `schema` is not a plain lowercase identifier.
+    pub fn schema(mut self, schema: &str) -> Result<Self> {
+        self.tables = TableRef::in_schema(schema)?;
+        self.table_sql = self.tables.qualify("outbox");
+        Ok(self)
+    }
+
+    /// Largest payload accepted, in bytes. Defaults to [`DEFAULT_MAX_PAYLOAD_BYTES`] (1 MiB).
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when `limit` is 0.
+    pub fn max_payload_bytes(mut self, limit: usize) -> Result<Self> {
+        if limit == 0 {
+            return Err(Error::InvalidConfig(
+                "max_payload_bytes must be positive".into(),
+            ));
+        }
+        self.max_payload_bytes = limit;
+        Ok(self)
+    }
+
+    /// Where the tables are.
+    #[must_use]
+    pub fn tables(&self) -> &TableRef {
+        &self.tables
+    }
+
+    /// Applies the embedded migrations in this outbox's schema. See [`migrate::run_migrations`].
+    ///
+    /// # Errors
+    /// [`Error::Migration`].
+    pub fn migrate(&self, conn: &mut PgConnection) -> Result<Vec<String>> {
+        migrate::run_migrations(conn, &self.tables)
+    }
+
+    /// Checks that the schema matches this library. See [`migrate::verify_schema`].
+    ///
+    /// # Errors
+    /// [`Error::SchemaMismatch`].
+    pub fn verify_schema(&self, conn: &mut PgConnection) -> Result<()> {
+        migrate::verify_schema(conn, &self.tables)
+    }
+
+    /// Enqueues one event. Must run inside the caller's transaction (`conn.transaction(..)`), so
+    /// the event commits or rolls back with the business change.
+    ///
+    /// # Errors
+    /// [`Error::NotInTransaction`], [`Error::PayloadTooLarge`], [`Error::DuplicateEventId`] (which,
+    /// like any failed statement, aborts the caller's transaction), [`Error::Database`].
+    pub fn enqueue(&self, conn: &mut PgConnection, event: &Event) -> Result<Enqueued> {
+        require_transaction(conn)?;
+        self.check_size(event)?;
+        let ids = self
+            .insert(conn, std::slice::from_ref(event))
+            .map_err(|e| classify(e, || Some(event.event_id)))?;
+        Ok(Enqueued {
+            id: ids[0],
+            event_id: event.event_id,
+        })
+    }
+
+    /// Enqueues several events with multi-row INSERTs, all or nothing. Must run inside the
+    /// caller's transaction. The batch runs in a savepoint: when it fails, none of its events is
+    /// written and the caller's transaction is still usable.
+    ///
+    /// # Errors
+    /// As [`Outbox::enqueue`]; [`Error::DuplicateEventId`] names the first duplicate, whether it
+    /// is repeated inside the batch or already pending in the table.
+    pub fn enqueue_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[Event],
+    ) -> Result<Vec<Enqueued>> {
+        require_transaction(conn)?;
+        let mut seen = HashSet::with_capacity(events.len());
+        for event in events {
+            self.check_size(event)?;
+            if !seen.insert(event.event_id) {
+                return Err(Error::DuplicateEventId(event.event_id));
+            }
+        }
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inserted = conn.transaction::<_, DieselError, _>(|conn| {
+            let mut ids = Vec::with_capacity(events.len());
+            for chunk in events.chunks(ROWS_PER_STATEMENT) {
+                ids.extend(self.insert(conn, chunk)?);
+            }
+            Ok(ids)
+        });
+        match inserted {
+            Ok(ids) => Ok(ids
+                .into_iter()
+                .zip(events)
+                .map(|(id, e)| Enqueued {
+                    id,
+                    event_id: e.event_id,
+                })
+                .collect()),
+            Err(e) if is_event_id_violation(&e) => {
+                // The savepoint is rolled back, so the transaction can still say which one.
+                let duplicate = self.first_pending(conn, events)?;
+                Err(classify(e, || duplicate))
+            }
+            Err(e) => Err(Error::Database(e)),
+        }
+    }
+
+    /// Pending events, oldest id first (for tests, tools and diagnostics).
+    ///
+    /// # Errors
+    /// [`Error::Database`].
+    pub fn pending(&self, conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredEvent>> {
+        Ok(diesel::sql_query(format!(
+            "SELECT {STORED_EVENT_COLUMNS} FROM {} ORDER BY id LIMIT $1",
+            self.table_sql
+        ))
+        .bind::<BigInt, _>(limit)
+        .load(conn)?)
+    }
+
+    fn check_size(&self, event: &Event) -> Result<()> {
+        if event.payload.len() > self.max_payload_bytes {
+            return Err(Error::PayloadTooLarge {
+                size: event.payload.len(),
+                limit: self.max_payload_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    fn insert(&self, conn: &mut PgConnection, events: &[Event]) -> Result<Vec<i64>, DieselError> {
+        #[derive(QueryableByName)]
+        struct Id {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+        }
+        let mut sql = String::with_capacity(160 + events.len() * 48);
+        sql.push_str("INSERT INTO ");
+        sql.push_str(&self.table_sql);
+        sql.push_str(
+            " (event_id, topic, partition_key, event_type, payload, headers, content_type, \
+             traceparent) VALUES ",
+        );
+        for i in 0..events.len() {
+            let p = i * 8;
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&format!(
+                "(${},${},${},${},${},${},${},${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6,
+                p + 7,
+                p + 8
+            ));
+        }
+        sql.push_str(" RETURNING id");
+        let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
+        for e in events {
+            let headers = serde_json::Value::Object(
+                e.headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            );
+            query = query
+                .bind::<diesel::sql_types::Uuid, _>(e.event_id)
+                .bind::<Text, _>(&e.topic)
+                .bind::<Text, _>(&e.key)
+                .bind::<Text, _>(&e.event_type)
+                .bind::<Bytea, _>(&e.payload)
+                .bind::<Jsonb, _>(headers)
+                .bind::<Text, _>(&e.content_type)
+                .bind::<Nullable<Text>, _>(e.traceparent.map(|t| t.to_string()));
+        }
+        // Postgres returns the rows of a multi-row VALUES insert in VALUES order.
+        Ok(query.load::<Id>(conn)?.into_iter().map(|r| r.id).collect())
+    }
+
+    fn first_pending(&self, conn: &mut PgConnection, events: &[Event]) -> Result<Option<Uuid>> {
+        #[derive(QueryableByName)]
+        struct Found {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            event_id: Uuid,
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let found: Vec<Found> = diesel::sql_query(format!(
+            "SELECT event_id FROM {} WHERE event_id = ANY($1)",
+            self.table_sql
+        ))
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+        .load(conn)?;
+        let found: HashSet<Uuid> = found.into_iter().map(|f| f.event_id).collect();
+        Ok(ids.into_iter().find(|id| found.contains(id)))
+    }
+}
+
+fn require_transaction(conn: &mut PgConnection) -> Result<()> {
+    let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth()?;
+    if depth.is_none() {
+        return Err(Error::NotInTransaction);
+    }
+    Ok(())
+}
+
+fn is_event_id_violation(e: &DieselError) -> bool {
+    matches!(e, DieselError::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+        if info.constraint_name() == Some(EVENT_ID_CONSTRAINT))
+}
+
+fn classify(e: DieselError, duplicate: impl FnOnce() -> Option<Uuid>) -> Error {
+    if is_event_id_violation(&e) {
+        if let Some(id) = duplicate() {
+            return Error::DuplicateEventId(id);
+        }
+    }
+    Error::Database(e)
+}
+
+/// Enqueues one event with the default [`Outbox`]. See [`Outbox::enqueue`].
+///
+/// # Errors
+/// As [`Outbox::enqueue`].
+pub fn enqueue(conn: &mut PgConnection, event: &Event) -> Result<Enqueued> {
+    Outbox::new().enqueue(conn, event)
+}
+
+/// Enqueues a batch with the default [`Outbox`]. See [`Outbox::enqueue_batch`].
+///
+/// # Errors
+/// As [`Outbox::enqueue_batch`].
+pub fn enqueue_batch(conn: &mut PgConnection, events: &[Event]) -> Result<Vec<Enqueued>> {
+    Outbox::new().enqueue_batch(conn, events)
+}
