@@ -292,25 +292,35 @@ impl PgCluster {
         )
     }
 
-    /// SIGKILL of the postmaster (its children exit when they notice). Use
-    /// [`PgCluster::start_server`] afterwards; it recovers from WAL.
+    /// SIGKILL of the postmaster, as in a crash. Its children notice and exit (any still alive
+    /// after 10 s are killed too); then [`PgCluster::start_server`] recovers from WAL.
     pub fn kill9(&self) -> Result<()> {
         let pidfile = std::fs::read_to_string(Path::new(&self.data_dir()).join("postmaster.pid"))
             .context("read postmaster.pid")?;
-        let pid = pidfile
+        let pid: u32 = pidfile
             .lines()
             .next()
             .context("empty postmaster.pid")?
-            .trim();
-        let status = Command::new("kill").args(["-9", pid]).status()?;
+            .trim()
+            .parse()?;
+        let children = children_of(pid);
+        let status = Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()?;
         if !status.success() {
             bail!("kill -9 {pid} failed");
         }
-        // Wait for the backends to go away so a restart finds the port and shared memory free.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        // A new postmaster refuses to start while old backends still hold shared memory.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let alive = |p: &u32| Path::new(&format!("/proc/{p}")).exists();
+        while children.iter().any(alive) || alive(&pid) {
             if Instant::now() > deadline {
-                bail!("postmaster still listening 30 s after kill -9");
+                for c in children.iter().filter(|c| alive(c)) {
+                    let _ = Command::new("kill").args(["-9", &c.to_string()]).status();
+                }
+            }
+            if Instant::now() > deadline + Duration::from_secs(10) {
+                bail!("postgres processes still alive 20 s after kill -9");
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -344,4 +354,22 @@ impl Drop for PgCluster {
             &["-D", &self.data_dir(), "-m", "immediate", "-w", "stop"],
         );
     }
+}
+
+/// Pids whose parent is `pid` (from /proc).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|stat| {
+                // fields after the parenthesised command: state, ppid, ...
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(pid)
+            })
+        })
+        .collect()
 }

@@ -1,6 +1,8 @@
 //! The outbox library against real Postgres: atomicity with the business change, batches, the
 //! plain-SQL contract, bad input, schemas, trace context and envelope round-trips.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 
 use diesel::prelude::*;
