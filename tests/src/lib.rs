@@ -15,11 +15,15 @@
 
 #![allow(clippy::missing_panics_doc, clippy::missing_errors_doc)]
 
+pub mod check;
 pub mod kafka;
+pub mod naive;
 pub mod pg;
+pub mod relay;
 
 pub use kafka::{create_topic, mock_cluster, read_all, Tansu};
 pub use pg::{PgCluster, TestDb};
+pub use relay::{relay_config, InProcessRelay, RelayProcess};
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};

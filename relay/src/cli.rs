@@ -1,0 +1,287 @@
+//! The `outbox-relay` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RelayConfig;
+use crate::error::scrub_url;
+use crate::{metrics, status, store, Relay};
+
+/// Moves committed outbox events from Postgres to Kafka (one active relay per outbox; start
+/// several for failover).
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub struct Cli {
+    /// TOML configuration file (keys as in docs/RELAY.md); flags and env override it.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Postgres URL of the database holding the outbox.
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Kafka bootstrap servers (host:port,...).
+    #[arg(long, global = true, env = "KAFKA_BROKERS")]
+    brokers: Option<String>,
+    /// Schema of the outbox tables (default: the connection's search_path).
+    #[arg(long, global = true, env = "OUTBOX_SCHEMA")]
+    schema: Option<String>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay until SIGINT/SIGTERM.
+    Run(Box<RunArgs>),
+    /// Apply the outbox migrations.
+    Migrate,
+    /// Show backlog, leader, dead letters and the oldest open transaction.
+    Status {
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Serve /metrics and /healthz here (e.g. 127.0.0.1:9464).
+    #[arg(long, env = "OUTBOX_RELAY_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Name of this process in the lease (default: host-pid-random).
+    #[arg(long)]
+    instance_id: Option<String>,
+    /// Rows per fetch (default 1000).
+    #[arg(long)]
+    page_size: Option<i64>,
+    /// Pages produced ahead of acknowledgement (default 4).
+    #[arg(long)]
+    max_pages_in_flight: Option<usize>,
+    /// Lease length in ms (default 5000): a silent leader is replaced after this.
+    #[arg(long)]
+    lease_ms: Option<u64>,
+    /// Standby lease check interval in ms (default 500).
+    #[arg(long)]
+    standby_poll_ms: Option<u64>,
+    /// Longest idle poll interval in ms (default 100).
+    #[arg(long)]
+    idle_poll_max_ms: Option<u64>,
+    /// Delivery attempts before dead-lettering (default 5).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// continue | hold-key (default continue).
+    #[arg(long)]
+    poison_policy: Option<String>,
+    /// Shutdown wait for acknowledgements in ms (default 10000).
+    #[arg(long)]
+    shutdown_timeout_ms: Option<u64>,
+    /// Allow running as a database superuser.
+    #[arg(long)]
+    allow_superuser: bool,
+    /// Raw librdkafka producer property, KEY=VALUE (repeatable).
+    #[arg(short = 'X', long = "kafka-option", value_parser = parse_kv)]
+    kafka: Vec<(String, String)>,
+}
+
+fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+impl Cli {
+    fn base_config(&self) -> Result<RelayConfig> {
+        let mut cfg = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("read config file {}", path.display()))?;
+                RelayConfig::from_toml(&text)
+                    .with_context(|| format!("config file {}", path.display()))?
+            }
+            None => RelayConfig::new("", ""),
+        };
+        if let Some(u) = &self.database_url {
+            cfg.database_url.clone_from(u);
+        }
+        if let Some(b) = &self.brokers {
+            cfg.brokers.clone_from(b);
+        }
+        if let Some(s) = &self.schema {
+            cfg.schema = Some(s.clone());
+        }
+        Ok(cfg)
+    }
+}
+
+impl RunArgs {
+    fn apply(&self, mut cfg: RelayConfig) -> Result<RelayConfig> {
+        if let Some(v) = self.metrics_addr {
+            cfg.metrics_addr = Some(v);
+        }
+        if let Some(v) = &self.instance_id {
+            cfg.instance_id = Some(v.clone());
+        }
+        if let Some(v) = self.page_size {
+            cfg.page_size = v;
+        }
+        if let Some(v) = self.max_pages_in_flight {
+            cfg.max_pages_in_flight = v;
+        }
+        if let Some(v) = self.lease_ms {
+            cfg.lease_ms = v;
+        }
+        if let Some(v) = self.standby_poll_ms {
+            cfg.standby_poll_ms = v;
+        }
+        if let Some(v) = self.idle_poll_max_ms {
+            cfg.idle_poll_max_ms = v;
+        }
+        if let Some(v) = self.max_attempts {
+            cfg.max_attempts = v;
+        }
+        if let Some(v) = &self.poison_policy {
+            cfg.poison_policy = v.parse()?;
+        }
+        if let Some(v) = self.shutdown_timeout_ms {
+            cfg.shutdown_timeout_ms = v;
+        }
+        cfg.allow_superuser |= self.allow_superuser;
+        for (k, v) in &self.kafka {
+            cfg.kafka.insert(k.clone(), v.clone());
+        }
+        Ok(cfg)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match format {
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    };
+}
+
+/// Entry point of the binary.
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let cfg = cli.base_config()?;
+    match &cli.command {
+        Command::Migrate => {
+            let tables = cfg.tables()?;
+            require_url(&cfg)?;
+            let mut conn = store::connect(cfg.database_url())?;
+            let applied = outbox::run_migrations(&mut conn, &tables)?;
+            if applied.is_empty() {
+                println!("schema is up to date ({})", scrub_url(cfg.database_url()));
+            } else {
+                for m in applied {
+                    println!("applied {m}");
+                }
+            }
+            Ok(())
+        }
+        Command::Status { json } => {
+            let tables = cfg.tables()?;
+            require_url(&cfg)?;
+            let mut conn = store::connect(cfg.database_url())?;
+            let s = status::read(&mut conn, &tables)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", s.render());
+            }
+            Ok(())
+        }
+        Command::Run(args) => {
+            let cfg = args.apply(cfg)?;
+            let relay = Relay::new(cfg.clone())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run_relay(relay, cfg))
+        }
+    }
+}
+
+fn require_url(cfg: &RelayConfig) -> Result<()> {
+    if cfg.database_url().trim().is_empty() {
+        anyhow::bail!("no database: set DATABASE_URL or --database-url");
+    }
+    Ok(())
+}
+
+async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    let mut tasks = Vec::new();
+    if let Some(addr) = cfg.metrics_addr {
+        let handle = metrics::install()?;
+        tasks.push(metrics::serve(addr, handle, shutdown.clone()).await?);
+        tasks.push(metrics::spawn_backlog_poller(
+            cfg.database_url().to_owned(),
+            cfg.tables()?,
+            Duration::from_secs(5),
+            shutdown.clone(),
+        ));
+    }
+    let result = relay.run(shutdown.clone()).await;
+    shutdown.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(result?)
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!(target: "outbox::relay", "shutdown requested: finishing in-flight work");
+        shutdown.cancel();
+    });
+    Ok(())
+}

@@ -1,0 +1,527 @@
+//! Relay configuration: typed settings with documented defaults, raw librdkafka pass-through,
+//! and refusal of settings that would break ordering, delivery or security.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{scrub_url, Error, Result};
+
+/// What happens to later events of a key after one of its events is dead-lettered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoisonPolicy {
+    /// Later events of the key keep flowing; the dead letter is out of line. Default: one bad
+    /// event must not stop a key forever, and consumers see the gap as a missing event.
+    #[default]
+    Continue,
+    /// Later events of the key are set aside as dead letters too (error "held"), in id order,
+    /// until an operator retries or purges the key's dead letters. For keys where a consumer must
+    /// never see event N+1 without event N.
+    HoldKey,
+}
+
+impl std::str::FromStr for PoisonPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "continue" => Ok(Self::Continue),
+            "hold-key" => Ok(Self::HoldKey),
+            other => Err(Error::Config(format!(
+                "poison_policy {other:?} is unknown: use continue or hold-key"
+            ))),
+        }
+    }
+}
+
+/// Everything the relay needs. Build with [`RelayConfig::new`] and the setters, or deserialize
+/// from a TOML file (unknown keys are refused). Call [`RelayConfig::validate`] (the relay does).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    #[serde(default)]
+    pub(crate) database_url: String,
+    #[serde(default)]
+    pub(crate) brokers: String,
+    #[serde(default)]
+    pub(crate) schema: Option<String>,
+    #[serde(default)]
+    pub(crate) source: Option<String>,
+    #[serde(default)]
+    pub(crate) instance_id: Option<String>,
+    #[serde(default = "defaults::page_size")]
+    pub(crate) page_size: i64,
+    #[serde(default = "defaults::max_pages_in_flight")]
+    pub(crate) max_pages_in_flight: usize,
+    #[serde(default = "defaults::idle_poll_max_ms")]
+    pub(crate) idle_poll_max_ms: u64,
+    #[serde(default = "defaults::lease_ms")]
+    pub(crate) lease_ms: u64,
+    #[serde(default = "defaults::standby_poll_ms")]
+    pub(crate) standby_poll_ms: u64,
+    #[serde(default = "defaults::max_attempts")]
+    pub(crate) max_attempts: u32,
+    #[serde(default)]
+    pub(crate) poison_policy: PoisonPolicy,
+    #[serde(default = "defaults::shutdown_timeout_ms")]
+    pub(crate) shutdown_timeout_ms: u64,
+    #[serde(default)]
+    pub(crate) metrics_addr: Option<SocketAddr>,
+    #[serde(default)]
+    pub(crate) allow_superuser: bool,
+    /// Raw librdkafka producer properties.
+    #[serde(default)]
+    pub(crate) kafka: BTreeMap<String, String>,
+}
+
+mod defaults {
+    /// Rows per fetch: large enough to amortise a round trip, small enough to delete quickly.
+    pub fn page_size() -> i64 {
+        1000
+    }
+    /// Pages produced ahead of acknowledgement: keeps DB and Kafka busy at once.
+    pub fn max_pages_in_flight() -> usize {
+        4
+    }
+    /// Longest sleep when idle; polling speeds up again as soon as a batch has rows.
+    pub fn idle_poll_max_ms() -> u64 {
+        100
+    }
+    /// A leader that has not renewed for this long is replaced.
+    pub fn lease_ms() -> u64 {
+        5000
+    }
+    /// How often a standby checks whether the lease expired.
+    pub fn standby_poll_ms() -> u64 {
+        500
+    }
+    /// Delivery attempts before an event is dead-lettered (permanent errors: at once).
+    pub fn max_attempts() -> u32 {
+        5
+    }
+    /// How long shutdown waits for outstanding acknowledgements.
+    pub fn shutdown_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
+impl fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kafka: BTreeMap<&str, &str> = self
+            .kafka
+            .iter()
+            .map(|(k, v)| {
+                let v = if is_secret_key(k) { "***" } else { v.as_str() };
+                (k.as_str(), v)
+            })
+            .collect();
+        f.debug_struct("RelayConfig")
+            .field("database_url", &scrub_url(&self.database_url))
+            .field("brokers", &self.brokers)
+            .field("schema", &self.schema)
+            .field("source", &self.source)
+            .field("instance_id", &self.instance_id)
+            .field("page_size", &self.page_size)
+            .field("max_pages_in_flight", &self.max_pages_in_flight)
+            .field("idle_poll_max_ms", &self.idle_poll_max_ms)
+            .field("lease_ms", &self.lease_ms)
+            .field("standby_poll_ms", &self.standby_poll_ms)
+            .field("max_attempts", &self.max_attempts)
+            .field("poison_policy", &self.poison_policy)
+            .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("allow_superuser", &self.allow_superuser)
+            .field("kafka", &kafka)
+            .finish()
+    }
+}
+
+/// librdkafka properties whose values are secrets (redacted in Debug output and logs).
+#[must_use]
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password")
+        || k.contains("secret")
+        || k == "ssl.key.pem"
+        || k == "ssl_key"
+        || k == "sasl.oauthbearer.config"
+}
+
+impl RelayConfig {
+    /// A configuration with every default. `brokers` is `bootstrap.servers`.
+    #[must_use]
+    pub fn new(database_url: impl Into<String>, brokers: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            brokers: brokers.into(),
+            schema: None,
+            source: None,
+            instance_id: None,
+            page_size: defaults::page_size(),
+            max_pages_in_flight: defaults::max_pages_in_flight(),
+            idle_poll_max_ms: defaults::idle_poll_max_ms(),
+            lease_ms: defaults::lease_ms(),
+            standby_poll_ms: defaults::standby_poll_ms(),
+            max_attempts: defaults::max_attempts(),
+            poison_policy: PoisonPolicy::default(),
+            shutdown_timeout_ms: defaults::shutdown_timeout_ms(),
+            metrics_addr: None,
+            allow_superuser: false,
+            kafka: BTreeMap::new(),
+        }
+    }
+
+    /// Parses a TOML file's contents (see `docs/RELAY.md`).
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the unknown or malformed key.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
+    }
+
+    /// Schema holding the outbox tables. Defaults to the connection's `search_path`.
+    #[must_use]
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+
+    /// `ce_source` of every message. Defaults to `/outbox-relay/<schema or "default">`.
+    #[must_use]
+    pub fn source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// This process's name in the lease. Defaults to `<hostname>-<pid>-<random>`.
+    #[must_use]
+    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
+        self.instance_id = Some(id.into());
+        self
+    }
+
+    /// Rows per fetch. Defaults to 1000.
+    #[must_use]
+    pub fn page_size(mut self, n: i64) -> Self {
+        self.page_size = n;
+        self
+    }
+
+    /// Pages produced ahead of acknowledgement. Defaults to 4.
+    #[must_use]
+    pub fn max_pages_in_flight(mut self, n: usize) -> Self {
+        self.max_pages_in_flight = n;
+        self
+    }
+
+    /// Longest idle sleep between polls. Defaults to 100 ms.
+    #[must_use]
+    pub fn idle_poll_max(mut self, d: Duration) -> Self {
+        self.idle_poll_max_ms = millis(d);
+        self
+    }
+
+    /// Lease length: a leader silent this long is replaced. Defaults to 5 s.
+    #[must_use]
+    pub fn lease(mut self, d: Duration) -> Self {
+        self.lease_ms = millis(d);
+        self
+    }
+
+    /// How often a standby checks the lease. Defaults to 500 ms.
+    #[must_use]
+    pub fn standby_poll(mut self, d: Duration) -> Self {
+        self.standby_poll_ms = millis(d);
+        self
+    }
+
+    /// Delivery attempts before dead-lettering. Defaults to 5.
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// What happens to later events of a dead-lettered key. Defaults to
+    /// [`PoisonPolicy::Continue`].
+    #[must_use]
+    pub fn poison_policy(mut self, p: PoisonPolicy) -> Self {
+        self.poison_policy = p;
+        self
+    }
+
+    /// How long shutdown waits for acknowledgements. Defaults to 10 s.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout_ms = millis(d);
+        self
+    }
+
+    /// Serve `/metrics` and `/healthz` here. Defaults to off.
+    #[must_use]
+    pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Run even when the database role is a superuser. Defaults to false (least privilege).
+    #[must_use]
+    pub fn allow_superuser(mut self, yes: bool) -> Self {
+        self.allow_superuser = yes;
+        self
+    }
+
+    /// Sets a raw librdkafka producer property (checked by [`RelayConfig::validate`]).
+    #[must_use]
+    pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// The database URL (contains secrets: never log it; use [`scrub_url`]).
+    #[must_use]
+    pub fn database_url(&self) -> &str {
+        &self.database_url
+    }
+
+    /// The bootstrap servers.
+    #[must_use]
+    pub fn brokers(&self) -> &str {
+        &self.brokers
+    }
+
+    /// The outbox table location.
+    ///
+    /// # Errors
+    /// [`Error::Outbox`] with an invalid identifier.
+    pub fn tables(&self) -> Result<outbox::TableRef> {
+        Ok(match &self.schema {
+            Some(s) => outbox::TableRef::in_schema(s)?,
+            None => outbox::TableRef::default(),
+        })
+    }
+
+    /// Checks every setting; the message names the setting and why it is refused.
+    ///
+    /// # Errors
+    /// [`Error::Config`] or [`Error::Outbox`] (schema identifier).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.database_url.trim().is_empty() {
+            return bad("database_url is empty (set DATABASE_URL or --database-url)".into());
+        }
+        if self.brokers.trim().is_empty() {
+            return bad("brokers is empty (set KAFKA_BROKERS or --brokers)".into());
+        }
+        self.tables()?;
+        if self.page_size <= 0 {
+            return bad(format!(
+                "page_size must be positive, got {}",
+                self.page_size
+            ));
+        }
+        if self.page_size > 50_000 {
+            return bad(format!(
+                "page_size must be at most 50000, got {}",
+                self.page_size
+            ));
+        }
+        for (name, v) in [
+            ("max_pages_in_flight", self.max_pages_in_flight as u64),
+            ("idle_poll_max_ms", self.idle_poll_max_ms),
+            ("lease_ms", self.lease_ms),
+            ("standby_poll_ms", self.standby_poll_ms),
+            ("max_attempts", u64::from(self.max_attempts)),
+            ("shutdown_timeout_ms", self.shutdown_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive, got 0"));
+            }
+        }
+        if self.lease_ms < 1000 {
+            return bad(format!(
+                "lease_ms must be at least 1000 (a shorter lease flaps on ordinary pauses), got {}",
+                self.lease_ms
+            ));
+        }
+        if self.standby_poll_ms >= self.lease_ms {
+            return bad("standby_poll_ms must be shorter than lease_ms".into());
+        }
+        for (key, value) in &self.kafka {
+            check_kafka_option(key, value)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lease_duration(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Settings the relay sets itself; giving them again is refused rather than silently ignored.
+const OWNED_BY_RELAY: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "use brokers / --brokers / KAFKA_BROKERS",
+    ),
+    (
+        "metadata.broker.list",
+        "use brokers / --brokers / KAFKA_BROKERS",
+    ),
+];
+
+/// Refuses librdkafka settings that would lose, duplicate, reorder or expose events.
+fn check_kafka_option(key: &str, value: &str) -> Result<()> {
+    let refuse = |why: &str| {
+        Err(Error::Config(format!(
+            "kafka option {key}={} is refused: {why}",
+            if is_secret_key(key) { "***" } else { value }
+        )))
+    };
+    let v = value.trim().to_ascii_lowercase();
+    if let Some((_, hint)) = OWNED_BY_RELAY.iter().find(|(k, _)| *k == key) {
+        return refuse(&format!("the relay sets it ({hint})"));
+    }
+    match key {
+        "enable.idempotence" if v != "true" => {
+            refuse("the idempotent producer is what keeps retries from reordering or duplicating a partition")
+        }
+        "acks" | "request.required.acks" if v != "all" && v != "-1" => {
+            refuse("only acks=all survives the loss of a broker after acknowledgement")
+        }
+        "max.in.flight.requests.per.connection" | "max.in.flight" => match v.parse::<u32>() {
+            Ok(1..=5) => Ok(()),
+            _ => refuse("must be 1 to 5: the idempotent producer keeps order only with at most 5 requests in flight"),
+        },
+        "retries" | "message.send.max.retries" if v == "0" => {
+            refuse("retries must stay enabled (a transient error would otherwise fail the event)")
+        }
+        "message.timeout.ms" | "delivery.timeout.ms" => match v.parse::<u64>() {
+            Ok(0) | Ok(300_000..) => Ok(()),
+            _ => refuse("must be 0 (never give up, the default here) or at least 300000: a timed-out message may still be written, and re-sending it reorders its key"),
+        },
+        "partitioner" if v != "murmur2_random" => {
+            refuse("only murmur2_random puts a key on the same partition as Java clients do")
+        }
+        "enable.ssl.certificate.verification" if v == "false" => {
+            refuse("certificate verification must stay on")
+        }
+        "ssl.endpoint.identification.algorithm" if v == "none" => {
+            refuse("host name verification must stay on (https)")
+        }
+        "transactional.id" => refuse("transactions are not supported by this relay mode"),
+        "enable.gapless.guarantee" if v == "false" => Ok(()),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> RelayConfig {
+        RelayConfig::new("postgres://u:pw@localhost/db", "127.0.0.1:9092")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        base().validate().unwrap();
+    }
+
+    #[test]
+    fn unsafe_kafka_settings_are_refused_with_the_reason() {
+        for (k, v, why) in [
+            ("enable.idempotence", "false", "idempotent producer"),
+            ("acks", "1", "acks=all"),
+            ("request.required.acks", "0", "acks=all"),
+            ("max.in.flight.requests.per.connection", "6", "at most 5"),
+            ("max.in.flight", "100", "at most 5"),
+            ("message.timeout.ms", "30000", "timed-out message"),
+            ("partitioner", "consistent_random", "Java clients"),
+            (
+                "enable.ssl.certificate.verification",
+                "false",
+                "verification",
+            ),
+            ("ssl.endpoint.identification.algorithm", "none", "host name"),
+            ("bootstrap.servers", "x:1", "the relay sets it"),
+            ("retries", "0", "retries must stay enabled"),
+            ("transactional.id", "x", "transactions"),
+        ] {
+            let err = base()
+                .kafka_option(k, v)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(k) && err.contains(why), "{k}={v}: {err}");
+        }
+        for (k, v) in [
+            ("acks", "all"),
+            ("acks", "-1"),
+            ("max.in.flight.requests.per.connection", "5"),
+            ("message.timeout.ms", "0"),
+            ("message.timeout.ms", "600000"),
+            ("linger.ms", "20"),
+            ("compression.type", "lz4"),
+        ] {
+            base().kafka_option(k, v).validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_numbers_and_identifiers_are_refused() {
+        assert!(base().page_size(0).validate().is_err());
+        assert!(base().page_size(-5).validate().is_err());
+        assert!(base().max_pages_in_flight(0).validate().is_err());
+        assert!(base().lease(Duration::from_millis(10)).validate().is_err());
+        assert!(base().max_attempts(0).validate().is_err());
+        assert!(base().shutdown_timeout(Duration::ZERO).validate().is_err());
+        let err = base()
+            .schema("Bad-Schema")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid identifier"), "{err}");
+        assert!(RelayConfig::new("", "b").validate().is_err());
+        assert!(RelayConfig::new("postgres://x", " ").validate().is_err());
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let c = base()
+            .kafka_option("sasl.password", "hunter2")
+            .kafka_option("ssl.key.password", "hunter3");
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("hunter2") && !dbg.contains("hunter3") && !dbg.contains(":pw@"),
+            "{dbg}"
+        );
+        let err = base()
+            .kafka_option("sasl.password", "hunter2")
+            .kafka_option("acks", "1")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"));
+    }
+
+    #[test]
+    fn toml_refuses_unknown_keys() {
+        let ok = RelayConfig::from_toml(
+            "database_url = 'postgres://x'\nbrokers = 'b:1'\npage_size = 10\n[kafka]\n'linger.ms' = '5'\n",
+        )
+        .unwrap();
+        assert_eq!(ok.page_size, 10);
+        let err = RelayConfig::from_toml("database_url = 'x'\nbrokers = 'b'\npage_sise = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("page_sise"), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! `outbox-relay`: moves committed events from a Postgres outbox table to Kafka.
+//!
+//! - **Commit-safe capture.** Rows are taken in PgQ-style batches: the rows whose writing
+//!   transaction (`tx_id`, xid8) is visible in the current snapshot and was not in the previous
+//!   one. A transaction that took a lower id and commits late lands in a later batch instead of
+//!   being skipped, and a long-open transaction delays only its own events.
+//! - **Per-key order.** Batches leave in commit order, rows within a batch in id order, through
+//!   one idempotent producer (`acks=all`, at most 5 in flight, `murmur2_random`).
+//! - **At-least-once.** A row is removed only after Kafka acknowledged it; a crash re-sends at
+//!   most what was in flight. Each message carries `ce_id` so consumers deduplicate.
+//! - **One active relay per outbox.** A lease with a fencing epoch, checked on the database's
+//!   clock by every fetch and removal; standbys take over when it expires. A paused leader that
+//!   wakes up cannot remove anything.
+//! - **Poison events** are dead-lettered after bounded attempts (at once for permanent errors)
+//!   and never block other keys; [`PoisonPolicy`] decides about later events of the same key.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), outbox_relay::Error> {
+//! let config = outbox_relay::RelayConfig::new("postgres://relay@db/app", "kafka:9092");
+//! let relay = outbox_relay::Relay::new(config)?;
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! relay.run(shutdown).await
+//! # }
+//! ```
+
+pub mod cli;
+mod config;
+mod error;
+pub mod metrics;
+pub mod producer;
+mod relay;
+pub mod status;
+pub mod store;
+
+pub use config::{is_secret_key, PoisonPolicy, RelayConfig};
+pub use error::{scrub_url, Error, Result};
+pub use relay::Relay;

@@ -1,0 +1,153 @@
+//! Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+//!
+//! | metric | type | meaning |
+//! |---|---|---|
+//! | `outbox_relay_delivered_total` | counter | events acknowledged by Kafka and removed |
+//! | `outbox_relay_failed_total{kind}` | counter | failed delivery attempts (`permanent`/`transient`) |
+//! | `outbox_relay_dead_lettered_total` | counter | events moved to `outbox_dead_letters` |
+//! | `outbox_relay_backlog` | gauge | events waiting in the outbox |
+//! | `outbox_relay_oldest_event_age_seconds` | gauge | age of the oldest waiting event |
+//! | `outbox_relay_dead_letters` | gauge | rows in `outbox_dead_letters` |
+//! | `outbox_relay_commit_to_ack_seconds` | histogram | writer transaction start to Kafka acknowledgement |
+//! | `outbox_relay_leader` | gauge | 1 while this process is the active relay |
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use diesel::sql_types::{BigInt, Double};
+use diesel::{QueryableByName, RunQueryDsl};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+static LEADER: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn leader(is: bool) {
+    LEADER.store(is, Ordering::Relaxed);
+    metrics::gauge!("outbox_relay_leader").set(if is { 1.0 } else { 0.0 });
+}
+
+pub(crate) fn delivered(commit_to_ack: Duration) {
+    metrics::counter!("outbox_relay_delivered_total").increment(1);
+    metrics::histogram!("outbox_relay_commit_to_ack_seconds").record(commit_to_ack.as_secs_f64());
+}
+
+pub(crate) fn failed(permanent: bool) {
+    let kind = if permanent { "permanent" } else { "transient" };
+    metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(1);
+}
+
+pub(crate) fn dead_lettered(n: usize) {
+    metrics::counter!("outbox_relay_dead_lettered_total").increment(n as u64);
+}
+
+/// Whether this process currently leads.
+#[must_use]
+pub fn is_leader() -> bool {
+    LEADER.load(Ordering::Relaxed)
+}
+
+/// Installs the Prometheus recorder (once per process).
+///
+/// # Errors
+/// [`Error::Config`] when a recorder is already installed.
+pub fn install() -> Result<PrometheusHandle> {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("outbox_relay_commit_to_ack_seconds".into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                60.0,
+            ],
+        )
+        .map_err(|e| Error::Config(e.to_string()))?
+        .install_recorder()
+        .map_err(|e| Error::Config(format!("metrics recorder: {e}")))
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+///
+/// # Errors
+/// [`Error::Io`] when the address cannot be bound.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(target: "outbox::relay", %addr, "serving /metrics and /healthz");
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route(
+            "/healthz",
+            get(|| async {
+                format!(
+                    "{{\"status\":\"ok\",\"leader\":{}}}\n",
+                    if is_leader() { "true" } else { "false" }
+                )
+            }),
+        );
+    Ok(tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    }))
+}
+
+/// Updates the backlog gauges every `every` from its own connection, until `shutdown`.
+pub fn spawn_backlog_poller(
+    database_url: String,
+    tables: outbox::TableRef,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    #[derive(QueryableByName)]
+    struct Backlog {
+        #[diesel(sql_type = BigInt)]
+        backlog: i64,
+        #[diesel(sql_type = Double)]
+        oldest_secs: f64,
+        #[diesel(sql_type = BigInt)]
+        dead: i64,
+    }
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM {t}) AS backlog, \
+         coalesce(extract(epoch FROM clock_timestamp() - (SELECT min(created_at) FROM {t})), 0)::float8 AS oldest_secs, \
+         (SELECT count(*) FROM {d}) AS dead",
+        t = tables.qualify("outbox"),
+        d = tables.qualify("outbox_dead_letters")
+    );
+    tokio::spawn(async move {
+        let mut conn = None;
+        loop {
+            let (sql, url) = (sql.clone(), database_url.clone());
+            let c = conn.take();
+            let r = tokio::task::spawn_blocking(move || {
+                let mut c = match c {
+                    Some(c) => c,
+                    None => crate::store::connect(&url)?,
+                };
+                let b = diesel::sql_query(&sql).get_result::<Backlog>(&mut c)?;
+                Ok::<_, Error>((c, b))
+            })
+            .await;
+            if let Ok(Ok((c, b))) = r {
+                conn = Some(c);
+                #[allow(clippy::cast_precision_loss)]
+                {
+                    metrics::gauge!("outbox_relay_backlog").set(b.backlog as f64);
+                    metrics::gauge!("outbox_relay_dead_letters").set(b.dead as f64);
+                }
+                metrics::gauge!("outbox_relay_oldest_event_age_seconds").set(b.oldest_secs);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    })
+}

@@ -1,0 +1,198 @@
+//! The Kafka side: producer settings that keep per-key order, message format, error classes.
+
+use chrono::SecondsFormat;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureProducer;
+use rdkafka::ClientContext;
+
+use outbox::StoredEvent;
+
+use crate::config::{is_secret_key, RelayConfig};
+use crate::error::Result;
+
+/// Routes librdkafka's logs and errors into `tracing` (target `outbox::relay::kafka`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayContext;
+
+impl ClientContext for RelayContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "outbox::relay::kafka", facility = fac, "{message}");
+            }
+            RDKafkaLogLevel::Warning => {
+                tracing::warn!(target: "outbox::relay::kafka", facility = fac, "{message}");
+            }
+            _ => tracing::debug!(target: "outbox::relay::kafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "outbox::relay::kafka", %error, reason, "kafka client error");
+    }
+}
+
+/// The relay's producer.
+pub type Producer = FutureProducer<RelayContext>;
+
+/// The producer settings the relay enforces (user options cannot weaken them; see
+/// [`RelayConfig::validate`]).
+pub const ENFORCED: &[(&str, &str)] = &[
+    ("enable.idempotence", "true"),
+    ("acks", "all"),
+    ("max.in.flight.requests.per.connection", "5"),
+    ("partitioner", "murmur2_random"),
+];
+
+/// Defaults that the user may override.
+pub const DEFAULTS: &[(&str, &str)] = &[
+    // Never give up on a message: a timed-out message may still be written, and re-sending it
+    // would reorder its key. Outages are waited out; poison is detected by its error code.
+    ("message.timeout.ms", "0"),
+    ("socket.nagle.disable", "true"),
+    ("linger.ms", "5"),
+    ("batch.num.messages", "10000"),
+    ("batch.size", "1000000"),
+    ("queue.buffering.max.messages", "500000"),
+    ("queue.buffering.max.kbytes", "1048576"),
+    ("retry.backoff.ms", "100"),
+    ("retry.backoff.max.ms", "1000"),
+    ("reconnect.backoff.max.ms", "1000"),
+];
+
+/// The full producer configuration for `cfg`.
+#[must_use]
+pub fn client_config(cfg: &RelayConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    for (k, v) in DEFAULTS {
+        c.set(*k, *v);
+    }
+    for (k, v) in &cfg.kafka {
+        c.set(k, v);
+    }
+    for (k, v) in ENFORCED {
+        c.set(*k, *v);
+    }
+    c.set("bootstrap.servers", &cfg.brokers);
+    c.set_log_level(RDKafkaLogLevel::Warning);
+    c
+}
+
+/// Creates the producer.
+///
+/// # Errors
+/// [`crate::Error::Kafka`] when librdkafka refuses the configuration.
+pub fn create(cfg: &RelayConfig) -> Result<Producer> {
+    let config = client_config(cfg);
+    let shown: Vec<String> = config
+        .config_map()
+        .iter()
+        .map(|(k, v)| {
+            if is_secret_key(k) {
+                format!("{k}=***")
+            } else {
+                format!("{k}={v}")
+            }
+        })
+        .collect();
+    tracing::debug!(target: "outbox::relay", config = %shown.join(" "), "creating producer");
+    Ok(config.create_with_context(RelayContext)?)
+}
+
+/// The Kafka headers of an event: CloudEvents binary mode, trace context, user headers.
+#[must_use]
+pub fn headers(event: &StoredEvent, source: &str) -> OwnedHeaders {
+    let id = event.event_id.to_string();
+    let time = event
+        .created_at
+        .to_rfc3339_opts(SecondsFormat::Micros, true);
+    let mut h = OwnedHeaders::new_with_capacity(7 + event.headers.len())
+        .insert(Header {
+            key: "ce_id",
+            value: Some(id.as_str()),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some(event.event_type.as_str()),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some(source),
+        })
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_time",
+            value: Some(time.as_str()),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some(event.content_type.as_str()),
+        });
+    if let Some(tp) = &event.traceparent {
+        h = h.insert(Header {
+            key: "traceparent",
+            value: Some(tp.as_str()),
+        });
+    }
+    for (k, v) in &event.headers {
+        h = h.insert(Header {
+            key: k.as_str(),
+            value: Some(v.as_str()),
+        });
+    }
+    h
+}
+
+/// How a failed delivery is treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The broker or client will refuse this event every time (too large, unknown topic,
+    /// not authorised, invalid): dead-letter it now.
+    Permanent(String),
+    /// May succeed later: retry up to the attempt limit.
+    Transient(String),
+}
+
+impl Failure {
+    /// The error text.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Permanent(m) | Failure::Transient(m) => m,
+        }
+    }
+}
+
+/// Classifies a produce error.
+#[must_use]
+pub fn classify(error: &KafkaError) -> Failure {
+    let code = error.rdkafka_error_code();
+    let permanent = matches!(
+        code,
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::InvalidTopic
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    );
+    if permanent {
+        Failure::Permanent(error.to_string())
+    } else {
+        Failure::Transient(error.to_string())
+    }
+}

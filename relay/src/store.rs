@@ -1,0 +1,363 @@
+//! The relay's SQL: leadership lease, PgQ-style capture batches, and fenced removal.
+//!
+//! Every statement that reads rows to send or removes rows carries the lease guard, evaluated
+//! on the database server's clock: a leader whose lease expired (a paused process, a partition)
+//! can neither fetch new rows nor delete anything. Removal takes `FOR SHARE` on the state row, so
+//! it serialises against a takeover, which updates that row. Each operation is one autocommit
+//! statement: a paused relay never holds a lock.
+
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
+use diesel::{Connection, OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
+use outbox::{StoredEvent, TableRef, STORED_EVENT_COLUMNS};
+
+use crate::error::{scrub_text, scrub_url, Error, Result};
+
+/// Proof of leadership: this instance under this epoch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The instance id.
+    pub instance: String,
+    /// The fencing epoch (incremented by every takeover).
+    pub epoch: i64,
+}
+
+/// The snapshot pair of the capture batch in progress (text form of `pg_snapshot`).
+#[derive(Clone, Debug, PartialEq, Eq, QueryableByName)]
+pub struct Batch {
+    /// Rows visible here were delivered by earlier batches (`None`: first batch ever).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub prev: Option<String>,
+    /// This batch: rows visible here and not in `prev`.
+    #[diesel(sql_type = Text)]
+    pub cur: String,
+}
+
+/// An event to move to the dead letters.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    /// Outbox row id.
+    pub id: i64,
+    /// Why.
+    pub error: String,
+    /// Attempts made.
+    pub attempts: i32,
+}
+
+#[derive(QueryableByName)]
+struct Fenced {
+    #[diesel(sql_type = BigInt)]
+    leased: i64,
+    #[diesel(sql_type = BigInt)]
+    affected: i64,
+}
+
+#[derive(QueryableByName)]
+struct Epoch {
+    #[diesel(sql_type = BigInt)]
+    leader_epoch: i64,
+}
+
+/// Pre-built SQL for one outbox table.
+#[derive(Debug, Clone)]
+pub struct Sql {
+    key: String,
+    acquire: String,
+    ensure_row: String,
+    renew: String,
+    release: String,
+    open_batch: String,
+    close_batch: String,
+    fetch: String,
+    delete: String,
+    dead_letter: String,
+    held_keys: String,
+}
+
+impl Sql {
+    /// SQL for the tables at `tables`.
+    #[must_use]
+    pub fn new(tables: &TableRef) -> Self {
+        let t = tables.qualify("outbox");
+        let s = tables.qualify("outbox_relay_state");
+        let d = tables.qualify("outbox_dead_letters");
+        let key = match tables.schema() {
+            Some(schema) => format!("{schema}.outbox"),
+            None => "outbox".to_owned(),
+        };
+        let lease_cond = "outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
+                          AND lease_expires_at > clock_timestamp()";
+        let guard = format!("EXISTS (SELECT 1 FROM {s} WHERE {lease_cond})");
+        let locked_lease = format!("SELECT 1 FROM {s} WHERE {lease_cond} FOR SHARE");
+        Self {
+            key,
+            ensure_row: format!(
+                "INSERT INTO {s} (outbox_table) VALUES ($1) ON CONFLICT DO NOTHING"
+            ),
+            acquire: format!(
+                "UPDATE {s} SET leader_id = $2, leader_epoch = leader_epoch + 1, \
+                 lease_expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
+                 updated_at = clock_timestamp() \
+                 WHERE outbox_table = $1 AND (leader_id IS NULL OR leader_id = $2 \
+                 OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()) \
+                 RETURNING leader_epoch"
+            ),
+            renew: format!(
+                "UPDATE {s} SET lease_expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
+                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+            ),
+            release: format!(
+                "UPDATE {s} SET leader_id = NULL, lease_expires_at = NULL, \
+                 updated_at = clock_timestamp() \
+                 WHERE outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
+                 RETURNING leader_epoch"
+            ),
+            open_batch: format!(
+                "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
+                 updated_at = clock_timestamp() WHERE {lease_cond} \
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur"
+            ),
+            close_batch: format!(
+                "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
+                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+            ),
+            fetch: format!(
+                "SELECT {STORED_EVENT_COLUMNS} FROM {t} \
+                 WHERE id > $4 AND pg_visible_in_snapshot(tx_id, $5::pg_snapshot) \
+                 AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(tx_id, $6::pg_snapshot)) \
+                 AND {guard} ORDER BY id LIMIT $7"
+            ),
+            delete: format!(
+                "WITH lease AS ({locked_lease}), \
+                 del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+                 RETURNING 1) \
+                 SELECT (SELECT count(*) FROM lease) AS leased, \
+                 (SELECT count(*) FROM del) AS affected"
+            ),
+            dead_letter: format!(
+                "WITH lease AS ({locked_lease}), \
+                 f AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::int[]) \
+                       AS f(id, error, attempts)), \
+                 moved AS (DELETE FROM {t} o USING f \
+                           WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
+                           RETURNING o.*, f.error AS dl_error, f.attempts AS dl_attempts), \
+                 ins AS (INSERT INTO {d} (id, event_id, topic, partition_key, event_type, \
+                           payload, headers, content_type, traceparent, tx_id, created_at, \
+                           attempts, last_error) \
+                         SELECT id, event_id, topic, partition_key, event_type, payload, \
+                           headers, content_type, traceparent, tx_id, created_at, \
+                           dl_attempts, dl_error FROM moved RETURNING 1) \
+                 SELECT (SELECT count(*) FROM lease) AS leased, \
+                 (SELECT count(*) FROM ins) AS affected"
+            ),
+            held_keys: format!("SELECT DISTINCT topic, partition_key FROM {d}"),
+        }
+    }
+
+    /// The state row's key for this outbox (`outbox` or `<schema>.outbox`).
+    #[must_use]
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// Connects, naming the (scrubbed) URL on failure.
+///
+/// # Errors
+/// [`Error::Connect`].
+pub fn connect(url: &str) -> Result<PgConnection> {
+    PgConnection::establish(url).map_err(|e| Error::Connect {
+        url: scrub_url(url),
+        message: scrub_text(&e.to_string(), url),
+    })
+}
+
+/// Tries to become leader. `Ok(None)`: another instance holds a valid lease.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn try_acquire(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    instance: &str,
+    lease_ms: u64,
+) -> Result<Option<Lease>> {
+    diesel::sql_query(&sql.ensure_row)
+        .bind::<Text, _>(&sql.key)
+        .execute(conn)?;
+    let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
+    let row: Option<Epoch> = diesel::sql_query(&sql.acquire)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(instance)
+        .bind::<BigInt, _>(lease_ms)
+        .get_result(conn)
+        .optional()?;
+    Ok(row.map(|r| Lease {
+        instance: instance.to_owned(),
+        epoch: r.leader_epoch,
+    }))
+}
+
+fn lost(sql: &Sql) -> Error {
+    Error::LostLeadership(sql.key.clone())
+}
+
+/// Extends the lease.
+///
+/// # Errors
+/// [`Error::LostLeadership`] when the lease is no longer ours.
+pub fn renew(conn: &mut PgConnection, sql: &Sql, lease: &Lease, lease_ms: u64) -> Result<()> {
+    let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
+    let row: Option<Epoch> = diesel::sql_query(&sql.renew)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<BigInt, _>(lease_ms)
+        .get_result(conn)
+        .optional()?;
+    row.map(|_| ()).ok_or_else(|| lost(sql))
+}
+
+/// Gives the lease up (graceful shutdown) so a standby takes over at once.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn release(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<()> {
+    diesel::sql_query(&sql.release)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// The batch in progress, or a new one from the current snapshot.
+///
+/// # Errors
+/// [`Error::LostLeadership`], [`Error::Database`].
+pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
+    diesel::sql_query(&sql.open_batch)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .get_result::<Batch>(conn)
+        .optional()?
+        .ok_or_else(|| lost(sql))
+}
+
+/// Marks the batch done: its snapshot becomes the lower bound of the next one.
+///
+/// # Errors
+/// [`Error::LostLeadership`], [`Error::Database`].
+pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<()> {
+    diesel::sql_query(&sql.close_batch)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .get_result::<Epoch>(conn)
+        .optional()?
+        .map(|_| ())
+        .ok_or_else(|| lost(sql))
+}
+
+/// The next page of the batch after `after_id`, in id order. Empty when the lease is gone.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn fetch(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    batch: &Batch,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<StoredEvent>> {
+    Ok(diesel::sql_query(&sql.fetch)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<BigInt, _>(after_id)
+        .bind::<Text, _>(&batch.cur)
+        .bind::<Nullable<Text>, _>(batch.prev.as_deref())
+        .bind::<BigInt, _>(limit)
+        .load(conn)?)
+}
+
+/// Removes delivered rows, only while the lease is ours. Returns how many were removed.
+///
+/// # Errors
+/// [`Error::LostLeadership`] (nothing removed), [`Error::Database`].
+pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) -> Result<u64> {
+    let r: Fenced = diesel::sql_query(&sql.delete)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Array<BigInt>, _>(ids)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(u64::try_from(r.affected).unwrap_or(0))
+}
+
+/// Moves rows to the dead letters, only while the lease is ours.
+///
+/// # Errors
+/// [`Error::LostLeadership`] (nothing moved), [`Error::Database`].
+pub fn dead_letter(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    rows: &[DeadLetter],
+) -> Result<u64> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+    let r: Fenced = diesel::sql_query(&sql.dead_letter)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Array<Text>, _>(&errors)
+        .bind::<Array<Integer>, _>(&attempts)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(u64::try_from(r.affected).unwrap_or(0))
+}
+
+/// `(topic, key)` pairs that have dead letters (for [`crate::PoisonPolicy::HoldKey`]).
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn held_keys(conn: &mut PgConnection, sql: &Sql) -> Result<Vec<(String, String)>> {
+    #[derive(QueryableByName)]
+    struct Key {
+        #[diesel(sql_type = Text)]
+        topic: String,
+        #[diesel(sql_type = Text)]
+        partition_key: String,
+    }
+    Ok(diesel::sql_query(&sql.held_keys)
+        .load::<Key>(conn)?
+        .into_iter()
+        .map(|k| (k.topic, k.partition_key))
+        .collect())
+}
+
+/// Whether the connected role is a superuser.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn is_superuser(conn: &mut PgConnection) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct Super {
+        #[diesel(sql_type = Bool)]
+        rolsuper: bool,
+    }
+    Ok(
+        diesel::sql_query("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            .get_result::<Super>(conn)?
+            .rolsuper,
+    )
+}
