@@ -20,6 +20,7 @@ pub mod kafka;
 pub mod naive;
 pub mod pg;
 pub mod relay;
+pub mod workload;
 
 pub use kafka::{create_topic, mock_cluster, read_all, Tansu};
 pub use pg::{PgCluster, TestDb};

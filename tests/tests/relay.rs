@@ -10,12 +10,13 @@ use std::time::Duration;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
-use outbox::Event;
 use outbox_relay::PoisonPolicy;
 use outbox_tests::check::{check, read_topic, Report};
 use outbox_tests::naive::{producer, NaiveRelay};
 use outbox_tests::relay::{backlog, leader, wait_until};
-use outbox_tests::{create_topic, relay_config, unique_name, InProcessRelay, Tansu, TestDb};
+use outbox_tests::{
+    create_topic, relay_config, unique_name, workload, InProcessRelay, Tansu, TestDb,
+};
 
 struct Setup {
     db: TestDb,
@@ -142,8 +143,6 @@ async fn broken_variant_an_id_cursor_loses_the_late_commit() {
     assert!(!report.is_consistent());
 }
 
-/// `writers` threads each run transactions that bump a per-key sequence (row lock: commit order
-/// per key) and enqueue one event per bumped key. Returns event id -> (key, seq).
 async fn concurrent_writers(
     s: &Setup,
     writers: usize,
@@ -152,70 +151,14 @@ async fn concurrent_writers(
     events_per_tx: usize,
 ) -> HashMap<String, (String, u64)> {
     let mut conn = s.db.conn().unwrap();
-    diesel::sql_query("CREATE TABLE key_seq (key text PRIMARY KEY, seq bigint NOT NULL)")
-        .execute(&mut conn)
-        .unwrap();
-    diesel::sql_query(
-        "INSERT INTO key_seq SELECT 'key-' || g, 0 FROM generate_series(0, $1 - 1) g",
-    )
-    .bind::<BigInt, _>(i64::try_from(keys).unwrap())
-    .execute(&mut conn)
-    .unwrap();
-    let mut handles = Vec::new();
-    for w in 0..writers {
-        let (url, topic) = (s.db.url().to_owned(), s.topic.clone());
-        handles.push(tokio::task::spawn_blocking(move || {
-            #[derive(QueryableByName)]
-            struct Seq {
-                #[diesel(sql_type = BigInt)]
-                seq: i64,
-            }
-            let mut conn = PgConnection::establish(&url).unwrap();
-            let mut mine = Vec::new();
-            for t in 0..txs_per_writer {
-                let mut ks: Vec<usize> = (0..events_per_tx)
-                    .map(|i| (w * 7919 + t * 104_729 + i * 15_485_863) % keys)
-                    .collect();
-                ks.sort_unstable();
-                ks.dedup();
-                let written = conn
-                    .transaction::<_, outbox::Error, _>(|c| {
-                        let mut events = Vec::new();
-                        let mut meta = Vec::new();
-                        for k in &ks {
-                            let key = format!("key-{k}");
-                            let seq = diesel::sql_query(
-                                "UPDATE key_seq SET seq = seq + 1 WHERE key = $1 RETURNING seq",
-                            )
-                            .bind::<Text, _>(&key)
-                            .get_result::<Seq>(c)?
-                            .seq;
-                            let e = Event::json(
-                                &topic,
-                                &key,
-                                "Bumped",
-                                &serde_json::json!({"seq": seq}),
-                            )?;
-                            meta.push((
-                                e.event_id().to_string(),
-                                (key, u64::try_from(seq).unwrap()),
-                            ));
-                            events.push(e);
-                        }
-                        outbox::enqueue_batch(c, &events)?;
-                        Ok(meta)
-                    })
-                    .unwrap();
-                mine.extend(written);
-            }
-            mine
-        }));
-    }
-    let mut expected = HashMap::new();
-    for h in handles {
-        expected.extend(h.await.unwrap());
-    }
-    expected
+    workload::create_keys(&mut conn, keys).unwrap();
+    let (url, topic) = (s.db.url().to_owned(), s.topic.clone());
+    tokio::task::spawn_blocking(move || {
+        workload::run_writers(&url, &topic, writers, txs_per_writer, keys, events_per_tx)
+    })
+    .await
+    .unwrap()
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -459,4 +402,59 @@ async fn graceful_shutdown_leaves_nothing_half_done() {
     assert!(report.is_consistent(), "{}", summary(&report));
     assert_eq!(report.duplicates, 0);
     assert!(!remaining.is_empty(), "shutdown came mid-backlog");
+}
+
+#[test]
+fn a_fenced_out_leader_can_neither_fetch_nor_delete() {
+    use outbox_relay::store::{self, Sql};
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    insert_sql(&mut conn, "t", "k", 0);
+    let sql = Sql::new(&outbox::TableRef::default());
+    let old = store::try_acquire(&mut conn, &sql, "old", 60_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store::try_acquire(&mut conn, &sql, "new", 60_000).unwrap(),
+        None,
+        "lease held"
+    );
+    let batch = store::open_batch(&mut conn, &sql, &old).unwrap();
+    let rows = store::fetch(&mut conn, &sql, &old, &batch, 0, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    // The old leader goes silent past its lease (as under SIGSTOP); a standby takes over.
+    diesel::sql_query(
+        "UPDATE outbox_relay_state SET lease_expires_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let new = store::try_acquire(&mut conn, &sql, "new", 60_000)
+        .unwrap()
+        .unwrap();
+    assert!(new.epoch > old.epoch);
+    // The old leader wakes up with its rows in hand.
+    assert!(store::fetch(&mut conn, &sql, &old, &batch, 0, 10)
+        .unwrap()
+        .is_empty());
+    let ids = [rows[0].id];
+    assert!(matches!(
+        store::delete(&mut conn, &sql, &old, &ids),
+        Err(outbox_relay::Error::LostLeadership(_))
+    ));
+    assert!(matches!(
+        store::renew(&mut conn, &sql, &old, 1000),
+        Err(outbox_relay::Error::LostLeadership(_))
+    ));
+    assert!(matches!(
+        store::close_batch(&mut conn, &sql, &old),
+        Err(outbox_relay::Error::LostLeadership(_))
+    ));
+    assert_eq!(
+        backlog(&mut conn).unwrap(),
+        1,
+        "nothing was removed by the fenced-out leader"
+    );
+    // The new leader resumes the same batch and may remove the row.
+    assert_eq!(store::open_batch(&mut conn, &sql, &new).unwrap(), batch);
+    assert_eq!(store::delete(&mut conn, &sql, &new, &ids).unwrap(), 1);
 }

@@ -1,0 +1,98 @@
+//! Writers for relay tests: each transaction bumps per-key sequence numbers (a row lock, so the
+//! sequence is the key's commit order) and enqueues one event per bumped key.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use outbox::Event;
+
+/// Event id -> (key, sequence in the key's commit order).
+pub type Expected = HashMap<String, (String, u64)>;
+
+/// Creates the `key_seq` table with `keys` keys.
+pub fn create_keys(conn: &mut PgConnection, keys: usize) -> Result<()> {
+    diesel::sql_query(
+        "CREATE TABLE IF NOT EXISTS key_seq (key text PRIMARY KEY, seq bigint NOT NULL)",
+    )
+    .execute(conn)?;
+    diesel::sql_query(
+        "INSERT INTO key_seq SELECT 'key-' || g, 0 FROM generate_series(0, $1 - 1) g \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind::<BigInt, _>(i64::try_from(keys)?)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// Runs `writers` threads of `txs` transactions with up to `per_tx` events each (blocking).
+/// Connection errors during a transaction (a database crash) are retried; the events of a
+/// failed transaction are not expected.
+pub fn run_writers(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+    keys: usize,
+    per_tx: usize,
+) -> Result<Expected> {
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let (url, topic) = (url.to_owned(), topic.to_owned());
+            std::thread::spawn(move || write(&url, &topic, w, txs, keys, per_tx))
+        })
+        .collect();
+    let mut expected = Expected::new();
+    for h in handles {
+        expected.extend(h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??);
+    }
+    Ok(expected)
+}
+
+fn write(
+    url: &str,
+    topic: &str,
+    w: usize,
+    txs: usize,
+    keys: usize,
+    per_tx: usize,
+) -> Result<Expected> {
+    #[derive(QueryableByName)]
+    struct Seq {
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    let mut conn = PgConnection::establish(url)?;
+    let mut mine = Expected::new();
+    for t in 0..txs {
+        let mut ks: Vec<usize> = (0..per_tx)
+            .map(|i| (w * 7919 + t * 104_729 + i * 15_485_863) % keys)
+            .collect();
+        ks.sort_unstable();
+        ks.dedup();
+        let written = conn.transaction::<_, outbox::Error, _>(|c| {
+            let mut events = Vec::with_capacity(ks.len());
+            let mut meta = Vec::with_capacity(ks.len());
+            for k in &ks {
+                let key = format!("key-{k}");
+                let seq = diesel::sql_query(
+                    "UPDATE key_seq SET seq = seq + 1 WHERE key = $1 RETURNING seq",
+                )
+                .bind::<Text, _>(&key)
+                .get_result::<Seq>(c)?
+                .seq;
+                let e = Event::json(topic, &key, "Bumped", &serde_json::json!({ "seq": seq }))?;
+                meta.push((
+                    e.event_id().to_string(),
+                    (key, u64::try_from(seq).unwrap_or(0)),
+                ));
+                events.push(e);
+            }
+            outbox::enqueue_batch(c, &events)?;
+            Ok(meta)
+        })?;
+        mine.extend(written);
+    }
+    Ok(mine)
+}

@@ -1,0 +1,272 @@
+//! Relay processes under faults: kill -9 of the leader, SIGSTOP of the leader (a zombie that
+//! wakes up), broker outage (tansu killed and restarted), broker request errors (mock cluster).
+//! Verified from outside: every topic read from offset 0 and compared with the database.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use outbox_tests::check::{check, read_topic, Report};
+use outbox_tests::relay::{backlog, leader, wait_until};
+use outbox_tests::workload::{create_keys, run_writers, Expected};
+use outbox_tests::{
+    create_topic, relay_config, unique_name, InProcessRelay, RelayProcess, Tansu, TestDb,
+};
+
+const RELAY_BIN: &str = env!("CARGO_BIN_EXE_relay-under-test");
+/// Most rows one relay can have produced but not yet removed (pages in flight x page size).
+const IN_FLIGHT_BOUND: usize = 4 * 1000;
+
+fn summary(r: &Report) -> String {
+    format!(
+        "read={} missing={} unexpected={} duplicates={} order_violations={} (first {:?}) split_keys={}",
+        r.read,
+        r.missing.len(),
+        r.unexpected.len(),
+        r.duplicates,
+        r.order_violations.len(),
+        r.order_violations.first(),
+        r.split_keys.len()
+    )
+}
+
+async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<outbox_tests::check::Seen> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        read_topic(
+            &b,
+            &t,
+            min,
+            Duration::from_secs(3),
+            Duration::from_secs(180),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+fn spawn_writers(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+) -> tokio::task::JoinHandle<Expected> {
+    let (url, topic) = (url.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || run_writers(&url, &topic, writers, txs, 200, 5).unwrap())
+}
+
+/// The pid inside a default instance id (`host-pid-random`).
+fn pid_of(instance: &str) -> u32 {
+    instance.rsplit('-').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_leader_under_load_standby_takes_over_nothing_lost() {
+    let db = TestDb::migrated().unwrap();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("kill9");
+    create_topic(&broker.bootstrap(), &topic, 6).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let mut relays = vec![
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
+    ];
+    wait_until(Duration::from_secs(30), "a leader", || {
+        Ok(leader(&mut conn)?.is_some())
+    })
+    .await
+    .unwrap();
+    let writers = spawn_writers(db.url(), &topic, 8, 400);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (first, epoch) = leader(&mut conn).unwrap().unwrap();
+    let victim = relays
+        .iter()
+        .position(|r| r.pid() == pid_of(&first))
+        .unwrap();
+    relays[victim].kill9().unwrap();
+    let killed_at = Instant::now();
+    wait_until(Duration::from_secs(15), "takeover", || {
+        Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
+    })
+    .await
+    .unwrap();
+    let takeover = killed_at.elapsed();
+    let expected = writers.await.unwrap();
+    wait_until(Duration::from_secs(120), "backlog drained", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    let report = check(
+        &read(&broker.bootstrap(), &topic, expected.len()).await,
+        &expected,
+    );
+    assert!(report.is_consistent(), "{}", summary(&report));
+    assert!(report.duplicates <= IN_FLIGHT_BOUND, "{}", summary(&report));
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    eprintln!(
+        "kill -9: {} events, takeover {takeover:?}, {}",
+        expected.len(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_the_leader_standby_takes_over_and_the_zombie_steps_down() {
+    let db = TestDb::migrated().unwrap();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("sigstop");
+    create_topic(&broker.bootstrap(), &topic, 6).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let relays = [
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
+    ];
+    wait_until(Duration::from_secs(30), "a leader", || {
+        Ok(leader(&mut conn)?.is_some())
+    })
+    .await
+    .unwrap();
+    let writers = spawn_writers(db.url(), &topic, 6, 300);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (first, epoch) = leader(&mut conn).unwrap().unwrap();
+    let zombie = relays.iter().find(|r| r.pid() == pid_of(&first)).unwrap();
+    zombie.stop().unwrap();
+    let stopped_at = Instant::now();
+    wait_until(
+        Duration::from_secs(15),
+        "takeover from the paused leader",
+        || Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch)),
+    )
+    .await
+    .unwrap();
+    let takeover = stopped_at.elapsed();
+    let expected = writers.await.unwrap();
+    wait_until(Duration::from_secs(120), "backlog drained", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    zombie.cont().unwrap();
+    // The zombie must notice, purge what it had queued, and stand by without removing anything.
+    let log = {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = zombie.log();
+            if log.contains("lost leadership") || Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    assert!(log.contains("lost leadership"), "zombie log:\n{log}");
+    let (now_leader, _) = leader(&mut conn).unwrap().unwrap();
+    assert_ne!(now_leader, first, "the zombie did not take leadership back");
+    let report = check(
+        &read(&broker.bootstrap(), &topic, expected.len()).await,
+        &expected,
+    );
+    assert!(report.is_consistent(), "{}", summary(&report));
+    assert!(report.duplicates <= IN_FLIGHT_BOUND, "{}", summary(&report));
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    eprintln!(
+        "SIGSTOP: {} events, takeover {takeover:?}, {}",
+        expected.len(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_nothing_lost_order_kept_lag_returns_to_zero() {
+    let db = TestDb::migrated().unwrap();
+    let mut broker = Tansu::start_durable().unwrap();
+    let topic = unique_name("outage");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let relay = InProcessRelay::start(relay_config(db.url(), &broker.bootstrap())).unwrap();
+    let first = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    broker.kill().unwrap();
+    // Writers keep committing while the broker is down; nothing may be lost.
+    let second = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        backlog(&mut conn).unwrap() > 0,
+        "events wait in the outbox during the outage"
+    );
+    broker.restart().unwrap();
+    let healed = Instant::now();
+    wait_until(Duration::from_secs(120), "lag back to zero", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    let lag_recovery = healed.elapsed();
+    relay.stop().await.unwrap();
+    let mut expected = first;
+    expected.extend(second);
+    let report = check(
+        &read(&broker.bootstrap(), &topic, expected.len()).await,
+        &expected,
+    );
+    assert!(report.is_consistent(), "{}", summary(&report));
+    assert!(report.duplicates <= IN_FLIGHT_BOUND, "{}", summary(&report));
+    eprintln!(
+        "broker outage: {} events, lag zero {lag_recovery:?} after restart, {}",
+        expected.len(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_request_errors_and_a_broker_down_are_retried_in_order() {
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr;
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(3).unwrap();
+    let topic = unique_name("mock");
+    cluster.create_topic(&topic, 6, 3).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    // Retriable produce errors, injected before and during the run.
+    let errors = [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+    ];
+    cluster.request_errors(RDKafkaApiKey::Produce, &errors.repeat(5));
+    let relay = InProcessRelay::start(relay_config(db.url(), &bootstrap)).unwrap();
+    let first = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    cluster.request_errors(RDKafkaApiKey::Produce, &errors.repeat(5));
+    cluster.broker_down(2).unwrap();
+    let second = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.broker_up(2).unwrap();
+    wait_until(Duration::from_secs(120), "lag back to zero", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let mut expected = first;
+    expected.extend(second);
+    let report = check(&read(&bootstrap, &topic, expected.len()).await, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+    assert_eq!(
+        report.duplicates,
+        0,
+        "the idempotent producer absorbs retries: {}",
+        summary(&report)
+    );
+}
