@@ -69,7 +69,7 @@ async fn kill_9_of_the_leader_under_load_standby_takes_over_nothing_lost() {
     create_topic(&broker.bootstrap(), &topic, 6).await.unwrap();
     let mut conn = db.conn().unwrap();
     create_keys(&mut conn, 200).unwrap();
-    let mut relays = vec![
+    let mut relays = [
         RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
         RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &[]).unwrap(),
     ];
