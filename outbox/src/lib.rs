@@ -23,9 +23,12 @@
 //! The tables are a stable SQL contract (`docs/TABLES.md`): services in other languages enqueue
 //! with a plain `INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES (..)`.
 
+#[cfg(feature = "kafka")]
+pub mod consumer;
 mod error;
 mod event;
 mod ident;
+mod inbox;
 mod migrate;
 mod store;
 mod stored;
@@ -37,6 +40,7 @@ pub use event::{
     RESERVED_HEADERS,
 };
 pub use ident::{Ident, TableRef};
+pub use inbox::{Inbox, MessageRef, Processed, MAX_INBOX_ID_LEN};
 pub use migrate::{run_migrations, verify_schema, MIGRATIONS};
 pub use store::{enqueue, enqueue_batch, Enqueued, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use stored::{StoredEvent, Xid8, STORED_EVENT_COLUMNS};

@@ -281,7 +281,7 @@ impl Outbox {
     }
 }
 
-fn require_transaction(conn: &mut PgConnection) -> Result<()> {
+pub(crate) fn require_transaction(conn: &mut PgConnection) -> Result<()> {
     let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth()?;
     if depth.is_none() {
         return Err(Error::NotInTransaction);

@@ -1,0 +1,829 @@
+//! The consumer runner (feature `kafka`): Kafka messages applied once through the inbox.
+//!
+//! For each message: one transaction records `(consumer, message id)` in the inbox and, when it
+//! is new, runs the handler's business change (and any outbox events it enqueues); then, and only
+//! then, the offset is stored. Offsets are committed every second and synchronously when
+//! partitions are revoked or the runner stops. Messages of one partition are handled in order,
+//! partitions in parallel (one worker and one database connection per assigned partition).
+//!
+//! Handler errors: [`HandlerError::Transient`] is retried with exponential backoff (the message
+//! stays in hand, so its partition waits and order is kept); after `max_attempts`, or at once for
+//! [`HandlerError::Permanent`], the message goes to the dead-letter topic with headers saying why,
+//! and the partition moves on.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use diesel::PgConnection;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Message};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Error, Inbox, MessageRef, Processed, Traceparent};
+
+const TARGET: &str = "outbox::consumer";
+
+/// A message handed to a [`Handler`].
+#[derive(Debug, Clone)]
+pub struct IncomingMessage {
+    /// The message id used for deduplication.
+    pub message_id: String,
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Key bytes.
+    pub key: Option<Vec<u8>>,
+    /// Payload bytes.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl IncomingMessage {
+    /// A header as UTF-8 text.
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// `ce_type`.
+    #[must_use]
+    pub fn event_type(&self) -> Option<&str> {
+        self.header("ce_type")
+    }
+
+    /// The key as UTF-8 text.
+    #[must_use]
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// The writer's trace context.
+    #[must_use]
+    pub fn traceparent(&self) -> Option<Traceparent> {
+        self.header("traceparent")?.parse().ok()
+    }
+
+    /// The payload as JSON.
+    ///
+    /// # Errors
+    /// [`HandlerError::Permanent`]: a payload that does not parse never will.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
+        serde_json::from_slice(self.payload.as_deref().unwrap_or_default())
+            .map_err(|e| HandlerError::Permanent(format!("payload is not the expected JSON: {e}")))
+    }
+}
+
+/// Why a handler failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandlerError {
+    /// May succeed if tried again (a lock timeout, a serialization failure, a lost connection).
+    #[error("transient: {0}")]
+    Transient(String),
+    /// Will fail every time (bad payload, violated business rule): dead-letter it.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<diesel::result::Error> for HandlerError {
+    fn from(e: diesel::result::Error) -> Self {
+        if crate::is_retriable_db(&e) {
+            HandlerError::Transient(e.to_string())
+        } else {
+            HandlerError::Permanent(e.to_string())
+        }
+    }
+}
+
+impl From<Error> for HandlerError {
+    fn from(e: Error) -> Self {
+        if e.is_retriable() {
+            HandlerError::Transient(e.to_string())
+        } else {
+            HandlerError::Permanent(e.to_string())
+        }
+    }
+}
+
+/// Applies one message inside the inbox transaction. Use `conn` for every change (and for
+/// [`crate::enqueue`] to publish replies in the same transaction).
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `message`.
+    ///
+    /// # Errors
+    /// See [`HandlerError`].
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(&mut PgConnection, &IncomingMessage) -> Result<(), HandlerError> + Send + Sync + 'static,
+{
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError> {
+        self(conn, message)
+    }
+}
+
+/// Where the deduplication id of a message comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageId {
+    /// A header (default: `ce_id`, set by `outbox-relay`). A message without it is
+    /// dead-lettered.
+    Header(String),
+    /// `topic/partition/offset`: dedups redeliveries of the same record, not producer duplicates.
+    TopicPartitionOffset,
+}
+
+/// Configuration of a [`ConsumerRunner`]. Build with [`ConsumerConfig::new`] and the setters.
+#[derive(Clone)]
+pub struct ConsumerConfig {
+    brokers: String,
+    group_id: String,
+    topics: Vec<String>,
+    database_url: String,
+    inbox: Option<Inbox>,
+    dead_letter_topic: Option<String>,
+    message_id: MessageId,
+    max_attempts: u32,
+    retry_initial: Duration,
+    retry_max: Duration,
+    queue_per_partition: usize,
+    kafka: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for ConsumerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("database_url", &"***")
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("message_id", &self.message_id)
+            .field("max_attempts", &self.max_attempts)
+            .field("kafka_keys", &self.kafka.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConsumerConfig {
+    /// A runner for `group_id` reading `topics`. Defaults: inbox consumer name = `group_id`,
+    /// dead-letter topic `<group_id>.dlq`, message id from `ce_id`, 5 attempts, retry backoff
+    /// 100 ms to 5 s, `auto.offset.reset=earliest` (a new group must not skip events).
+    #[must_use]
+    pub fn new(
+        brokers: impl Into<String>,
+        group_id: impl Into<String>,
+        topics: &[&str],
+        database_url: impl Into<String>,
+    ) -> Self {
+        Self {
+            brokers: brokers.into(),
+            group_id: group_id.into(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            database_url: database_url.into(),
+            inbox: None,
+            dead_letter_topic: None,
+            message_id: MessageId::Header("ce_id".into()),
+            max_attempts: 5,
+            retry_initial: Duration::from_millis(100),
+            retry_max: Duration::from_secs(5),
+            queue_per_partition: 256,
+            kafka: BTreeMap::new(),
+        }
+    }
+
+    /// The inbox (consumer name and schema). Defaults to `Inbox::new(group_id)`.
+    #[must_use]
+    pub fn inbox(mut self, inbox: Inbox) -> Self {
+        self.inbox = Some(inbox);
+        self
+    }
+
+    /// Dead-letter topic. Defaults to `<group_id>.dlq`.
+    #[must_use]
+    pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
+        self.dead_letter_topic = Some(topic.into());
+        self
+    }
+
+    /// Where message ids come from. Defaults to the `ce_id` header.
+    #[must_use]
+    pub fn message_id(mut self, source: MessageId) -> Self {
+        self.message_id = source;
+        self
+    }
+
+    /// Handler attempts before dead-lettering. Defaults to 5.
+    #[must_use]
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// Retry backoff bounds. Defaults to 100 ms and 5 s.
+    #[must_use]
+    pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.retry_initial = initial;
+        self.retry_max = max;
+        self
+    }
+
+    /// A raw librdkafka consumer property (checked by [`ConsumerConfig::validate`]).
+    #[must_use]
+    pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.kafka.insert(key.into(), value.into());
+        self
+    }
+
+    /// Checks the configuration.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] naming the setting and why.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.brokers.trim().is_empty() {
+            return bad("consumer brokers are empty".into());
+        }
+        if self.group_id.trim().is_empty() {
+            return bad("consumer group_id is empty".into());
+        }
+        if self.topics.is_empty() {
+            return bad("consumer has no topics".into());
+        }
+        for t in &self.topics {
+            crate::validate_topic(t)?;
+        }
+        if let Some(t) = &self.dead_letter_topic {
+            crate::validate_topic(t)?;
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be positive".into());
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return bad("retry backoff must be positive with max >= initial".into());
+        }
+        for (k, v) in &self.kafka {
+            let v = v.trim().to_ascii_lowercase();
+            let refuse = |why: &str| bad(format!("kafka option {k} is refused: {why}"));
+            match k.as_str() {
+                "enable.auto.offset.store" if v != "false" => {
+                    return refuse("offsets must be stored only after the database commit, or a crash loses the message");
+                }
+                "isolation.level" if v != "read_committed" => {
+                    return refuse("read_uncommitted would apply messages of aborted transactions");
+                }
+                "group.id" | "bootstrap.servers" => {
+                    return refuse("set it through the typed configuration");
+                }
+                "enable.ssl.certificate.verification" if v == "false" => {
+                    return refuse("certificate verification must stay on");
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn dlq(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dlq", self.group_id))
+    }
+}
+
+type PartitionKey = (String, i32);
+
+#[derive(Default)]
+struct PartitionState {
+    /// Bumped on every assignment and revocation; a worker stops when it changes.
+    generation: u64,
+    /// A worker is applying a message right now.
+    busy: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    partitions: Mutex<HashMap<PartitionKey, PartitionState>>,
+    idle: Condvar,
+}
+
+/// Commits stored offsets when partitions are revoked, after their in-hand messages finished.
+struct RunnerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for RunnerContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            tracing::warn!(target: "outbox::consumer::kafka", facility = fac, "{message}");
+        }
+    }
+}
+
+impl ConsumerContext for RunnerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<PartitionKey> = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            // Stop the workers of revoked partitions after the message in hand, and wait for it.
+            let mut parts = self
+                .shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for p in &revoked {
+                if let Some(s) = parts.get_mut(p) {
+                    s.generation += 1;
+                }
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while revoked.iter().any(|p| parts.get(p).is_some_and(|s| s.busy))
+                && std::time::Instant::now() < deadline
+            {
+                parts = self
+                    .shared
+                    .idle
+                    .wait_timeout(parts, Duration::from_millis(50))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+            }
+            drop(parts);
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(target: TARGET, error = %e, "commit on revocation");
+            }
+            tracing::info!(target: TARGET, partitions = revoked.len(), "partitions revoked; offsets committed");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut parts = self
+                .shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for e in tpl.elements() {
+                parts
+                    .entry((e.topic().to_owned(), e.partition()))
+                    .or_default()
+                    .generation += 1;
+            }
+            tracing::info!(target: TARGET, partitions = tpl.count(), "partitions assigned");
+        }
+    }
+}
+
+/// Runs a [`Handler`] over a consumer group; see the [module docs](self).
+pub struct ConsumerRunner {
+    cfg: ConsumerConfig,
+    inbox: Inbox,
+    handler: Arc<dyn Handler>,
+}
+
+impl std::fmt::Debug for ConsumerRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerRunner")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Job {
+    message: IncomingMessage,
+    generation: u64,
+}
+
+impl ConsumerRunner {
+    /// A runner for `cfg` and `handler`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an invalid or unsafe configuration.
+    pub fn new(cfg: ConsumerConfig, handler: impl Handler) -> Result<Self, Error> {
+        cfg.validate()?;
+        let inbox = match &cfg.inbox {
+            Some(i) => i.clone(),
+            None => Inbox::new(cfg.group_id.clone())?,
+        };
+        Ok(Self {
+            cfg,
+            inbox,
+            handler: Arc::new(handler),
+        })
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("isolation.level", "read_committed")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        for (k, v) in &self.cfg.kafka {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.cfg.brokers)
+            .set("group.id", &self.cfg.group_id)
+            .set("enable.auto.offset.store", "false");
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        c
+    }
+
+    /// Consumes until `shutdown`, then finishes the messages in hand, commits and returns.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the Kafka clients cannot be created or subscribed.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        let shared = Arc::new(Shared::default());
+        let consumer: Arc<StreamConsumer<RunnerContext>> = Arc::new(
+            self.client_config()
+                .create_with_context(RunnerContext {
+                    shared: Arc::clone(&shared),
+                })
+                .map_err(|e| Error::InvalidConfig(format!("kafka consumer: {e}")))?,
+        );
+        let dlq_producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .map_err(|e| Error::InvalidConfig(format!("kafka dead-letter producer: {e}")))?;
+        let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| Error::InvalidConfig(format!("subscribe {topics:?}: {e}")))?;
+        let workers_done = CancellationToken::new();
+        let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
+        tracing::info!(target: TARGET, group = %self.cfg.group_id, topics = ?self.cfg.topics, "consumer runner started");
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(target: TARGET, error = %e, "consume error");
+                    continue;
+                }
+            };
+            let key = (msg.topic().to_owned(), msg.partition());
+            let generation = shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(key.clone())
+                .or_default()
+                .generation;
+            let job = Job {
+                message: self.incoming(&msg),
+                generation,
+            };
+            let alive = workers
+                .get(&key)
+                .is_some_and(|(tx, h)| !tx.is_closed() && !h.is_finished());
+            if !alive {
+                let (tx, rx) = mpsc::channel(self.cfg.queue_per_partition);
+                let handle = tokio::spawn(self.worker(
+                    key.clone(),
+                    rx,
+                    Arc::clone(&consumer),
+                    dlq_producer.clone(),
+                    Arc::clone(&shared),
+                    workers_done.clone(),
+                ));
+                workers.insert(key.clone(), (tx, handle));
+            }
+            if let Some((tx, _)) = workers.get(&key) {
+                let _ = tx.send(job).await;
+            }
+        }
+        // Shutdown: workers finish the message in hand (queued ones are left for redelivery).
+        workers_done.cancel();
+        for (_, (tx, handle)) in workers.drain() {
+            drop(tx);
+            let _ = handle.await;
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(target: TARGET, error = %e, "final commit");
+        }
+        tracing::info!(target: TARGET, "consumer runner stopped");
+        Ok(())
+    }
+
+    fn incoming(&self, msg: &BorrowedMessage<'_>) -> IncomingMessage {
+        let headers: Vec<(String, Vec<u8>)> = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let message_id = match &self.cfg.message_id {
+            MessageId::Header(name) => headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+                .unwrap_or_default(),
+            MessageId::TopicPartitionOffset => {
+                format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset())
+            }
+        };
+        IncomingMessage {
+            message_id,
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    fn worker(
+        &self,
+        key: PartitionKey,
+        mut rx: mpsc::Receiver<Job>,
+        consumer: Arc<StreamConsumer<RunnerContext>>,
+        dlq: FutureProducer,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (url, inbox, handler) = (
+            self.cfg.database_url.clone(),
+            self.inbox.clone(),
+            Arc::clone(&self.handler),
+        );
+        let (max_attempts, initial, max) = (
+            self.cfg.max_attempts,
+            self.cfg.retry_initial,
+            self.cfg.retry_max,
+        );
+        let (dlq_topic, consumer_name) = (self.cfg.dlq(), self.inbox.consumer().to_owned());
+        async move {
+            let mut conn: Option<PgConnection> = None;
+            loop {
+                let job = tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    j = rx.recv() => match j { Some(j) => j, None => break },
+                };
+                // Claim the partition for this message unless it was revoked since dispatch.
+                {
+                    let mut parts = shared
+                        .partitions
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let state = parts.entry(key.clone()).or_default();
+                    if state.generation != job.generation {
+                        continue;
+                    }
+                    state.busy = true;
+                }
+                let message = Arc::new(job.message);
+                let mut backoff = backoff::ExponentialBackoff {
+                    initial_interval: initial,
+                    max_interval: max,
+                    max_elapsed_time: None,
+                    ..backoff::ExponentialBackoff::default()
+                };
+                let mut attempt = 0_u32;
+                let outcome = loop {
+                    attempt += 1;
+                    let (m, i, h, u) = (
+                        Arc::clone(&message),
+                        inbox.clone(),
+                        Arc::clone(&handler),
+                        url.clone(),
+                    );
+                    let c = conn.take();
+                    let (c, r) = tokio::task::spawn_blocking(move || apply(c, &u, &i, &*h, &m))
+                        .await
+                        .unwrap_or_else(|e| {
+                            (
+                                None,
+                                Err(HandlerError::Transient(format!("handler panicked: {e}"))),
+                            )
+                        });
+                    conn = c;
+                    match r {
+                        Ok(applied) => break Ok(applied),
+                        Err(HandlerError::Transient(e))
+                            if attempt < max_attempts && !stop.is_cancelled() =>
+                        {
+                            let wait = backoff.next_backoff().unwrap_or(max);
+                            tracing::warn!(target: TARGET, topic = %message.topic, partition = message.partition, offset = message.offset, attempt, error = %e, "handler failed; retrying");
+                            tokio::time::sleep(wait).await;
+                        }
+                        Err(e) => break Err((e, attempt)),
+                    }
+                };
+                let done = match outcome {
+                    Ok(true) => true,
+                    Ok(false) => {
+                        tracing::debug!(target: TARGET, message_id = %message.message_id, "duplicate skipped");
+                        true
+                    }
+                    Err((HandlerError::Transient(_), _)) if stop.is_cancelled() => false,
+                    Err((e, attempts)) => {
+                        dead_letter(
+                            &dlq,
+                            &dlq_topic,
+                            &consumer_name,
+                            &message,
+                            &e,
+                            attempts,
+                            &stop,
+                        )
+                        .await
+                    }
+                };
+                if done {
+                    if let Err(e) =
+                        consumer.store_offset(&message.topic, message.partition, message.offset)
+                    {
+                        tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
+                    }
+                }
+                {
+                    let mut parts = shared
+                        .partitions
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if let Some(s) = parts.get_mut(&key) {
+                        s.busy = false;
+                    }
+                }
+                shared.idle.notify_all();
+            }
+        }
+    }
+}
+
+/// One attempt: the inbox transaction. Returns whether the handler ran (false: duplicate).
+fn apply(
+    conn: Option<PgConnection>,
+    url: &str,
+    inbox: &Inbox,
+    handler: &dyn Handler,
+    message: &IncomingMessage,
+) -> (Option<PgConnection>, Result<bool, HandlerError>) {
+    use diesel::Connection;
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match PgConnection::establish(url) {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    None,
+                    Err(HandlerError::Transient(format!(
+                        "connect to the database: {}",
+                        scrub(&e.to_string(), url)
+                    ))),
+                );
+            }
+        },
+    };
+    if message.message_id.is_empty() {
+        return (
+            Some(conn),
+            Err(HandlerError::Permanent(
+                "the message has no id (ce_id header) to deduplicate on".into(),
+            )),
+        );
+    }
+    let span = tracing::info_span!(
+        target: TARGET,
+        "consume",
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        message_id = %message.message_id,
+        traceparent = message.header("traceparent").unwrap_or_default(),
+    );
+    let _entered = span.enter();
+    let msg_ref =
+        MessageRef::id(&message.message_id).at(&message.topic, message.partition, message.offset);
+    let r =
+        inbox.process::<(), HandlerError, _>(&mut conn, &msg_ref, |c| handler.handle(c, message));
+    let keep = !matches!(&r, Err(HandlerError::Transient(_)));
+    (
+        keep.then_some(conn),
+        r.map(|p| matches!(p, Processed::Applied(()))),
+    )
+}
+
+fn scrub(text: &str, url: &str) -> String {
+    match url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+    {
+        Some((creds, _)) => match creds.split_once(':') {
+            Some((_, pw)) if !pw.is_empty() => text.replace(pw, "***"),
+            _ => text.to_owned(),
+        },
+        None => text.to_owned(),
+    }
+}
+
+/// Publishes `message` to the dead-letter topic with the reason; retries until it is written or
+/// the runner stops. Returns whether it was written.
+async fn dead_letter(
+    producer: &FutureProducer,
+    topic: &str,
+    consumer: &str,
+    message: &IncomingMessage,
+    error: &HandlerError,
+    attempts: u32,
+    stop: &CancellationToken,
+) -> bool {
+    let (kind, reason) = match error {
+        HandlerError::Transient(r) => ("transient", r.as_str()),
+        HandlerError::Permanent(r) => ("permanent", r.as_str()),
+    };
+    let attempts = attempts.to_string();
+    let partition = message.partition.to_string();
+    let offset = message.offset.to_string();
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 7);
+        for (k, v) in &message.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        for (k, v) in [
+            ("dlq_reason", reason),
+            ("dlq_error_kind", kind),
+            ("dlq_consumer", consumer),
+            ("dlq_attempts", attempts.as_str()),
+            ("dlq_original_topic", message.topic.as_str()),
+            ("dlq_original_partition", partition.as_str()),
+            ("dlq_original_offset", offset.as_str()),
+        ] {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers);
+        if let Some(k) = &message.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(p) = &message.payload {
+            record = record.payload(p.as_slice());
+        }
+        match producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => {
+                tracing::warn!(target: TARGET, topic = %message.topic, partition = message.partition, offset = message.offset, dlq = topic, reason, "message dead-lettered");
+                return true;
+            }
+            Err((e, _)) => {
+                tracing::error!(target: TARGET, error = %e, dlq = topic, "cannot write to the dead-letter topic; retrying");
+                if stop.is_cancelled() {
+                    return false;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
