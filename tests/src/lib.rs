@@ -16,6 +16,7 @@
 #![allow(clippy::missing_panics_doc, clippy::missing_errors_doc)]
 
 pub mod check;
+pub mod effects;
 pub mod kafka;
 pub mod naive;
 pub mod pg;

@@ -1,0 +1,388 @@
+//! The consumer runner against real Postgres and tansu: redelivery applied once, retries and
+//! the dead-letter topic, a crash between the DB commit and the offset commit (and a consumer
+//! without the inbox that applies twice), rebalances while processing.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diesel::prelude::*;
+use outbox::consumer::{ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage};
+use outbox_tests::check::header;
+use outbox_tests::relay::wait_until;
+use outbox_tests::{create_topic, effects, unique_name, Tansu, TestDb};
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_consumer-under-test");
+
+async fn produce(bootstrap: &str, topic: &str, msgs: &[(String, String, String)]) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    let futures: Vec<_> = msgs
+        .iter()
+        .map(|(id, key, payload)| {
+            let h = OwnedHeaders::new().insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            });
+            p.send(
+                FutureRecord::to(topic).key(key).payload(payload).headers(h),
+                Duration::from_secs(30),
+            )
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+fn messages(n: usize, keys: usize) -> Vec<(String, String, String)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("m-{i}"),
+                format!("k-{}", i % keys),
+                format!("{{\"i\":{i}}}"),
+            )
+        })
+        .collect()
+}
+
+struct Env {
+    db: TestDb,
+    broker: Tansu,
+    topic: String,
+    group: String,
+}
+
+async fn env(partitions: i32) -> Env {
+    let db = TestDb::migrated().unwrap();
+    effects::create(&mut db.conn().unwrap()).unwrap();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("consume");
+    create_topic(&broker.bootstrap(), &topic, partitions)
+        .await
+        .unwrap();
+    Env {
+        db,
+        broker,
+        topic,
+        group: unique_name("group"),
+    }
+}
+
+fn effect_handler(conn: &mut PgConnection, m: &IncomingMessage) -> Result<(), HandlerError> {
+    effects::apply(conn, &m.message_id, m.key_str().unwrap_or_default())?;
+    Ok(())
+}
+
+fn start(
+    cfg: ConsumerConfig,
+    handler: impl outbox::consumer::Handler,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), outbox::Error>>,
+) {
+    let runner = ConsumerRunner::new(cfg, handler).unwrap();
+    let token = CancellationToken::new();
+    let t = token.clone();
+    (token, tokio::spawn(async move { runner.run(t).await }))
+}
+
+fn per_key_order_kept(conn: &mut PgConnection) -> bool {
+    #[derive(QueryableByName)]
+    struct Bad {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    // message ids are m-<i>, produced in increasing i per key: application order must follow.
+    diesel::sql_query(
+        "SELECT count(*) AS n FROM (SELECT key, substr(message_id, 3)::int AS i, \
+         lag(substr(message_id, 3)::int) OVER (PARTITION BY key ORDER BY applied_order) AS prev \
+         FROM effects) t WHERE prev > i",
+    )
+    .get_result::<Bad>(conn)
+    .unwrap()
+    .n == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_messages_change_the_state_once_in_partition_order() {
+    let e = env(3).await;
+    let msgs = messages(300, 20);
+    // every message three times, as after producer retries and consumer crashes
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    let cfg = ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url());
+    let (stop, handle) = start(cfg, effect_handler);
+    let mut conn = e.db.conn().unwrap();
+    wait_until(Duration::from_secs(60), "300 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 300)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the copies arrive too
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(effects::summary(&mut conn).unwrap(), (300, 0, 300));
+    assert!(per_key_order_kept(&mut conn));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_and_poison_goes_to_the_dead_letter_topic() {
+    let e = env(1).await;
+    let msgs: Vec<(String, String, String)> = [
+        ("m-0", "ok"),
+        ("m-1", "flaky"),
+        ("m-2", "poison"),
+        ("m-3", "always-transient"),
+        ("m-4", "ok"),
+    ]
+    .iter()
+    .map(|(id, p)| ((*id).to_owned(), "k".to_owned(), (*p).to_owned()))
+    .collect();
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    let tries: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+    let t = Arc::clone(&tries);
+    let handler = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        let n = {
+            let mut tries = t.lock().unwrap();
+            let n = tries.entry(m.message_id.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        match m.payload.as_deref() {
+            Some(b"flaky") if n < 3 => Err(HandlerError::Transient(format!("lock timeout #{n}"))),
+            Some(b"poison") => Err(HandlerError::Permanent(
+                "order references unknown product".into(),
+            )),
+            Some(b"always-transient") => Err(HandlerError::Transient("still down".into())),
+            _ => effect_handler(conn, m),
+        }
+    };
+    let dlq = unique_name("dlq");
+    create_topic(&e.broker.bootstrap(), &dlq, 1).await.unwrap();
+    let cfg = ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url())
+        .dead_letter_topic(&dlq)
+        .max_attempts(4)
+        .retry_backoff(Duration::from_millis(10), Duration::from_millis(50));
+    let (stop, handle) = start(cfg, handler);
+    let mut conn = e.db.conn().unwrap();
+    wait_until(Duration::from_secs(60), "3 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 3)
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(
+        effects::summary(&mut conn).unwrap(),
+        (3, 0, 3),
+        "ok, flaky and the later ok applied once"
+    );
+    assert!(per_key_order_kept(&mut conn), "m-4 after m-1");
+    assert_eq!(tries.lock().unwrap()["m-1"], 3);
+    assert_eq!(
+        tries.lock().unwrap()["m-2"],
+        1,
+        "permanent errors are not retried"
+    );
+    assert_eq!(
+        tries.lock().unwrap()["m-3"],
+        4,
+        "transient errors: max_attempts"
+    );
+    let bootstrap = e.broker.bootstrap();
+    let dead = tokio::task::spawn_blocking(move || {
+        let c: rdkafka::consumer::BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", unique_name("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        rdkafka::consumer::Consumer::subscribe(&c, &[dlq.as_str()]).unwrap();
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while out.len() < 2 && std::time::Instant::now() < deadline {
+            if let Some(m) = c.poll(Duration::from_millis(200)) {
+                out.push(m.unwrap().detach());
+            }
+        }
+        out
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(header(&dead[0], "ce_id").as_deref(), Some("m-2"));
+    assert_eq!(
+        header(&dead[0], "dlq_error_kind").as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(
+        header(&dead[0], "dlq_reason").as_deref(),
+        Some("order references unknown product")
+    );
+    assert_eq!(
+        header(&dead[0], "dlq_original_topic").as_deref(),
+        Some(e.topic.as_str())
+    );
+    assert_eq!(header(&dead[1], "ce_id").as_deref(), Some("m-3"));
+    assert_eq!(
+        header(&dead[1], "dlq_error_kind").as_deref(),
+        Some("transient")
+    );
+    assert_eq!(header(&dead[1], "dlq_attempts").as_deref(), Some("4"));
+}
+
+fn spawn_consumer(mode: &str, e: &Env, log: &std::path::Path) -> Child {
+    let file = std::fs::File::create(log).unwrap();
+    Command::new(BIN)
+        .args([mode, &e.broker.bootstrap(), &e.group, &e.topic, e.db.url()])
+        .env("RUST_LOG", "outbox::consumer=debug")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap()
+}
+
+/// Kill -9 the consumer after part of the stream, restart it, let it finish.
+/// Returns (effects summary, the restarted consumer's log).
+async fn crash_and_restart(mode: &str) -> ((i64, i64, i64), String) {
+    let e = env(3).await;
+    produce(&e.broker.bootstrap(), &e.topic, &messages(2000, 50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = e.db.conn().unwrap();
+    let mut first = spawn_consumer(mode, &e, &dir.path().join("first.log"));
+    wait_until(Duration::from_secs(60), "some effects", || {
+        Ok(effects::summary(&mut conn)?.0 >= 500)
+    })
+    .await
+    .unwrap();
+    first.kill().unwrap(); // SIGKILL: DB commits done, offsets never committed
+    first.wait().unwrap();
+    let second_log = dir.path().join("second.log");
+    let mut second = spawn_consumer(mode, &e, &second_log);
+    wait_until(Duration::from_secs(120), "all effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 2000)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    second.kill().unwrap();
+    second.wait().unwrap();
+    (
+        effects::summary(&mut conn).unwrap(),
+        std::fs::read_to_string(second_log).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_db_commit_and_before_the_offset_commit_causes_no_second_effect() {
+    let ((distinct, twice, total), log) = crash_and_restart("runner").await;
+    assert_eq!((distinct, twice, total), (2000, 0, 2000));
+    let absorbed = log.matches("duplicate skipped").count();
+    assert!(
+        absorbed > 0,
+        "the restart must have seen redeliveries (the inbox absorbed them)"
+    );
+    eprintln!("crash: 2000 messages, {absorbed} redeliveries absorbed by the inbox");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_consumer_without_the_inbox_applies_twice_after_a_crash() {
+    let ((distinct, twice, total), _) = crash_and_restart("naive").await;
+    assert_eq!(distinct, 2000, "none lost");
+    assert!(
+        twice > 0 && total > 2000,
+        "the test must catch double effects: twice={twice} total={total}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalances_while_processing_skip_nothing_and_apply_nothing_twice() {
+    let e = env(6).await;
+    let msgs = messages(3000, 60);
+    let (b, t) = (e.broker.bootstrap(), e.topic.clone());
+    let producer = tokio::spawn(async move {
+        for chunk in msgs.chunks(100) {
+            produce(&b, &t, chunk).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    });
+    let cfg = || ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url());
+    let slow = |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        std::thread::sleep(Duration::from_millis(1));
+        effect_handler(conn, m)
+    };
+    let mut conn = e.db.conn().unwrap();
+    let (stop_a, a) = start(cfg(), slow);
+    wait_until(Duration::from_secs(60), "1000 effects", || {
+        Ok(effects::summary(&mut conn)?.0 >= 1000)
+    })
+    .await
+    .unwrap();
+    let (stop_b, b) = start(cfg(), slow); // joins: partitions move while A is busy
+    wait_until(Duration::from_secs(60), "2000 effects", || {
+        Ok(effects::summary(&mut conn)?.0 >= 2000)
+    })
+    .await
+    .unwrap();
+    stop_a.cancel(); // leaves: its partitions are revoked and move to B
+    a.await.unwrap().unwrap();
+    let (stop_c, c) = start(cfg(), slow); // and another joins
+    producer.await.unwrap();
+    wait_until(Duration::from_secs(120), "3000 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 3000)
+    })
+    .await
+    .unwrap();
+    stop_b.cancel();
+    stop_c.cancel();
+    b.await.unwrap().unwrap();
+    c.await.unwrap().unwrap();
+    assert_eq!(effects::summary(&mut conn).unwrap(), (3000, 0, 3000));
+    assert!(per_key_order_kept(&mut conn));
+}
+
+#[test]
+fn unsafe_consumer_settings_are_refused() {
+    let base = || ConsumerConfig::new("127.0.0.1:1", "g", &["t"], "postgres://x");
+    for (k, v, why) in [
+        (
+            "enable.auto.offset.store",
+            "true",
+            "after the database commit",
+        ),
+        (
+            "isolation.level",
+            "read_uncommitted",
+            "aborted transactions",
+        ),
+        ("group.id", "other", "typed configuration"),
+    ] {
+        let err = base()
+            .kafka_option(k, v)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(k) && err.contains(why), "{k}: {err}");
+    }
+    assert!(ConsumerConfig::new("b", "g", &[], "u").validate().is_err());
+    assert!(ConsumerConfig::new("b", "g", &[".."], "u")
+        .validate()
+        .is_err());
+    assert!(base().max_attempts(0).validate().is_err());
+    base().validate().unwrap();
+}
