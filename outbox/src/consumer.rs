@@ -174,6 +174,7 @@ pub struct ConsumerConfig {
     retry_initial: Duration,
     retry_max: Duration,
     queue_per_partition: usize,
+    retention: Option<(Duration, Duration)>,
     kafka: BTreeMap<String, String>,
 }
 
@@ -215,6 +216,7 @@ impl ConsumerConfig {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
             queue_per_partition: 256,
+            retention: None,
             kafka: BTreeMap::new(),
         }
     }
@@ -255,6 +257,15 @@ impl ConsumerConfig {
         self
     }
 
+    /// Purge this consumer's inbox rows older than `keep` every `every` (batches of 10,000).
+    /// Defaults to off: call [`Inbox::purge`] yourself, or set this. Keep rows longer than any
+    /// message can be redelivered (docs/TABLES.md#inbox-retention).
+    #[must_use]
+    pub fn retention(mut self, keep: Duration, every: Duration) -> Self {
+        self.retention = Some((keep, every));
+        self
+    }
+
     /// A raw librdkafka consumer property (checked by [`ConsumerConfig::validate`]).
     #[must_use]
     pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -288,6 +299,11 @@ impl ConsumerConfig {
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return bad("retry backoff must be positive with max >= initial".into());
+        }
+        if let Some((keep, every)) = self.retention {
+            if keep.is_zero() || every.is_zero() {
+                return bad("retention: keep and every must be positive".into());
+            }
         }
         for (k, v) in &self.kafka {
             let v = v.trim().to_ascii_lowercase();
@@ -482,6 +498,15 @@ impl ConsumerRunner {
         consumer
             .subscribe(&topics)
             .map_err(|e| Error::InvalidConfig(format!("subscribe {topics:?}: {e}")))?;
+        let purger = self.cfg.retention.map(|(keep, every)| {
+            spawn_purger(
+                self.inbox.clone(),
+                self.cfg.database_url.clone(),
+                keep,
+                every,
+                shutdown.clone(),
+            )
+        });
         let workers_done = CancellationToken::new();
         let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
             HashMap::new();
@@ -537,6 +562,9 @@ impl ConsumerRunner {
         }
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(target: TARGET, error = %e, "final commit");
+        }
+        if let Some(p) = purger {
+            let _ = p.await;
         }
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())
@@ -695,6 +723,37 @@ impl ConsumerRunner {
             }
         }
     }
+}
+
+/// Purges old inbox rows every `every` until `shutdown`.
+fn spawn_purger(
+    inbox: Inbox,
+    url: String,
+    keep: Duration,
+    every: Duration,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.cancelled() => return,
+            }
+            let (inbox, url) = (inbox.clone(), url.clone());
+            let r = tokio::task::spawn_blocking(move || {
+                use diesel::Connection;
+                let mut conn = PgConnection::establish(&url)
+                    .map_err(|e| Error::InvalidConfig(scrub(&e.to_string(), &url)))?;
+                inbox.purge(&mut conn, keep, 10_000)
+            })
+            .await;
+            match r {
+                Ok(Ok(n)) => tracing::info!(target: TARGET, purged = n, "inbox retention"),
+                Ok(Err(e)) => tracing::warn!(target: TARGET, error = %e, "inbox retention failed"),
+                Err(e) => tracing::warn!(target: TARGET, error = %e, "inbox retention task failed"),
+            }
+        }
+    })
 }
 
 /// One attempt: the inbox transaction. Returns whether the handler ran (false: duplicate).

@@ -384,5 +384,37 @@ fn unsafe_consumer_settings_are_refused() {
         .validate()
         .is_err());
     assert!(base().max_attempts(0).validate().is_err());
+    assert!(base()
+        .retention(Duration::ZERO, Duration::from_secs(1))
+        .validate()
+        .is_err());
     base().validate().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_purges_old_inbox_rows_on_schedule() {
+    let e = env(1).await;
+    let mut conn = e.db.conn().unwrap();
+    diesel::sql_query(
+        "INSERT INTO inbox (consumer, message_id, processed_at) \
+         SELECT $1, 'old-' || g, now() - interval '20 days' FROM generate_series(1, 50) g",
+    )
+    .bind::<diesel::sql_types::Text, _>(&e.group)
+    .execute(&mut conn)
+    .unwrap();
+    produce(&e.broker.bootstrap(), &e.topic, &messages(5, 1)).await;
+    let cfg = ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url())
+        .retention(
+            Duration::from_secs(7 * 24 * 3600),
+            Duration::from_millis(200),
+        );
+    let (stop, handle) = start(cfg, effect_handler);
+    let inbox = outbox::Inbox::new(e.group.clone()).unwrap();
+    wait_until(Duration::from_secs(30), "old rows purged, new kept", || {
+        Ok(!inbox.contains(&mut conn, "old-1")? && inbox.contains(&mut conn, "m-4")?)
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
 }
