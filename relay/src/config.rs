@@ -145,9 +145,45 @@ pub fn is_secret_key(key: &str) -> bool {
     let k = key.to_ascii_lowercase();
     k.contains("password")
         || k.contains("secret")
+        || k.contains("passphrase")
+        || k.contains("private.key")
         || k == "ssl.key.pem"
         || k == "ssl_key"
         || k == "sasl.oauthbearer.config"
+}
+
+/// librdkafka's aliases, mapped to the primary property name, so that checks and merges see
+/// one name per setting.
+const ALIASES: &[(&str, &str)] = &[
+    ("request.required.acks", "acks"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("retries", "message.send.max.retries"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+    ("queue.buffering.max.ms", "linger.ms"),
+    ("retry.backoff.ms", "retry.backoff.ms"),
+    ("metadata.broker.list", "bootstrap.servers"),
+    (
+        "topic.metadata.refresh.interval.ms",
+        "topic.metadata.refresh.interval.ms",
+    ),
+];
+
+/// The primary name of a librdkafka property.
+#[must_use]
+pub fn canonical_key(key: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map_or(key, |(_, primary)| primary)
+}
+
+/// A librdkafka boolean, parsed as librdkafka does (true/t/1, false/f/0, any case).
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "t" | "1" => Some(true),
+        "false" | "f" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 impl RelayConfig {
@@ -341,6 +377,12 @@ impl RelayConfig {
                 return bad(format!("{name} must be positive, got 0"));
             }
         }
+        if self.max_pages_in_flight > 64 {
+            return bad(format!(
+                "max_pages_in_flight must be at most 64, got {}",
+                self.max_pages_in_flight
+            ));
+        }
         if self.lease_ms < 1000 {
             return bad(format!(
                 "lease_ms must be at least 1000 (a shorter lease flaps on ordinary pauses), got {}",
@@ -350,10 +392,40 @@ impl RelayConfig {
         if self.standby_poll_ms >= self.lease_ms {
             return bad("standby_poll_ms must be shorter than lease_ms".into());
         }
+        if self.idle_poll_max_ms >= self.lease_ms / 4 {
+            return bad(format!(
+                "idle_poll_max_ms must be shorter than lease_ms / 4 ({} ms), or the lease lapses while idle",
+                self.lease_ms / 4
+            ));
+        }
+        let mut seen = std::collections::HashMap::new();
         for (key, value) in &self.kafka {
             check_kafka_option(key, value)?;
+            if let Some(other) = seen.insert(canonical_key(key), key) {
+                return bad(format!(
+                    "kafka options {other} and {key} are the same librdkafka setting: give one"
+                ));
+            }
+        }
+        let in_flight_rows = self
+            .page_size
+            .saturating_mul(self.max_pages_in_flight as i64);
+        if let Some(v) = self.kafka_value("queue.buffering.max.messages") {
+            if v.parse::<i64>().is_ok_and(|n| n < in_flight_rows) {
+                return bad(format!(
+                    "queue.buffering.max.messages={v} is below page_size x max_pages_in_flight                      ({in_flight_rows}): the producer queue would fill before a page completes"
+                ));
+            }
         }
         Ok(())
+    }
+
+    /// A raw Kafka option by its primary name (aliases resolved).
+    pub(crate) fn kafka_value(&self, key: &str) -> Option<&str> {
+        self.kafka
+            .iter()
+            .find(|(k, _)| canonical_key(k) == key)
+            .map(|(_, v)| v.as_str())
     }
 
     pub(crate) fn lease_duration(&self) -> Duration {
@@ -386,38 +458,42 @@ fn check_kafka_option(key: &str, value: &str) -> Result<()> {
         )))
     };
     let v = value.trim().to_ascii_lowercase();
-    if let Some((_, hint)) = OWNED_BY_RELAY.iter().find(|(k, _)| *k == key) {
+    if let Some((_, hint)) = OWNED_BY_RELAY
+        .iter()
+        .find(|(k, _)| canonical_key(key) == *k)
+    {
         return refuse(&format!("the relay sets it ({hint})"));
     }
-    match key {
-        "enable.idempotence" if v != "true" => {
+    match canonical_key(key) {
+        "enable.idempotence" if parse_bool(&v) != Some(true) => {
             refuse("the idempotent producer is what keeps retries from reordering or duplicating a partition")
         }
-        "acks" | "request.required.acks" if v != "all" && v != "-1" => {
+        "acks" if v != "all" && v != "-1" => {
             refuse("only acks=all survives the loss of a broker after acknowledgement")
         }
-        "max.in.flight.requests.per.connection" | "max.in.flight" => match v.parse::<u32>() {
+        "max.in.flight.requests.per.connection" => match v.parse::<u32>() {
             Ok(1..=5) => Ok(()),
             _ => refuse("must be 1 to 5: the idempotent producer keeps order only with at most 5 requests in flight"),
         },
-        "retries" | "message.send.max.retries" if v == "0" => {
-            refuse("retries must stay enabled (a transient error would otherwise fail the event)")
-        }
-        "message.timeout.ms" | "delivery.timeout.ms" => match v.parse::<u64>() {
-            Ok(0) | Ok(300_000..) => Ok(()),
-            _ => refuse("must be 0 (never give up, the default here) or at least 300000: a timed-out message may still be written, and re-sending it reorders its key"),
-        },
+        "message.send.max.retries" => refuse(
+            "the relay keeps librdkafka's unlimited retries: a retry budget that runs out turns a broker hiccup into a failed event that can be overtaken by later events of its key",
+        ),
+        "message.timeout.ms" if v != "0" => refuse(
+            "must be 0 (never give up, the relay's setting): a timed-out message may still be written, and re-sending it reorders its key",
+        ),
         "partitioner" if v != "murmur2_random" => {
             refuse("only murmur2_random puts a key on the same partition as Java clients do")
         }
-        "enable.ssl.certificate.verification" if v == "false" => {
+        "enable.ssl.certificate.verification" if parse_bool(&v) != Some(true) => {
             refuse("certificate verification must stay on")
         }
-        "ssl.endpoint.identification.algorithm" if v == "none" => {
+        "ssl.endpoint.identification.algorithm" if v != "https" => {
             refuse("host name verification must stay on (https)")
         }
         "transactional.id" => refuse("transactions are not supported by this relay mode"),
-        "enable.gapless.guarantee" if v == "false" => Ok(()),
+        "enable.gapless.guarantee" => {
+            refuse("the relay manages ordering itself; this setting turns broker errors into fatal producer errors")
+        }
         _ => Ok(()),
     }
 }
@@ -444,6 +520,10 @@ mod tests {
             ("max.in.flight.requests.per.connection", "6", "at most 5"),
             ("max.in.flight", "100", "at most 5"),
             ("message.timeout.ms", "30000", "timed-out message"),
+            ("delivery.timeout.ms", "600000", "timed-out message"),
+            ("enable.idempotence", "0", "idempotent producer"),
+            ("enable.ssl.certificate.verification", "F", "verification"),
+            ("metadata.broker.list", "x:1", "the relay sets it"),
             ("partitioner", "consistent_random", "Java clients"),
             (
                 "enable.ssl.certificate.verification",
@@ -452,7 +532,8 @@ mod tests {
             ),
             ("ssl.endpoint.identification.algorithm", "none", "host name"),
             ("bootstrap.servers", "x:1", "the relay sets it"),
-            ("retries", "0", "retries must stay enabled"),
+            ("retries", "0", "unlimited retries"),
+            ("message.send.max.retries", "3", "unlimited retries"),
             ("transactional.id", "x", "transactions"),
         ] {
             let err = base()
@@ -467,7 +548,7 @@ mod tests {
             ("acks", "-1"),
             ("max.in.flight.requests.per.connection", "5"),
             ("message.timeout.ms", "0"),
-            ("message.timeout.ms", "600000"),
+            ("enable.idempotence", "1"),
             ("linger.ms", "20"),
             ("compression.type", "lz4"),
         ] {
@@ -476,7 +557,29 @@ mod tests {
     }
 
     #[test]
+    fn aliases_of_one_setting_are_refused_together() {
+        let err = base()
+            .kafka_option("linger.ms", "5")
+            .kafka_option("queue.buffering.max.ms", "50")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("same librdkafka setting"), "{err}");
+        let err = base()
+            .kafka_option("queue.buffering.max.messages", "100")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("producer queue would fill"), "{err}");
+    }
+
+    #[test]
     fn bad_numbers_and_identifiers_are_refused() {
+        assert!(base()
+            .idle_poll_max(Duration::from_secs(2))
+            .validate()
+            .is_err());
+        assert!(base().max_pages_in_flight(1000).validate().is_err());
         assert!(base().page_size(0).validate().is_err());
         assert!(base().page_size(-5).validate().is_err());
         assert!(base().max_pages_in_flight(0).validate().is_err());

@@ -63,24 +63,26 @@ impl KafkaErrorExt for rdkafka::error::KafkaError {
     }
 }
 
-/// Replaces the password of a URL (`scheme://user:password@host`) with `***`.
+/// Replaces the password in a connection string with `***`: URLs
+/// (`scheme://user:password@host`, `?password=`) and libpq keyword/value strings
+/// (`host=db password='s e c r e t'`).
 #[must_use]
 pub fn scrub_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
+        return scrub_password_params(url);
     };
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let authority = &rest[..authority_end];
     let Some(at) = authority.rfind('@') else {
-        return scrub_query(url);
+        return scrub_password_params(url);
     };
     let creds = &authority[..at];
     let scrubbed = match creds.split_once(':') {
         Some((user, _)) => format!("{user}:***"),
         None => creds.to_owned(),
     };
-    scrub_query(&format!(
+    scrub_password_params(&format!(
         "{}{}{}",
         &url[..scheme_end + 3],
         scrubbed,
@@ -88,18 +90,48 @@ pub fn scrub_url(url: &str) -> String {
     ))
 }
 
-/// Replaces `password=...` in a URL query or a key/value connection string.
-fn scrub_query(s: &str) -> String {
+/// Replaces the value of every `password` parameter (`password=x`, `password = 'x y'`,
+/// `&password=x`), case-insensitively.
+fn scrub_password_params(s: &str) -> String {
+    let lower = s.to_ascii_lowercase();
     let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find("password=") {
-        out.push_str(&rest[..i + "password=".len()]);
+    let mut pos = 0;
+    while let Some(found) = lower[pos..].find("password") {
+        let key_end = pos + found + "password".len();
+        let after = &s[key_end..];
+        let ws = after.len() - after.trim_start().len();
+        if !after[ws..].starts_with('=') {
+            out.push_str(&s[pos..key_end]);
+            pos = key_end;
+            continue;
+        }
+        let value_start = key_end + ws + 1;
+        let v = &s[value_start..];
+        let lead = v.len() - v.trim_start().len();
+        let v = &v[lead..];
+        let value_len = if let Some(quoted) = v.strip_prefix('\'') {
+            // libpq quoting: backslash escapes, a closing single quote ends the value
+            let mut end = quoted.len();
+            let mut escaped = false;
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end
+        } else {
+            v.find(['&', ' ', '\t', '\n']).unwrap_or(v.len())
+        };
+        out.push_str(&s[pos..value_start + lead]);
         out.push_str("***");
-        rest = &rest[i + "password=".len()..];
-        let end = rest.find(['&', ' ']).unwrap_or(rest.len());
-        rest = &rest[end..];
+        pos = value_start + lead + value_len;
     }
-    out.push_str(rest);
+    out.push_str(&s[pos..]);
     out
 }
 
@@ -116,7 +148,24 @@ pub fn scrub_text(text: &str, url: &str) -> String {
 }
 
 fn password_of(url: &str) -> Option<String> {
-    let rest = &url[url.find("://")? + 3..];
+    let Some(scheme_end) = url.find("://") else {
+        // keyword/value: everything the scrubber would hide
+        let scrubbed = scrub_password_params(url);
+        return (scrubbed != url).then(|| {
+            let lower = url.to_ascii_lowercase();
+            let start = lower.find("password")?;
+            let v = url[start + "password".len()..]
+                .trim_start()
+                .strip_prefix('=')?
+                .trim_start();
+            let v = v.strip_prefix('\'').map_or_else(
+                || v.split([' ', '&']).next().unwrap_or_default(),
+                |q| q.split('\'').next().unwrap_or_default(),
+            );
+            Some(v.to_owned())
+        })?;
+    };
+    let rest = &url[scheme_end + 3..];
     let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
     let creds = &authority[..authority.rfind('@')?];
     creds.split_once(':').map(|(_, p)| p.to_owned())
@@ -139,12 +188,24 @@ mod tests {
                 "postgres://db/app?user=x&password=***&sslmode=require",
             ),
             ("postgres://u:p%40ss@h/d", "postgres://u:***@h/d"),
+            (
+                "host=db user=relay password=s3cr3t dbname=app",
+                "host=db user=relay password=*** dbname=app",
+            ),
+            (
+                "host=db password = 's3 cr\\'3t' dbname=app",
+                "host=db password = *** dbname=app",
+            ),
+            ("host=db PASSWORD=s3cr3t", "host=db PASSWORD=***"),
         ] {
             assert_eq!(scrub_url(url), expected);
         }
         let url = "postgres://relay:s3cr3t@db/app";
         let msg = format!("could not connect to {url}: password s3cr3t rejected");
         let scrubbed = scrub_text(&msg, url);
+        assert!(!scrubbed.contains("s3cr3t"), "{scrubbed}");
+        let dsn = "host=db user=relay password=s3cr3t";
+        let scrubbed = scrub_text(&format!("connect {dsn}: password s3cr3t rejected"), dsn);
         assert!(!scrubbed.contains("s3cr3t"), "{scrubbed}");
     }
 }

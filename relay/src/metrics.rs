@@ -3,7 +3,7 @@
 //! | metric | type | meaning |
 //! |---|---|---|
 //! | `outbox_relay_delivered_total` | counter | events acknowledged by Kafka and removed |
-//! | `outbox_relay_failed_total{kind}` | counter | failed delivery attempts (`permanent`/`transient`) |
+//! | `outbox_relay_failed_total{kind}` | counter | failed deliveries (`permanent`/`transient`/`client`) |
 //! | `outbox_relay_dead_lettered_total` | counter | events moved to `outbox_dead_letters` |
 //! | `outbox_relay_backlog` | gauge | events waiting in the outbox |
 //! | `outbox_relay_oldest_event_age_seconds` | gauge | age of the oldest waiting event |
@@ -36,8 +36,7 @@ pub(crate) fn delivered(commit_to_ack: Duration) {
     metrics::histogram!("outbox_relay_commit_to_ack_seconds").record(commit_to_ack.as_secs_f64());
 }
 
-pub(crate) fn failed(permanent: bool) {
-    let kind = if permanent { "permanent" } else { "transient" };
+pub(crate) fn failed(kind: &'static str) {
     metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(1);
 }
 

@@ -61,6 +61,7 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     ("queue.buffering.max.messages", "500000"),
     ("queue.buffering.max.kbytes", "1048576"),
     ("retry.backoff.ms", "100"),
+    ("topic.metadata.propagation.max.ms", "30000"),
     ("retry.backoff.max.ms", "1000"),
     ("reconnect.backoff.max.ms", "1000"),
 ];
@@ -73,7 +74,8 @@ pub fn client_config(cfg: &RelayConfig) -> ClientConfig {
         c.set(*k, *v);
     }
     for (k, v) in &cfg.kafka {
-        c.set(k, v);
+        // One name per setting, so a user value always replaces the relay's default.
+        c.set(crate::config::canonical_key(k), v);
     }
     for (k, v) in ENFORCED {
         c.set(*k, *v);
@@ -154,11 +156,15 @@ pub fn headers(event: &StoredEvent, source: &str) -> OwnedHeaders {
 /// How a failed delivery is treated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// The broker or client will refuse this event every time (too large, unknown topic,
-    /// not authorised, invalid): dead-letter it now.
+    /// The event itself will be refused every time (too large, invalid record or timestamp,
+    /// invalid topic name, broker policy): dead-letter it at once.
     Permanent(String),
-    /// May succeed later: retry up to the attempt limit.
+    /// The broker refused or could not take the event (unknown topic, not authorised, other
+    /// broker errors): retry, and dead-letter it after `max_attempts`.
     Transient(String),
+    /// Not the event's fault (producer fatal error, purge, lost report): send it again, without
+    /// counting an attempt.
+    Client(String),
 }
 
 impl Failure {
@@ -166,7 +172,7 @@ impl Failure {
     #[must_use]
     pub fn message(&self) -> &str {
         match self {
-            Failure::Permanent(m) | Failure::Transient(m) => m,
+            Failure::Permanent(m) | Failure::Transient(m) | Failure::Client(m) => m,
         }
     }
 }
@@ -174,25 +180,27 @@ impl Failure {
 /// Classifies a produce error.
 #[must_use]
 pub fn classify(error: &KafkaError) -> Failure {
-    let code = error.rdkafka_error_code();
-    let permanent = matches!(
-        code,
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
         Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidRecord
-                | RDKafkaErrorCode::UnknownTopicOrPartition
-                | RDKafkaErrorCode::UnknownTopic
-                | RDKafkaErrorCode::UnknownPartition
-                | RDKafkaErrorCode::InvalidTopic
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-        )
-    );
-    if permanent {
-        Failure::Permanent(error.to_string())
-    } else {
-        Failure::Transient(error.to_string())
+            C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTimestamp
+            | C::PolicyViolation
+            | C::InvalidTopic
+            | C::MessageBatchTooLarge,
+        ) => Failure::Permanent(error.to_string()),
+        Some(
+            C::Fatal
+            | C::PurgeQueue
+            | C::PurgeInflight
+            | C::OutOfOrderSequenceNumber
+            | C::InvalidProducerEpoch
+            | C::ProducerFenced
+            | C::MessageTimedOut,
+        ) => Failure::Client(error.to_string()),
+        _ => Failure::Transient(error.to_string()),
     }
 }

@@ -11,7 +11,6 @@ use diesel::PgConnection;
 use outbox::StoredEvent;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _, PurgeConfig};
-use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{PoisonPolicy, RelayConfig};
@@ -77,7 +76,7 @@ pub struct Relay {
 enum BatchEnd {
     /// Every row was delivered or dead-lettered.
     Done { rows: usize },
-    /// Some rows failed transiently; they stay in the outbox and the batch is tried again.
+    /// Some rows failed or were held back; they stay in the outbox and the batch is tried again.
     Retry,
     /// Shutdown was requested; acknowledged rows were removed, the batch stays open.
     Shutdown,
@@ -86,7 +85,11 @@ enum BatchEnd {
 enum Outcome {
     Pending(DeliveryFuture),
     Failed(Failure),
+    /// Set aside under `hold-key`.
     Held,
+    /// Not produced (an earlier event of its key failed in this batch, or shutdown came while the
+    /// producer queue was full): it stays in the outbox for the batch's next attempt.
+    NotSent,
 }
 
 struct Entry {
@@ -97,14 +100,28 @@ struct Entry {
     outcome: Outcome,
 }
 
+#[derive(Default)]
+struct PageEnd {
+    retry: bool,
+    timed_out: bool,
+}
+
+type TopicKey = (String, String);
+
 /// Per-term state of the leader.
 struct Term<'a> {
     db: &'a mut Db,
     lease: Lease,
     producer: Producer,
+    shutdown: CancellationToken,
+    /// When shutdown gives up waiting for acknowledgements (set when shutdown is first seen).
+    deadline: Option<tokio::time::Instant>,
     last_renew: Instant,
     attempts: HashMap<i64, u32>,
-    held: HashSet<(String, String)>,
+    /// Keys with dead letters (`hold-key` only).
+    held: HashSet<TopicKey>,
+    /// Keys with a failed event in this batch: their later events wait for the batch's retry.
+    blocked: HashSet<TopicKey>,
 }
 
 impl Relay {
@@ -167,8 +184,7 @@ impl Relay {
                     m::leader(false);
                     match result {
                         Ok(()) => {
-                            let sql = Arc::clone(&self.sql);
-                            let _ = db.call(move |c| store::release(c, &sql, &lease)).await;
+                            self.release(&mut db, lease).await;
                             tracing::info!(target: TARGET, "leadership released, relay stopped");
                             return Ok(());
                         }
@@ -177,9 +193,14 @@ impl Relay {
                         }
                         Err(e) if e.is_retriable() => {
                             tracing::warn!(target: TARGET, error = %e, "leader term ended; retrying");
+                            // Let a standby (or this process, after the backoff) start afresh.
+                            self.release(&mut db, lease).await;
                             sleep_or_cancel(next(&mut backoff), &shutdown).await;
                         }
-                        Err(e) => return Err(e),
+                        Err(e) => {
+                            self.release(&mut db, lease).await;
+                            return Err(e);
+                        }
                     }
                 }
                 Ok(None) => {
@@ -195,6 +216,13 @@ impl Relay {
         }
     }
 
+    async fn release(&self, db: &mut Db, lease: Lease) {
+        let sql = Arc::clone(&self.sql);
+        if let Err(e) = db.call(move |c| store::release(c, &sql, &lease)).await {
+            tracing::debug!(target: TARGET, error = %e, "lease release failed; it expires on its own");
+        }
+    }
+
     async fn startup_checks(&self, db: &mut Db, shutdown: &CancellationToken) -> Result<()> {
         let tables = self.cfg.tables()?;
         let allow_superuser = self.cfg.allow_superuser;
@@ -207,7 +235,7 @@ impl Relay {
                     if store::is_superuser(c)? && !allow_superuser {
                         return Err(Error::Config(
                             "the database role is a superuser: run the relay as a least-privilege \
-                             role (docs/OPERATIONS.md) or set allow_superuser / --allow-superuser"
+                             role (docs/RELAY.md) or set allow_superuser / --allow-superuser"
                                 .into(),
                         ));
                     }
@@ -230,11 +258,14 @@ impl Relay {
             db,
             lease,
             producer,
+            shutdown: shutdown.clone(),
+            deadline: None,
             last_renew: Instant::now(),
             attempts: HashMap::new(),
             held: HashSet::new(),
+            blocked: HashSet::new(),
         };
-        let result = self.lead_term(&mut term, shutdown).await;
+        let result = self.lead_term(&mut term).await;
         if result.is_err() {
             // Nothing more may leave this process under a term that is over.
             term.producer
@@ -243,12 +274,12 @@ impl Relay {
         result
     }
 
-    async fn lead_term(&self, term: &mut Term<'_>, shutdown: &CancellationToken) -> Result<()> {
+    async fn lead_term(&self, term: &mut Term<'_>) -> Result<()> {
         let idle_max = Duration::from_millis(self.cfg.idle_poll_max_ms);
         let mut idle = Duration::from_millis(1);
         let mut retry = backoff_policy();
         loop {
-            if shutdown.is_cancelled() {
+            if term.shutdown.is_cancelled() {
                 return Ok(());
             }
             self.renew_if_due(term).await?;
@@ -266,7 +297,8 @@ impl Relay {
                     .into_iter()
                     .collect();
             }
-            match self.deliver_batch(term, &batch, shutdown).await? {
+            term.blocked.clear();
+            match self.deliver_batch(term, &batch).await? {
                 BatchEnd::Done { rows } => {
                     let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
                     term.db
@@ -274,7 +306,8 @@ impl Relay {
                         .await?;
                     retry.reset();
                     if rows == 0 {
-                        sleep_or_cancel(idle, shutdown).await;
+                        // idle_poll_max_ms < lease / 4 (validated): the lease cannot lapse here.
+                        sleep_or_cancel(idle, &term.shutdown).await;
                         idle = (idle * 2).min(idle_max);
                     } else {
                         idle = Duration::from_millis(1);
@@ -282,11 +315,10 @@ impl Relay {
                 }
                 BatchEnd::Retry => {
                     if let Some((code, reason)) = term.producer.client().fatal_error() {
-                        return Err(Error::Kafka(KafkaError::MessageProduction(code))).inspect_err(
-                            |_| tracing::error!(target: TARGET, %reason, "producer fatal error"),
-                        );
+                        tracing::error!(target: TARGET, %reason, "producer fatal error; starting a new term");
+                        return Err(Error::Kafka(KafkaError::MessageProduction(code)));
                     }
-                    sleep_or_cancel(next(&mut retry), shutdown).await;
+                    self.sleep_renewing(term, next(&mut retry)).await?;
                 }
                 BatchEnd::Shutdown => return Ok(()),
             }
@@ -295,48 +327,63 @@ impl Relay {
 
     async fn renew_if_due(&self, term: &mut Term<'_>) -> Result<()> {
         if term.last_renew.elapsed() >= self.cfg.lease_duration() / 4 {
-            let (sql, lease, ms) = (Arc::clone(&self.sql), term.lease.clone(), self.cfg.lease_ms);
-            term.db
-                .call(move |c| store::renew(c, &sql, &lease, ms))
-                .await?;
-            term.last_renew = Instant::now();
+            self.renew(term).await?;
         }
         Ok(())
     }
 
-    async fn deliver_batch(
-        &self,
-        term: &mut Term<'_>,
-        batch: &Batch,
-        shutdown: &CancellationToken,
-    ) -> Result<BatchEnd> {
+    async fn renew(&self, term: &mut Term<'_>) -> Result<()> {
+        let (sql, lease, ms) = (Arc::clone(&self.sql), term.lease.clone(), self.cfg.lease_ms);
+        term.db
+            .call(move |c| store::renew(c, &sql, &lease, ms))
+            .await?;
+        term.last_renew = Instant::now();
+        Ok(())
+    }
+
+    /// Sleeps `d` (or until shutdown), renewing the lease on the way.
+    async fn sleep_renewing(&self, term: &mut Term<'_>, d: Duration) -> Result<()> {
+        let until = Instant::now() + d;
+        while !term.shutdown.is_cancelled() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            sleep_or_cancel(left.min(self.cfg.lease_duration() / 4), &term.shutdown).await;
+            self.renew_if_due(term).await?;
+        }
+        Ok(())
+    }
+
+    async fn deliver_batch(&self, term: &mut Term<'_>, batch: &Batch) -> Result<BatchEnd> {
         let page_size = self.cfg.page_size;
         let mut after_id = 0_i64;
         let mut exhausted = false;
-        let mut transient = false;
+        let mut retry = false;
         let mut rows_total = 0_usize;
         let mut inflight: VecDeque<Vec<Entry>> = VecDeque::new();
         let started = Instant::now();
         loop {
-            let stopping = shutdown.is_cancelled();
-            if !exhausted
-                && !transient
-                && !stopping
-                && inflight.len() < self.cfg.max_pages_in_flight
-            {
+            let stopping = term.shutdown.is_cancelled();
+            if !exhausted && !retry && !stopping && inflight.len() < self.cfg.max_pages_in_flight {
                 self.renew_if_due(term).await?;
                 let (sql, lease, b) = (Arc::clone(&self.sql), term.lease.clone(), batch.clone());
                 let rows = term
                     .db
                     .call(move |c| store::fetch(c, &sql, &lease, &b, after_id, page_size))
                     .await?;
-                exhausted = i64::try_from(rows.len()).unwrap_or(i64::MAX) < page_size;
+                if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page_size {
+                    // A fenced fetch returns nothing: confirm the lease before calling the batch
+                    // exhausted, or a lapsed lease would look like the end of the batch.
+                    self.renew(term).await?;
+                    exhausted = true;
+                }
                 if let Some(last) = rows.last() {
                     after_id = last.id;
                 }
                 rows_total += rows.len();
                 if !rows.is_empty() {
-                    let page = self.send_page(term, rows).await;
+                    let page = self.send_page(term, rows).await?;
                     inflight.push_back(page);
                 }
                 continue;
@@ -344,26 +391,22 @@ impl Relay {
             let Some(page) = inflight.pop_front() else {
                 break;
             };
-            if stopping {
-                let deadline = Duration::from_millis(self.cfg.shutdown_timeout_ms);
-                match tokio::time::timeout(deadline, self.complete_page(term, page)).await {
-                    Ok(r) => transient |= r?,
-                    Err(_) => {
-                        tracing::warn!(target: TARGET, "shutdown timeout: unacknowledged events stay in the outbox");
-                        return Ok(BatchEnd::Shutdown);
-                    }
-                }
-            } else {
-                transient |= self.complete_page(term, page).await?;
+            let end = self.complete_page(term, page).await?;
+            retry |= end.retry;
+            if end.timed_out {
+                tracing::warn!(target: TARGET, "shutdown timeout: unacknowledged events stay in the outbox");
+                term.producer
+                    .purge(PurgeConfig::default().queue().inflight().non_blocking());
+                return Ok(BatchEnd::Shutdown);
             }
         }
-        if shutdown.is_cancelled() {
+        if term.shutdown.is_cancelled() {
             return Ok(BatchEnd::Shutdown);
         }
         if rows_total > 0 {
             tracing::debug!(target: TARGET, rows = rows_total, elapsed_secs = started.elapsed().as_secs_f64(), "batch delivered");
         }
-        Ok(if transient {
+        Ok(if retry {
             BatchEnd::Retry
         } else {
             BatchEnd::Done { rows: rows_total }
@@ -371,17 +414,26 @@ impl Relay {
     }
 
     /// Produces a page in id order. Returns one entry per row.
-    async fn send_page(&self, term: &mut Term<'_>, rows: Vec<StoredEvent>) -> Vec<Entry> {
+    async fn send_page(&self, term: &mut Term<'_>, rows: Vec<StoredEvent>) -> Result<Vec<Entry>> {
         let mut page = Vec::with_capacity(rows.len());
         let hold = self.cfg.poison_policy == PoisonPolicy::HoldKey;
         for row in rows {
-            let held_key = (row.topic.clone(), row.partition_key.clone());
-            let outcome = if hold && term.held.contains(&held_key) {
+            let key = (row.topic.clone(), row.partition_key.clone());
+            let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
+            } else if term.blocked.contains(&key) {
+                Outcome::NotSent
             } else {
-                let outcome = self.send_one(&term.producer, &row).await;
-                if hold && matches!(outcome, Outcome::Failed(Failure::Permanent(_))) {
-                    term.held.insert(held_key);
+                let outcome = self.send_one(term, &row).await?;
+                match &outcome {
+                    Outcome::Failed(Failure::Permanent(_)) if hold => {
+                        term.held.insert(key);
+                    }
+                    Outcome::Failed(Failure::Transient(_) | Failure::Client(_))
+                    | Outcome::NotSent => {
+                        term.blocked.insert(key);
+                    }
+                    _ => {}
                 }
                 outcome
             };
@@ -393,50 +445,86 @@ impl Relay {
                 outcome,
             });
         }
-        page
+        Ok(page)
     }
 
-    async fn send_one(&self, producer: &Producer, row: &StoredEvent) -> Outcome {
+    async fn send_one(&self, term: &mut Term<'_>, row: &StoredEvent) -> Result<Outcome> {
         loop {
             let record = FutureRecord::to(&row.topic)
                 .key(row.partition_key.as_bytes())
                 .payload(row.payload.as_slice())
                 .timestamp(row.created_at.timestamp_millis())
                 .headers(producer::headers(row, &self.source));
-            match producer.send_result(record) {
-                Ok(future) => return Outcome::Pending(future),
+            match term.producer.send_result(record) {
+                Ok(future) => return Ok(Outcome::Pending(future)),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    // Back-pressure, not an error: let librdkafka drain its queue.
-                    producer.poll(Timeout::After(Duration::from_millis(10)));
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    // Back-pressure, not an error: wait for librdkafka to drain its queue, while
+                    // keeping the lease and listening for shutdown.
+                    if term.shutdown.is_cancelled() {
+                        return Ok(Outcome::NotSent);
+                    }
+                    self.renew_if_due(term).await?;
+                    sleep_or_cancel(Duration::from_millis(5), &term.shutdown).await;
                 }
-                Err((e, _)) => return Outcome::Failed(producer::classify(&e)),
+                Err((e, _)) => return Ok(Outcome::Failed(producer::classify(&e))),
             }
         }
     }
 
-    /// Waits for a page's acknowledgements (renewing the lease meanwhile), removes what was
-    /// delivered and dead-letters what must be. Returns whether a row failed transiently.
-    async fn complete_page(&self, term: &mut Term<'_>, page: Vec<Entry>) -> Result<bool> {
+    /// Waits for one delivery report, renewing the lease meanwhile; `None` when shutdown's
+    /// deadline passed first.
+    async fn await_report(
+        &self,
+        term: &mut Term<'_>,
+        future: &mut DeliveryFuture,
+    ) -> Result<Option<Option<Failure>>> {
+        loop {
+            let renew_in = (self.cfg.lease_duration() / 4)
+                .saturating_sub(term.last_renew.elapsed())
+                .max(Duration::from_millis(10));
+            let deadline = term.deadline;
+            tokio::select! {
+                r = &mut *future => return Ok(Some(match r {
+                    Ok(Ok(_delivery)) => None,
+                    Ok(Err((e, _))) => Some(producer::classify(&e)),
+                    Err(_canceled) => Some(Failure::Client("delivery report lost (producer purged)".into())),
+                })),
+                () = tokio::time::sleep(renew_in) => self.renew_if_due(term).await?,
+                () = term.shutdown.cancelled(), if deadline.is_none() => {
+                    term.deadline = Some(
+                        tokio::time::Instant::now() + Duration::from_millis(self.cfg.shutdown_timeout_ms),
+                    );
+                }
+                () = async {
+                    if let Some(d) = deadline {
+                        tokio::time::sleep_until(d).await;
+                    }
+                }, if deadline.is_some() => return Ok(None),
+            }
+        }
+    }
+
+    /// Waits for a page's acknowledgements, removes what was delivered and dead-letters what
+    /// must be.
+    async fn complete_page(&self, term: &mut Term<'_>, page: Vec<Entry>) -> Result<PageEnd> {
         let mut delivered = Vec::with_capacity(page.len());
         let mut dead = Vec::new();
-        let mut transient = false;
+        let mut end = PageEnd::default();
+        let hold = self.cfg.poison_policy == PoisonPolicy::HoldKey;
         for entry in page {
             let failure = match entry.outcome {
-                Outcome::Pending(mut future) => loop {
-                    let renew_in = (self.cfg.lease_duration() / 4)
-                        .saturating_sub(term.last_renew.elapsed())
-                        .max(Duration::from_millis(10));
-                    tokio::select! {
-                        r = &mut future => break match r {
-                            Ok(Ok(_delivery)) => None,
-                            Ok(Err((e, _))) => Some(producer::classify(&e)),
-                            Err(_canceled) => Some(Failure::Transient("delivery report lost (producer purged)".into())),
-                        },
-                        () = tokio::time::sleep(renew_in) => self.renew_if_due(term).await?,
+                Outcome::Pending(mut future) => match self.await_report(term, &mut future).await? {
+                    Some(f) => f,
+                    None => {
+                        end.timed_out = true;
+                        break;
                     }
                 },
                 Outcome::Failed(f) => Some(f),
+                Outcome::NotSent => {
+                    end.retry = true;
+                    continue;
+                }
                 Outcome::Held => {
                     dead.push(DeadLetter {
                         id: entry.id,
@@ -446,28 +534,46 @@ impl Relay {
                     continue;
                 }
             };
-            match failure {
-                None => {
-                    let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
-                    m::delivered(age);
-                    delivered.push(entry.id);
+            let key = (entry.topic, entry.key);
+            let Some(f) = failure else {
+                let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
+                m::delivered(age);
+                term.attempts.remove(&entry.id);
+                delivered.push(entry.id);
+                continue;
+            };
+            let kind = match f {
+                Failure::Permanent(_) => "permanent",
+                Failure::Transient(_) => "transient",
+                Failure::Client(_) => "client",
+            };
+            m::failed(kind);
+            let attempts = match f {
+                Failure::Client(_) => term.attempts.get(&entry.id).copied().unwrap_or(0),
+                _ => {
+                    let a = term.attempts.entry(entry.id).or_insert(0);
+                    *a += 1;
+                    *a
                 }
-                Some(f) => {
-                    let attempts = term.attempts.entry(entry.id).or_insert(0);
-                    *attempts += 1;
-                    let permanent = matches!(f, Failure::Permanent(_));
-                    m::failed(permanent);
-                    tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, key = %entry.key, attempt = *attempts, error = f.message(), permanent, "delivery failed");
-                    if permanent || *attempts >= self.cfg.max_attempts {
-                        dead.push(DeadLetter {
-                            id: entry.id,
-                            error: f.message().to_owned(),
-                            attempts: i32::try_from(*attempts).unwrap_or(i32::MAX),
-                        });
-                    } else {
-                        transient = true;
-                    }
+            };
+            tracing::warn!(target: TARGET, id = entry.id, topic = %key.0, key = %key.1, attempt = attempts, error = f.message(), kind, "delivery failed");
+            let dead_now = match f {
+                Failure::Permanent(_) => true,
+                Failure::Transient(_) => attempts >= self.cfg.max_attempts,
+                Failure::Client(_) => false,
+            };
+            if dead_now {
+                dead.push(DeadLetter {
+                    id: entry.id,
+                    error: f.message().to_owned(),
+                    attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+                });
+                if hold {
+                    term.held.insert(key);
                 }
+            } else {
+                end.retry = true;
+                term.blocked.insert(key);
             }
         }
         if !delivered.is_empty() {
@@ -477,6 +583,11 @@ impl Relay {
                 .await?;
         }
         if !dead.is_empty() {
+            if let Some((code, reason)) = term.producer.client().fatal_error() {
+                // The producer broke, not the events: keep them and start a new term.
+                tracing::error!(target: TARGET, %reason, "producer fatal error; not dead-lettering");
+                return Err(Error::Kafka(KafkaError::MessageProduction(code)));
+            }
             for d in &dead {
                 term.attempts.remove(&d.id);
             }
@@ -488,7 +599,7 @@ impl Relay {
             m::dead_lettered(n);
             tracing::warn!(target: TARGET, count = n, "events dead-lettered");
         }
-        Ok(transient)
+        Ok(end)
     }
 }
 

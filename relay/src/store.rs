@@ -97,7 +97,7 @@ impl Sql {
                 "UPDATE {s} SET leader_id = $2, leader_epoch = leader_epoch + 1, \
                  lease_expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
                  updated_at = clock_timestamp() \
-                 WHERE outbox_table = $1 AND (leader_id IS NULL OR leader_id = $2 \
+                 WHERE outbox_table = $1 AND (leader_id IS NULL \
                  OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()) \
                  RETURNING leader_epoch"
             ),
@@ -145,7 +145,15 @@ impl Sql {
                            attempts, last_error) \
                          SELECT id, event_id, topic, partition_key, event_type, payload, \
                            headers, content_type, traceparent, tx_id, created_at, \
-                           dl_attempts, dl_error FROM moved RETURNING 1) \
+                           dl_attempts, dl_error FROM moved \
+                         ON CONFLICT (id) DO UPDATE SET event_id = EXCLUDED.event_id, \
+                           topic = EXCLUDED.topic, partition_key = EXCLUDED.partition_key, \
+                           event_type = EXCLUDED.event_type, payload = EXCLUDED.payload, \
+                           headers = EXCLUDED.headers, content_type = EXCLUDED.content_type, \
+                           traceparent = EXCLUDED.traceparent, tx_id = EXCLUDED.tx_id, \
+                           created_at = EXCLUDED.created_at, attempts = EXCLUDED.attempts, \
+                           last_error = EXCLUDED.last_error, dead_lettered_at = now() \
+                         RETURNING 1) \
                  SELECT (SELECT count(*) FROM lease) AS leased, \
                  (SELECT count(*) FROM ins) AS affected"
             ),

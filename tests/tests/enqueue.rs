@@ -231,12 +231,16 @@ fn the_table_rejects_what_the_relay_could_not_deliver() {
         ("('a b', 'k', 't', 'x')", "outbox_topic_valid"),
         ("('orders', '', 't', 'x')", "outbox_partition_key_not_empty"),
         ("('orders', 'k', '', 'x')", "outbox_event_type_not_empty"),
+        ("('orders', 'k', 't', 'x', '1')", "outbox_tx_id_is_writer"),
     ] {
-        let err = diesel::sql_query(format!(
-            "INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES {values}"
-        ))
-        .execute(&mut conn)
-        .unwrap_err();
+        let columns = if values.matches(',').count() == 4 {
+            "topic, partition_key, event_type, payload, tx_id"
+        } else {
+            "topic, partition_key, event_type, payload"
+        };
+        let err = diesel::sql_query(format!("INSERT INTO outbox ({columns}) VALUES {values}"))
+            .execute(&mut conn)
+            .unwrap_err();
         let diesel::result::Error::DatabaseError(kind, info) = &err else {
             panic!("{err}")
         };
@@ -400,7 +404,7 @@ fn schema_mismatch_is_reported_with_what_is_wrong() {
     );
 
     let applied = Outbox::new().migrate(&mut conn).unwrap();
-    assert_eq!(applied.len(), 2);
+    assert_eq!(applied.len(), 3);
     assert!(
         Outbox::new().migrate(&mut conn).unwrap().is_empty(),
         "idempotent"

@@ -458,3 +458,77 @@ fn a_fenced_out_leader_can_neither_fetch_nor_delete() {
     assert_eq!(store::open_batch(&mut conn, &sql, &new).unwrap(), batch);
     assert_eq!(store::delete(&mut conn, &sql, &new, &ids).unwrap(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_broker_outage_ends_within_the_timeout_and_removes_nothing() {
+    let mut s = setup(3).await;
+    let mut conn = s.db.conn().unwrap();
+    let cfg =
+        relay_config(s.db.url(), &s.broker.bootstrap()).shutdown_timeout(Duration::from_secs(2));
+    let relay = InProcessRelay::start(cfg).unwrap();
+    wait_until(Duration::from_secs(30), "leader", || {
+        Ok(leader(&mut conn)?.is_some())
+    })
+    .await
+    .unwrap();
+    s.broker.kill().unwrap();
+    for i in 0..100 {
+        insert_sql(&mut conn, &s.topic, &format!("k{}", i % 5), i);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // the relay is waiting for acknowledgements
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), relay.stop())
+        .await
+        .expect("shutdown hung while the broker was down")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "shutdown took {took:?}");
+    assert_eq!(
+        backlog(&mut conn).unwrap(),
+        100,
+        "nothing removed without acknowledgement"
+    );
+    assert_eq!(leader(&mut conn).unwrap(), None, "the lease was released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_id_conflict_does_not_stall_delivery() {
+    let s = setup(3).await;
+    let mut conn = s.db.conn().unwrap();
+    // A poison row whose id is already in the dead letters (an operator re-queued it by hand).
+    diesel::sql_query(
+        "INSERT INTO outbox (topic, partition_key, event_type, payload) \
+         VALUES ($1, 'k', 'TooBig', convert_to(repeat('x', 50000), 'UTF8'))",
+    )
+    .bind::<Text, _>(&s.topic)
+    .execute(&mut conn)
+    .unwrap();
+    diesel::sql_query(
+        "INSERT INTO outbox_dead_letters SELECT id, event_id, topic, partition_key, event_type, \
+         payload, headers, content_type, traceparent, tx_id, created_at, 1, 'old', now() FROM outbox",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let ok = insert_sql(&mut conn, &s.topic, "other", 0);
+    let cfg =
+        relay_config(s.db.url(), &s.broker.bootstrap()).kafka_option("message.max.bytes", "20000");
+    let relay = InProcessRelay::start(cfg).unwrap();
+    wait_until(Duration::from_secs(30), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let dead: Vec<DeadRow> =
+        diesel::sql_query("SELECT partition_key, last_error, attempts FROM outbox_dead_letters")
+            .load(&mut conn)
+            .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].last_error.to_lowercase().contains("too large"),
+        "{dead:?}"
+    );
+    let seen = read(&s, 1).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].event_id, ok);
+}

@@ -1,0 +1,1 @@
+ALTER TABLE outbox DROP CONSTRAINT outbox_tx_id_is_writer;
