@@ -418,3 +418,60 @@ async fn the_runner_purges_old_inbox_rows_on_schedule() {
     stop.cancel();
     handle.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handler_runs_in_the_writers_trace() {
+    use tracing_subscriber::prelude::*;
+    // Global: handlers run on blocking threads. Harmless for the other tests of this binary.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(outbox::TraceContextLayer::new()),
+    );
+    let e = env(1).await;
+    let writer = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", e.broker.bootstrap())
+        .create()
+        .unwrap();
+    let h = OwnedHeaders::new()
+        .insert(Header {
+            key: "ce_id",
+            value: Some("traced"),
+        })
+        .insert(Header {
+            key: "traceparent",
+            value: Some(writer),
+        });
+    p.send(
+        FutureRecord::to(&e.topic).key("k").payload("{}").headers(h),
+        Duration::from_secs(30),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    let seen: Arc<Mutex<Option<outbox::Traceparent>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let handler = move |_: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        assert_eq!(
+            m.traceparent().map(|t| t.to_string()).as_deref(),
+            Some(writer)
+        );
+        *s.lock().unwrap() = outbox::current_traceparent();
+        Ok(())
+    };
+    let cfg = ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url());
+    let (stop, handle) = start(cfg, handler);
+    wait_until(Duration::from_secs(30), "handled", || {
+        Ok(seen.lock().unwrap().is_some())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    let ctx = seen.lock().unwrap().unwrap();
+    assert_eq!(
+        ctx.trace_id(),
+        0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+        "same trace as the writer"
+    );
+    assert_ne!(ctx.parent_id(), 0x00f0_67aa_0ba9_02b7, "a new span in it");
+}
