@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::error::scrub_url;
-use crate::{metrics, status, store, Relay};
+use crate::{dead_letters, metrics, status, store, Relay};
 
 /// Moves committed outbox events from Postgres to Kafka (one active relay per outbox; start
 /// several for failover).
@@ -55,6 +55,89 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List, show, retry or purge dead-lettered events.
+    #[command(subcommand)]
+    DeadLetters(DeadLetterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters (oldest first).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its payload and headers.
+    Show {
+        /// Outbox id of the dead letter.
+        id: i64,
+    },
+    /// Move dead letters back into the outbox, in id order, to be delivered again.
+    Retry {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Say what would move, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Required when no filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead letters for good.
+    Purge {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Say what would be deleted, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Required when no filter is given.
+        #[arg(long)]
+        all: bool,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct FilterArgs {
+    /// Only this outbox id.
+    #[arg(long)]
+    id: Option<i64>,
+    /// Only this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this partition key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only dead letters older than this (90s, 15m, 6h, 7d).
+    #[arg(long)]
+    older_than: Option<String>,
+    /// Only dead letters whose last error contains this text.
+    #[arg(long)]
+    error: Option<String>,
+}
+
+impl FilterArgs {
+    fn filter(&self) -> Result<dead_letters::Filter> {
+        Ok(dead_letters::Filter {
+            id: self.id,
+            topic: self.topic.clone(),
+            key: self.key.clone(),
+            older_than: self
+                .older_than
+                .as_deref()
+                .map(dead_letters::parse_age)
+                .transpose()?,
+            error: self.error.clone(),
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -230,6 +313,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::DeadLetters(cmd) => {
+            let tables = cfg.tables()?;
+            require_url(&cfg)?;
+            let mut conn = store::connect(cfg.database_url())?;
+            run_dead_letters(&mut conn, &tables, cmd)
+        }
         Command::Run(args) => {
             let cfg = args.apply(cfg)?;
             let relay = Relay::new(cfg.clone())?;
@@ -240,6 +329,105 @@ fn run(cli: Cli) -> Result<()> {
             rt.block_on(run_relay(relay, cfg))
         }
     }
+}
+
+fn run_dead_letters(
+    conn: &mut diesel::PgConnection,
+    tables: &outbox::TableRef,
+    cmd: &DeadLetterCommand,
+) -> Result<()> {
+    const TARGET: &str = "outbox::relay::dead_letters";
+    let refuse_unfiltered = |filter: &dead_letters::Filter, all: bool| {
+        if filter.is_empty() && !all {
+            anyhow::bail!("no filter given: pass --all to act on every dead letter");
+        }
+        Ok(())
+    };
+    match cmd {
+        DeadLetterCommand::List {
+            filter,
+            limit,
+            json,
+        } => {
+            let rows = dead_letters::list(conn, tables, &filter.filter()?, *limit)?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", dead_letters::render(&rows));
+            }
+        }
+        DeadLetterCommand::Show { id } => {
+            let d = dead_letters::show(conn, tables, *id)?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+            match std::str::from_utf8(&d.payload) {
+                Ok(text) => println!("payload ({} bytes):\n{text}", d.payload.len()),
+                Err(_) => println!(
+                    "payload ({} bytes, binary, hex):\n{}",
+                    d.payload.len(),
+                    hex(&d.payload)
+                ),
+            }
+        }
+        DeadLetterCommand::Retry {
+            filter,
+            dry_run,
+            all,
+        } => {
+            let f = filter.filter()?;
+            refuse_unfiltered(&f, *all)?;
+            let ids = dead_letters::retry(conn, tables, &f, *dry_run)?;
+            if *dry_run {
+                println!(
+                    "dry run: {} dead letters would move back to the outbox",
+                    ids.len()
+                );
+            } else {
+                tracing::info!(target: TARGET, count = ids.len(), filter = ?f, "dead letters retried");
+                println!(
+                    "{} dead letters moved back to the outbox (new ids {:?})",
+                    ids.len(),
+                    ids
+                );
+            }
+        }
+        DeadLetterCommand::Purge {
+            filter,
+            dry_run,
+            all,
+            yes,
+        } => {
+            let f = filter.filter()?;
+            refuse_unfiltered(&f, *all)?;
+            let n = dead_letters::purge(conn, tables, &f, true)?;
+            if *dry_run {
+                println!("dry run: {n} dead letters would be deleted");
+                return Ok(());
+            }
+            if !*yes && !confirm(&format!("delete {n} dead letters for good?"))? {
+                anyhow::bail!("not confirmed: nothing deleted (pass --yes to skip the question)");
+            }
+            let n = dead_letters::purge(conn, tables, &f, false)?;
+            tracing::info!(target: TARGET, count = n, filter = ?f, "dead letters purged");
+            println!("{n} dead letters deleted");
+        }
+    }
+    Ok(())
+}
+
+fn confirm(question: &str) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    print!("{question} type yes to confirm: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn require_url(cfg: &RelayConfig) -> Result<()> {

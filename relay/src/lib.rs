@@ -25,6 +25,7 @@
 
 pub mod cli;
 mod config;
+pub mod dead_letters;
 mod error;
 pub mod metrics;
 pub mod producer;

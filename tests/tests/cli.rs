@@ -210,3 +210,114 @@ async fn metrics_and_health_are_served_and_sigterm_exits_cleanly() {
     let log = relay.log();
     assert!(log.contains("leadership released"), "{log}");
 }
+
+#[test]
+fn dead_letters_can_be_listed_shown_retried_and_purged() {
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    // Three dead letters: two of key a (in order), one of key b.
+    diesel::sql_query(
+        "INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES \
+         ('orders', 'a', 'First', convert_to('{\"n\":1}', 'UTF8')), \
+         ('orders', 'a', 'Second', convert_to('{\"n\":2}', 'UTF8')), \
+         ('audit', 'b', 'Other', '\\x00ff'::bytea)",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    diesel::sql_query(
+        "WITH m AS (DELETE FROM outbox RETURNING *) INSERT INTO outbox_dead_letters \
+         SELECT id, event_id, topic, partition_key, event_type, payload, headers, content_type, \
+         traceparent, tx_id, created_at, 1, CASE WHEN topic = 'audit' THEN 'Broker: Topic authorization failed' \
+         ELSE 'Broker: Message size too large' END, now() FROM m",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let env = [("DATABASE_URL", db.url())];
+
+    let out = cli(&["dead-letters", "list"], &env);
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    assert!(
+        s.contains("orders") && s.contains("audit") && s.contains("Message size too large"),
+        "{s}"
+    );
+    let out = cli(
+        &["dead-letters", "list", "--error", "AUTHORIZATION", "--json"],
+        &env,
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1);
+    let audit_id = json[0]["id"].as_i64().unwrap().to_string();
+    let out = cli(&["dead-letters", "show", &audit_id], &env);
+    assert!(
+        text(&out).contains("binary, hex") && text(&out).contains("00ff"),
+        "{}",
+        text(&out)
+    );
+    assert!(!cli(&["dead-letters", "show", "999999"], &env)
+        .status
+        .success());
+
+    // Retry needs a filter or --all; dry run changes nothing.
+    let out = cli(&["dead-letters", "retry"], &env);
+    assert!(
+        !out.status.success() && text(&out).contains("--all"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["dead-letters", "retry", "--key", "a", "--dry-run"], &env);
+    assert!(
+        text(&out).contains("2 dead letters would move"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(outbox_tests::relay::backlog(&mut conn).unwrap(), 0);
+    let out = cli(&["dead-letters", "retry", "--key", "a"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("dead letters retried"),
+        "the action is logged: {}",
+        text(&out)
+    );
+    let pending = outbox::Outbox::new().pending(&mut conn, 10).unwrap();
+    let types: Vec<&str> = pending.iter().map(|p| p.event_type.as_str()).collect();
+    assert_eq!(types, ["First", "Second"], "back in their original order");
+
+    // Purge refuses without confirmation, honours --dry-run, then deletes with --yes.
+    let out = cli(&["dead-letters", "purge", "--topic", "audit"], &env);
+    assert!(
+        !out.status.success() && text(&out).contains("not confirmed"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &["dead-letters", "purge", "--topic", "audit", "--dry-run"],
+        &env,
+    );
+    assert!(
+        text(&out).contains("1 dead letters would be deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(
+        &["dead-letters", "purge", "--topic", "audit", "--yes"],
+        &env,
+    );
+    assert!(
+        text(&out).contains("1 dead letters deleted"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["dead-letters", "list", "--older-than", "1x"], &env);
+    assert!(
+        !out.status.success() && text(&out).contains("unit must be"),
+        "{}",
+        text(&out)
+    );
+    let out = cli(&["dead-letters", "list"], &env);
+    assert!(
+        text(&out).contains("(no dead letters match)"),
+        "{}",
+        text(&out)
+    );
+}
