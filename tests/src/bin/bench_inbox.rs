@@ -24,8 +24,12 @@ fn arg(name: &str, default: usize) -> Result<usize> {
     let args: Vec<String> = std::env::args().collect();
     match args.iter().position(|a| a == name) {
         Some(i) => {
-            let v = args.get(i + 1).with_context(|| format!("{name} needs a value"))?;
-            let n: usize = v.parse().with_context(|| format!("{name}: {v:?} is not a number"))?;
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a value"))?;
+            let n: usize = v
+                .parse()
+                .with_context(|| format!("{name}: {v:?} is not a number"))?;
             if n == 0 {
                 bail!("{name} must be positive");
             }
@@ -58,8 +62,20 @@ async fn main() -> Result<()> {
     for i in 0..n {
         let id = format!("m-{i}");
         let key = format!("k-{}", i % 1000);
-        let h = OwnedHeaders::new().insert(Header { key: "ce_id", value: Some(id.as_str()) });
-        pending.push(producer.send_result(FutureRecord::to(&topic).key(&key).payload(&payload).headers(h)).map_err(|(e, _)| e)?);
+        let h = OwnedHeaders::new().insert(Header {
+            key: "ce_id",
+            value: Some(id.as_str()),
+        });
+        pending.push(
+            producer
+                .send_result(
+                    FutureRecord::to(&topic)
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(h),
+                )
+                .map_err(|(e, _)| e)?,
+        );
     }
     for p in pending {
         p.await?.map_err(|(e, _)| e)?;
@@ -109,7 +125,12 @@ async fn main() -> Result<()> {
     // The runner: dedup + business write, one transaction per message.
     eprintln!("consumer runner...");
     effects::create(&mut conn)?;
-    let cfg = ConsumerConfig::new(broker.bootstrap(), unique_name("runner"), &[&topic], db.url());
+    let cfg = ConsumerConfig::new(
+        broker.bootstrap(),
+        unique_name("runner"),
+        &[&topic],
+        db.url(),
+    );
     let handler = |c: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
         effects::apply(c, &m.message_id, m.key_str().unwrap_or_default())?;
         Ok(())

@@ -1,0 +1,19 @@
+CREATE TABLE orders (
+    id           uuid        PRIMARY KEY,
+    user_id      text        NOT NULL CHECK (user_id <> ''),
+    product      text        NOT NULL CHECK (product <> ''),
+    quantity     integer     NOT NULL CHECK (quantity > 0),
+    amount_cents bigint      NOT NULL CHECK (amount_cents > 0),
+    status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED')),
+    reason       text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+
+-- One order per Idempotency-Key; the request is kept to refuse a reused key with another body.
+CREATE TABLE idempotency_keys (
+    key        text        PRIMARY KEY CHECK (key <> ''),
+    request    text        NOT NULL,
+    order_id   uuid        NOT NULL REFERENCES orders (id) DEFERRABLE INITIALLY DEFERRED,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
