@@ -11,8 +11,13 @@ use serde::{Deserialize, Serialize};
 /// The inventory's own tables (stock, ledger).
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
+pub mod reconcile;
+
 /// Topic of the inventory's replies.
 pub const REPLY_TOPIC: &str = "inventory.events";
+
+/// Topic the order service publishes on (the inventory consumes it).
+pub const ORDER_TOPIC: &str = "orders.events";
 
 /// Errors of the inventory service.
 #[derive(Debug, thiserror::Error)]
@@ -96,24 +101,36 @@ impl Reply {
     }
 }
 
-/// Sets the stock of `product` (creating it).
+/// Creates `product` with `available` units, recorded as its initial ledger entry.
 ///
 /// # Errors
-/// [`Error::Invalid`] for negative stock; [`Error::Database`].
+/// [`Error::Invalid`] for negative stock or an existing product; [`Error::Database`].
 pub fn set_stock(conn: &mut PgConnection, product: &str, available: i32) -> Result<(), Error> {
+    use diesel::Connection;
     if available < 0 {
         return Err(Error::Invalid(format!(
             "stock of {product} must not be negative"
         )));
     }
-    diesel::sql_query(
-        "INSERT INTO stock (product, available) VALUES ($1, $2) \
-         ON CONFLICT (product) DO UPDATE SET available = EXCLUDED.available",
-    )
-    .bind::<Text, _>(product)
-    .bind::<Integer, _>(available)
-    .execute(conn)?;
-    Ok(())
+    conn.transaction(|conn| {
+        let created = diesel::sql_query(
+            "INSERT INTO stock (product, available) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )
+        .bind::<Text, _>(product)
+        .bind::<Integer, _>(available)
+        .execute(conn)?;
+        if created == 0 {
+            return Err(Error::Invalid(format!("product {product} already exists")));
+        }
+        diesel::sql_query(
+            "INSERT INTO stock_ledger (order_id, product, delta, kind) \
+             VALUES ('initial:' || $1, $1, $2, 'initial')",
+        )
+        .bind::<Text, _>(product)
+        .bind::<Integer, _>(available)
+        .execute(conn)?;
+        Ok(())
+    })
 }
 
 /// Units available of `product` (`None`: unknown product).

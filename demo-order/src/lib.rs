@@ -249,7 +249,8 @@ fn transition(
 ) -> Result<bool, Error> {
     let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
     let n = diesel::sql_query(
-        "UPDATE orders SET status = $2, reason = coalesce($3, reason), updated_at = now() \
+        "UPDATE orders SET status = $2, reason = coalesce($3, reason), updated_at = clock_timestamp(), \
+         confirmed_at = CASE WHEN $2 = 'CONFIRMED' THEN clock_timestamp() ELSE confirmed_at END \
          WHERE id = $1 AND status = ANY($4)",
     )
     .bind::<SqlUuid, _>(id)

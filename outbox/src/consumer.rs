@@ -419,11 +419,39 @@ impl ConsumerContext for RunnerContext {
     }
 }
 
+/// Counters of a runner (for reports and health endpoints).
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    applied: std::sync::atomic::AtomicU64,
+    duplicates: std::sync::atomic::AtomicU64,
+    dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+impl RunnerStats {
+    /// Messages whose effect was applied.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Redelivered messages the inbox skipped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Messages sent to the dead-letter topic.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs a [`Handler`] over a consumer group; see the [module docs](self).
 pub struct ConsumerRunner {
     cfg: ConsumerConfig,
     inbox: Inbox,
     handler: Arc<dyn Handler>,
+    stats: Arc<RunnerStats>,
 }
 
 impl std::fmt::Debug for ConsumerRunner {
@@ -454,7 +482,14 @@ impl ConsumerRunner {
             cfg,
             inbox,
             handler: Arc::new(handler),
+            stats: Arc::default(),
         })
+    }
+
+    /// The runner's counters.
+    #[must_use]
+    pub fn stats(&self) -> Arc<RunnerStats> {
+        Arc::clone(&self.stats)
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -625,6 +660,7 @@ impl ConsumerRunner {
             self.cfg.retry_max,
         );
         let (dlq_topic, consumer_name) = (self.cfg.dlq(), self.inbox.consumer().to_owned());
+        let stats = Arc::clone(&self.stats);
         async move {
             let mut conn: Option<PgConnection> = None;
             loop {
@@ -684,14 +720,18 @@ impl ConsumerRunner {
                     }
                 };
                 let done = match outcome {
-                    Ok(true) => true,
+                    Ok(true) => {
+                        RunnerStats::bump(&stats.applied);
+                        true
+                    }
                     Ok(false) => {
+                        RunnerStats::bump(&stats.duplicates);
                         tracing::debug!(target: TARGET, message_id = %message.message_id, "duplicate skipped");
                         true
                     }
                     Err((HandlerError::Transient(_), _)) if stop.is_cancelled() => false,
                     Err((e, attempts)) => {
-                        dead_letter(
+                        let written = dead_letter(
                             &dlq,
                             &dlq_topic,
                             &consumer_name,
@@ -700,7 +740,11 @@ impl ConsumerRunner {
                             attempts,
                             &stop,
                         )
-                        .await
+                        .await;
+                        if written {
+                            RunnerStats::bump(&stats.dead_lettered);
+                        }
+                        written
                     }
                 };
                 if done {

@@ -273,3 +273,67 @@ fn each_order_deducts_once_and_restores_once_through_the_inbox() {
         matches!(unknown, Reply::InventoryRejected { ref reason, .. } if reason == "unknown product nope")
     );
 }
+
+#[test]
+fn reconcile_finds_injected_drift_and_repair_fixes_it() {
+    let orders_db = order_db();
+    let inventory_db = inventory_db(10);
+    let (mut orders, mut inventory) = (orders_db.conn().unwrap(), inventory_db.conn().unwrap());
+    let reserve = |inv: &mut PgConnection, o: &demo_order::Order| {
+        inv.transaction::<_, demo_inventory::Error, _>(|c| {
+            demo_inventory::reserve(
+                c,
+                &OrderCreated {
+                    order_id: o.id.to_string(),
+                    product: o.product.clone(),
+                    quantity: o.quantity,
+                },
+            )
+        })
+        .unwrap()
+    };
+    // A consistent history: one confirmed order, one cancelled and restored.
+    let (kept, _) = demo_order::create(&mut orders, None, &new_order(2)).unwrap();
+    reserve(&mut inventory, &kept);
+    demo_order::apply_reply(&mut orders, "InventoryReserved", kept.id, None).unwrap();
+    let (gone, _) = demo_order::create(&mut orders, None, &new_order(3)).unwrap();
+    reserve(&mut inventory, &gone);
+    demo_order::apply_reply(&mut orders, "InventoryReserved", gone.id, None).unwrap();
+    demo_order::cancel(&mut orders, gone.id).unwrap();
+    inventory
+        .transaction::<_, demo_inventory::Error, _>(|c| {
+            demo_inventory::restore(
+                c,
+                &OrderCancelled {
+                    order_id: gone.id.to_string(),
+                },
+            )
+        })
+        .unwrap();
+    let clean = demo_inventory::reconcile::run(&mut orders, &mut inventory, false).unwrap();
+    assert_eq!(clean.drift(), 0, "{clean:?}");
+
+    // Broken: a cancellation whose message was lost (the dual-write bug), and a stock row
+    // changed behind the ledger's back.
+    let (lost, _) = demo_order::create(&mut orders, None, &new_order(1)).unwrap();
+    reserve(&mut inventory, &lost);
+    demo_order::apply_reply(&mut orders, "InventoryReserved", lost.id, None).unwrap();
+    demo_order::cancel(&mut orders, lost.id).unwrap(); // OrderCancelled never consumed
+    diesel::sql_query("UPDATE stock SET available = available + 7")
+        .execute(&mut inventory)
+        .unwrap();
+    let found = demo_inventory::reconcile::run(&mut orders, &mut inventory, false).unwrap();
+    assert_eq!(found.cancelled_not_restored, vec![lost.id.to_string()]);
+    assert_eq!(found.stock_vs_ledger.len(), 1, "{found:?}");
+    assert!(found.drift() >= 2);
+
+    let repaired = demo_inventory::reconcile::run(&mut orders, &mut inventory, true).unwrap();
+    assert_eq!(repaired.repaired.len(), 2, "{:?}", repaired.repaired);
+    let after = demo_inventory::reconcile::run(&mut orders, &mut inventory, false).unwrap();
+    assert_eq!(after.drift(), 0, "{after:?}");
+    assert_eq!(
+        demo_inventory::available(&mut inventory, "p1").unwrap(),
+        Some(8),
+        "10 - 2 confirmed"
+    );
+}

@@ -4,14 +4,15 @@ CREATE TABLE stock (
     available integer NOT NULL CHECK (available >= 0)
 );
 
--- Every movement of stock. One reservation and at most one restore per order: the unique key
--- makes "restore exactly once" a constraint, not a convention.
+-- Every movement of stock, including the initial stock (kind 'initial', order_id
+-- 'initial:<product>'), so stock = sum(delta) per product. One reservation and at most one
+-- restore per order: the unique key makes "restore exactly once" a constraint.
 CREATE TABLE stock_ledger (
     id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     order_id   text        NOT NULL,
     product    text        NOT NULL REFERENCES stock (product),
     delta      integer     NOT NULL,
-    kind       text        NOT NULL CHECK (kind IN ('reserve', 'restore')),
+    kind       text        NOT NULL CHECK (kind IN ('initial', 'reserve', 'restore')),
     created_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT stock_ledger_once UNIQUE (order_id, kind)
 );

@@ -7,8 +7,10 @@ CREATE TABLE orders (
     status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED')),
     reason       text,
     created_at   timestamptz NOT NULL DEFAULT now(),
+    confirmed_at timestamptz,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+CREATE INDEX orders_status_idx ON orders (status);
 
 -- One order per Idempotency-Key; the request is kept to refuse a reused key with another body.
 CREATE TABLE idempotency_keys (
