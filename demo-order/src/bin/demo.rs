@@ -708,7 +708,7 @@ fn run(args: Args) -> Result<bool> {
         ),
     );
     line(
-        "redeliveries absorbed by inboxes (since restart)",
+        "inbox redeliveries absorbed (order, inventory)",
         format!(
             "{} / {}",
             order_stats["duplicates"], inventory_stats["duplicates"]
