@@ -96,3 +96,93 @@ fn write(
     }
     Ok(mine)
 }
+
+/// Writers that survive a database crash: a transaction that fails is dropped (its outcome is
+/// whatever the database says afterwards) and the writer reconnects and goes on. Each committed
+/// event is also recorded in `written (event_id, key, seq)` in the same transaction, so after the
+/// fault the database tells which events are committed. Returns how many transactions failed.
+pub fn run_resilient_writers(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+    keys: usize,
+) -> Result<usize> {
+    let mut conn = PgConnection::establish(url)?;
+    diesel::sql_query("CREATE TABLE IF NOT EXISTS written (event_id text PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL)")
+        .execute(&mut conn)?;
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let (url, topic) = (url.to_owned(), topic.to_owned());
+            std::thread::spawn(move || -> usize {
+                #[derive(QueryableByName)]
+                struct Seq {
+                    #[diesel(sql_type = BigInt)]
+                    seq: i64,
+                }
+                let mut failed = 0;
+                let mut conn: Option<PgConnection> = None;
+                for t in 0..txs {
+                    let key = format!("key-{}", (w * 7919 + t * 104_729) % keys);
+                    let c = match conn.as_mut() {
+                        Some(c) => c,
+                        None => match PgConnection::establish(&url) {
+                            Ok(c) => conn.insert(c),
+                            Err(_) => {
+                                failed += 1;
+                                std::thread::sleep(std::time::Duration::from_millis(100));
+                                continue;
+                            }
+                        },
+                    };
+                    let r = c.transaction::<_, outbox::Error, _>(|c| {
+                        let seq = diesel::sql_query(
+                            "UPDATE key_seq SET seq = seq + 1 WHERE key = $1 RETURNING seq",
+                        )
+                        .bind::<Text, _>(&key)
+                        .get_result::<Seq>(c)?
+                        .seq;
+                        let e = Event::json(
+                            &topic,
+                            &key,
+                            "Bumped",
+                            &serde_json::json!({ "seq": seq }),
+                        )?;
+                        diesel::sql_query("INSERT INTO written VALUES ($1, $2, $3)")
+                            .bind::<Text, _>(e.event_id().to_string())
+                            .bind::<Text, _>(&key)
+                            .bind::<BigInt, _>(seq)
+                            .execute(c)?;
+                        outbox::enqueue(c, &e)?;
+                        Ok(())
+                    });
+                    if r.is_err() {
+                        failed += 1;
+                        conn = None;
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    Ok(handles.into_iter().map(|h| h.join().unwrap_or(0)).sum())
+}
+
+/// The committed events according to the `written` table.
+pub fn committed(conn: &mut PgConnection) -> Result<Expected> {
+    #[derive(QueryableByName)]
+    struct W {
+        #[diesel(sql_type = Text)]
+        event_id: String,
+        #[diesel(sql_type = Text)]
+        key: String,
+        #[diesel(sql_type = BigInt)]
+        seq: i64,
+    }
+    let rows: Vec<W> = diesel::sql_query("SELECT event_id, key, seq FROM written").load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|w| (w.event_id, (w.key, u64::try_from(w.seq).unwrap_or(0))))
+        .collect())
+}
