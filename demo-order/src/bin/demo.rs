@@ -180,6 +180,23 @@ struct Counters {
     errors: AtomicU64,
 }
 
+/// Adds the inventory service's counters to `banked` before chaos kills it.
+fn bank_stats(agent: &ureq::Agent, api: &str, name: &str, banked: &Mutex<(u64, u64)>) {
+    if name != "inventory-service" {
+        return;
+    }
+    let stats: serde_json::Value = agent
+        .get(&format!("{api}/stats"))
+        .call()
+        .ok()
+        .and_then(|r| r.into_json().ok())
+        .unwrap_or_default();
+    if let Ok(mut b) = banked.lock() {
+        b.0 += stats["duplicates"].as_u64().unwrap_or(0);
+        b.1 += stats["dead_lettered"].as_u64().unwrap_or(0);
+    }
+}
+
 /// Creates the demo's topics on an external cluster (existing ones are fine).
 fn create_topics(brokers: &str) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -514,6 +531,8 @@ fn run(args: Args) -> Result<bool> {
     let mut orders_conn = PgConnection::establish(&orders_url)?;
     let mut inventory_conn = PgConnection::establish(&inventory_url)?;
     let mut chaos_done = 0;
+    // Counters of inventory-service processes killed by chaos (a restart starts from zero).
+    let banked: Mutex<(u64, u64)> = Mutex::new((0, 0));
     while clients.iter().any(|c| !c.is_finished()) {
         let placed = next.load(Ordering::Relaxed).min(args.orders);
         if args.chaos {
@@ -529,6 +548,8 @@ fn run(args: Args) -> Result<bool> {
                     _ => args.orders * 3 / *divisor,
                 };
                 if placed >= at {
+                    bank_stats(&agent, &inventory_api, name, &banked);
+
                     let p = procs.get_mut(name).context("process")?;
                     p.kill9();
                     chaos_log
@@ -558,6 +579,8 @@ fn run(args: Args) -> Result<bool> {
     let chaos_steps = ["relay-orders-a", "inventory-service", "relay-inventory-a"];
     while args.chaos && chaos_done < chaos_steps.len() {
         let name = chaos_steps[chaos_done];
+        bank_stats(&agent, &inventory_api, name, &banked);
+
         let p = procs.get_mut(name).context("process")?;
         p.kill9();
         chaos_log
@@ -707,18 +730,22 @@ fn run(args: Args) -> Result<bool> {
             c.cancel_refused.load(Ordering::Relaxed)
         ),
     );
+    let (banked_dups, banked_dead) = *banked.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     line(
         "inbox redeliveries absorbed (order, inventory)",
         format!(
             "{} / {}",
-            order_stats["duplicates"], inventory_stats["duplicates"]
+            n(&order_stats["duplicates"]),
+            n(&inventory_stats["duplicates"]) + banked_dups
         ),
     );
     line(
         "dead-lettered messages (order, inventory)",
         format!(
             "{} / {}",
-            order_stats["dead_lettered"], inventory_stats["dead_lettered"]
+            n(&order_stats["dead_lettered"]),
+            n(&inventory_stats["dead_lettered"]) + banked_dead
         ),
     );
     let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"));
