@@ -14,7 +14,7 @@
 //! let outcome = inbox.process(conn, &outbox::MessageRef::id("0193-example"), |conn| {
 //!     diesel::sql_query("UPDATE stock SET available = available - 1 WHERE product = 'p-1'")
 //!         .execute(conn)?;
-//!     Ok(())
+//!     Ok::<_, outbox::Error>(())
 //! })?;
 //! assert!(outcome.is_applied() || outcome.is_duplicate());
 //! # Ok(()) }

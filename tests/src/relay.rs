@@ -79,7 +79,10 @@ impl RelayProcess {
             .args(extra)
             .env("DATABASE_URL", database_url)
             .env("KAFKA_BROKERS", bootstrap)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("OUTBOX_TEST_RELAY_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -162,6 +165,12 @@ impl RelayProcess {
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
+        if let Ok(dir) = std::env::var("OUTBOX_TEST_KEEP_LOGS") {
+            let _ = std::fs::copy(
+                &self.log,
+                std::path::Path::new(&dir).join(format!("relay-{}.log", self.pid())),
+            );
+        }
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-CONT", &c.id().to_string()])

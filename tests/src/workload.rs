@@ -108,12 +108,38 @@ pub fn run_resilient_writers(
     txs: usize,
     keys: usize,
 ) -> Result<usize> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    run_resilient_writers_until(
+        url,
+        topic,
+        writers,
+        txs,
+        keys,
+        std::time::Duration::ZERO,
+        &stop,
+    )
+}
+
+/// As [`run_resilient_writers`], stopping early when `stop` is set.
+pub fn run_resilient_writers_until(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+    keys: usize,
+    pause: std::time::Duration,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<usize> {
     let mut conn = PgConnection::establish(url)?;
     diesel::sql_query("CREATE TABLE IF NOT EXISTS written (event_id text PRIMARY KEY, key text NOT NULL, seq bigint NOT NULL)")
         .execute(&mut conn)?;
     let handles: Vec<_> = (0..writers)
         .map(|w| {
-            let (url, topic) = (url.to_owned(), topic.to_owned());
+            let (url, topic, stop) = (
+                url.to_owned(),
+                topic.to_owned(),
+                std::sync::Arc::clone(stop),
+            );
             std::thread::spawn(move || -> usize {
                 #[derive(QueryableByName)]
                 struct Seq {
@@ -123,6 +149,12 @@ pub fn run_resilient_writers(
                 let mut failed = 0;
                 let mut conn: Option<PgConnection> = None;
                 for t in 0..txs {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    if !pause.is_zero() {
+                        std::thread::sleep(pause);
+                    }
                     let key = format!("key-{}", (w * 7919 + t * 104_729) % keys);
                     let c = match conn.as_mut() {
                         Some(c) => c,

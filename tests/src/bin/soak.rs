@@ -1,0 +1,346 @@
+//! The fault soak: random faults under continuous load, then the invariants checked from
+//! outside (docs/GUARANTEES.md).
+//!
+//! A private Postgres cluster, a durable tansu broker, two `outbox-relay` processes, resilient
+//! writers (each transaction records its events in `written`, the source of truth after a
+//! crash), and a consumer runner applying every event to `effects` through the inbox. Every few
+//! seconds one fault: kill -9 of the leading relay, SIGSTOP of it past its lease (then SIGCONT),
+//! kill -9 of the broker, or an immediate stop of Postgres; each is healed a few seconds later.
+//! Afterwards: I1 every committed event in Kafka, I2 nothing uncommitted, I3 per-key order,
+//! I4 duplicates only from in-flight work, I5 every effect once, I6 lag back to zero after each
+//! heal within a bound. Exits 1 on any violation.
+//!
+//! `soak --seconds 600` for release checks; `--broken-consumer` deduplicates on Kafka offsets
+//! instead of event ids, which the I5 check must catch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use diesel::sql_types::{Double, Nullable};
+use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
+use outbox::consumer::{ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage, MessageId};
+use outbox_tests::check::{check, read_topic};
+use outbox_tests::relay::{backlog, leader};
+use outbox_tests::workload::{committed, create_keys, run_resilient_writers_until};
+use outbox_tests::{create_topic, effects, unique_name, PgCluster, RelayProcess, Tansu};
+use rand::{Rng, SeedableRng};
+
+const IN_FLIGHT_BOUND: usize = 4 * 1000;
+const LAG_BOUND: Duration = Duration::from_secs(30);
+
+struct Args {
+    seconds: u64,
+    seed: u64,
+    rate: u64,
+    broken_consumer: bool,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args {
+        seconds: 60,
+        seed: rand::random(),
+        rate: 150,
+        broken_consumer: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--seconds" => a.seconds = it.next().context("--seconds N")?.parse()?,
+            "--seed" => a.seed = it.next().context("--seed N")?.parse()?,
+            "--rate" => a.rate = it.next().context("--rate N")?.parse()?,
+            "--broken-consumer" => a.broken_consumer = true,
+            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--broken-consumer]"),
+        }
+    }
+    Ok(a)
+}
+
+#[derive(QueryableByName)]
+struct Age {
+    #[diesel(sql_type = Nullable<Double>)]
+    age: Option<f64>,
+}
+
+/// Age in seconds of the oldest undelivered event (None: empty, or the database is down).
+fn oldest_age(url: &str) -> Option<f64> {
+    let mut c = PgConnection::establish(url).ok()?;
+    diesel::sql_query(
+        "SELECT extract(epoch FROM clock_timestamp() - min(created_at))::float8 AS age FROM outbox",
+    )
+    .get_result::<Age>(&mut c)
+    .ok()?
+    .age
+    .or(Some(0.0))
+}
+
+/// Time from `healed` until the oldest waiting event is younger than 1 s.
+fn lag_recovery(url: &str, healed: Instant) -> Duration {
+    loop {
+        if oldest_age(url).is_some_and(|a| a < 1.0) || healed.elapsed() > LAG_BOUND * 4 {
+            return healed.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)]
+async fn main() -> Result<()> {
+    let args = args()?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    println!(
+        "soak: {} s, seed {}, {} events/s{}",
+        args.seconds,
+        args.seed,
+        args.rate,
+        if args.broken_consumer {
+            ", BROKEN consumer (dedup on offsets)"
+        } else {
+            ""
+        }
+    );
+    let relay_bin = std::env::current_exe()?.with_file_name("relay-under-test");
+    anyhow::ensure!(
+        relay_bin.exists(),
+        "{} missing: cargo build -p outbox-tests --bins",
+        relay_bin.display()
+    );
+
+    let cluster = PgCluster::start()?;
+    let url = cluster.create_db("app")?;
+    let consumer_url = cluster.create_db("consumer")?;
+    {
+        let mut c = PgConnection::establish(&url)?;
+        outbox::run_migrations(&mut c, &outbox::TableRef::default())?;
+        create_keys(&mut c, 200)?;
+        let mut c = PgConnection::establish(&consumer_url)?;
+        outbox::run_migrations(&mut c, &outbox::TableRef::default())?;
+        effects::create(&mut c)?;
+    }
+    let mut broker = Tansu::start_durable()?;
+    let topic = unique_name("soak");
+    create_topic(&broker.bootstrap(), &topic, 6).await?;
+    let mut relays = vec![
+        RelayProcess::spawn(
+            relay_bin.to_str().context("path")?,
+            &url,
+            &broker.bootstrap(),
+            &[],
+        )?,
+        RelayProcess::spawn(
+            relay_bin.to_str().context("path")?,
+            &url,
+            &broker.bootstrap(),
+            &[],
+        )?,
+    ];
+
+    // The consumer: every event's effect through the inbox (or, broken, deduplicated on offsets).
+    let mut cfg = ConsumerConfig::new(
+        broker.bootstrap(),
+        unique_name("soak-consumer"),
+        &[&topic],
+        &consumer_url,
+    )
+    .retry_backoff(Duration::from_millis(100), Duration::from_secs(2))
+    .max_attempts(1000);
+    if args.broken_consumer {
+        cfg = cfg.message_id(MessageId::TopicPartitionOffset);
+    }
+    let handler = |c: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        let id = m.header("ce_id").unwrap_or_default().to_owned();
+        effects::apply(c, &id, m.key_str().unwrap_or_default())?;
+        Ok(())
+    };
+    let runner = ConsumerRunner::new(cfg, handler)?;
+    let consumer_stop = tokio_util::sync::CancellationToken::new();
+    let token = consumer_stop.clone();
+    let consumer = tokio::spawn(async move { runner.run(token).await });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (u, t, s) = (url.clone(), topic.clone(), Arc::clone(&stop));
+    // Paced: the soak is about faults, not throughput (a durable broker on 2 cores is slow).
+    anyhow::ensure!(args.rate > 0, "--rate must be positive");
+    let pause = Duration::from_secs_f64(4.0 / args.rate as f64);
+    let writers = tokio::task::spawn_blocking(move || {
+        run_resilient_writers_until(&u, &t, 4, usize::MAX, 200, pause, &s)
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let mut faults: Vec<(String, Duration)> = Vec::new();
+    let mut kinds_left: Vec<u32> = Vec::new();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while Instant::now() + Duration::from_secs(8) < deadline {
+        // Every kind of fault once per round, in a random order.
+        if kinds_left.is_empty() {
+            kinds_left = vec![0, 1, 2, 3];
+            rand::seq::SliceRandom::shuffle(kinds_left.as_mut_slice(), &mut rng);
+        }
+        let kind = kinds_left.pop().unwrap_or(0);
+        let label = match kind {
+            0 | 1 => {
+                let Ok(Some((id, _))) = PgConnection::establish(&url)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|mut c| leader(&mut c))
+                else {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                };
+                let pid: u32 = id
+                    .rsplit('-')
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(0);
+                let Some(r) = relays.iter_mut().find(|r| r.pid() == pid) else {
+                    continue;
+                };
+                if kind == 0 {
+                    r.kill9()?;
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(500..3000))).await;
+                    *r = RelayProcess::spawn(
+                        relay_bin.to_str().context("path")?,
+                        &url,
+                        &broker.bootstrap(),
+                        &[],
+                    )?;
+                    "kill -9 of the leading relay".to_owned()
+                } else {
+                    r.stop()?;
+                    tokio::time::sleep(Duration::from_millis(rng.gen_range(2500..5000))).await;
+                    r.cont()?;
+                    "SIGSTOP of the leading relay past its lease".to_owned()
+                }
+            }
+            2 => {
+                broker.kill()?;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
+                broker.restart()?;
+                "kill -9 of the broker".to_owned()
+            }
+            _ => {
+                cluster.stop_immediate()?;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..3000))).await;
+                cluster.start_server()?;
+                "Postgres crash (immediate stop) and recovery".to_owned()
+            }
+        };
+        let healed = Instant::now();
+        let u = url.clone();
+        let lag = tokio::task::spawn_blocking(move || lag_recovery(&u, healed)).await?;
+        println!(
+            "  fault: {label:<48} lag back under 1 s after {:.1} s",
+            lag.as_secs_f64()
+        );
+        faults.push((label, lag));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let failed_txs = writers.await??;
+    let mut conn = PgConnection::establish(&url)?;
+    // Always end with a redelivery the consumers must absorb: ten delivered events sent again
+    // with their ids, as after a relay crash between produce and removal.
+    let resent = diesel::sql_query(
+        "INSERT INTO outbox (event_id, topic, partition_key, event_type, payload) \
+         SELECT event_id::uuid, $1, key, 'Bumped', convert_to('{\"seq\":' || seq || '}', 'UTF8') \
+         FROM written WHERE event_id::uuid NOT IN (SELECT event_id FROM outbox) ORDER BY seq LIMIT 10",
+    )
+    .bind::<diesel::sql_types::Text, _>(&topic)
+    .execute(&mut conn)?;
+    faults.push((
+        format!("re-send of {resent} delivered events (crash between produce and removal)"),
+        Duration::ZERO,
+    ));
+    let drain = Instant::now();
+    while backlog(&mut conn)? > 0 {
+        anyhow::ensure!(
+            drain.elapsed() < Duration::from_secs(180),
+            "backlog not drained within 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let expected = committed(&mut conn)?;
+    let mut consumer_conn = PgConnection::establish(&consumer_url)?;
+    let settle = Instant::now();
+    while usize::try_from(effects::summary(&mut consumer_conn)?.0)? < expected.len()
+        && settle.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    consumer_stop.cancel();
+    consumer.await??;
+    let (b, t, n) = (broker.bootstrap(), topic.clone(), expected.len());
+    let seen = tokio::task::spawn_blocking(move || {
+        read_topic(&b, &t, n, Duration::from_secs(3), Duration::from_secs(180))
+    })
+    .await??;
+    let report = check(&seen, &expected);
+    let (distinct, twice, _) = effects::summary(&mut consumer_conn)?;
+    let max_lag = faults.iter().map(|(_, l)| *l).max().unwrap_or_default();
+    let invariants = [
+        (
+            "I1 every committed event reached Kafka",
+            report.missing.is_empty(),
+            format!("{} missing", report.missing.len()),
+        ),
+        (
+            "I2 nothing uncommitted reached Kafka",
+            report.unexpected.is_empty(),
+            format!("{} unexpected", report.unexpected.len()),
+        ),
+        (
+            "I3 per-key order",
+            report.order_violations.is_empty() && report.split_keys.is_empty(),
+            format!("{} violations", report.order_violations.len()),
+        ),
+        (
+            "I4 duplicates only from in-flight work",
+            report.duplicates <= faults.len().max(1) * IN_FLIGHT_BOUND,
+            format!("{} duplicates in Kafka", report.duplicates),
+        ),
+        (
+            "I5 each effect once",
+            twice == 0 && usize::try_from(distinct)? == expected.len(),
+            format!("{distinct} effects, {twice} applied twice"),
+        ),
+        (
+            "I6 lag back to zero after each heal",
+            max_lag < LAG_BOUND,
+            format!(
+                "max {:.1} s (bound {} s)",
+                max_lag.as_secs_f64(),
+                LAG_BOUND.as_secs()
+            ),
+        ),
+    ];
+    println!();
+    println!("| {:<44} | {:>32} | {:<4} |", "invariant", "measured", "ok");
+    println!("|{}|{}|{}|", "-".repeat(46), "-".repeat(34), "-".repeat(6));
+    for (name, ok, measured) in &invariants {
+        println!(
+            "| {name:<44} | {measured:>32} | {:<4} |",
+            if *ok { "yes" } else { "NO" }
+        );
+    }
+    println!();
+    println!("events committed {}, writer transactions failed by faults {failed_txs}, faults injected {}", expected.len(), faults.len());
+    let mut kinds: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for (label, _) in &faults {
+        *kinds.entry(label.as_str()).or_default() += 1;
+    }
+    for (k, n) in kinds {
+        println!("  {n} x {k}");
+    }
+    println!("duplicates: {} in Kafka (before the inbox), {twice} effects applied twice (after the inbox)", report.duplicates);
+    for r in &mut relays {
+        let _ = r.terminate(Duration::from_secs(15));
+    }
+    if invariants.iter().all(|(_, ok, _)| *ok) {
+        println!("SOAK PASSED");
+        Ok(())
+    } else {
+        anyhow::bail!("SOAK FAILED: an invariant was violated")
+    }
+}
