@@ -475,3 +475,49 @@ async fn the_handler_runs_in_the_writers_trace() {
     );
     assert_ne!(ctx.parent_id(), 0x00f0_67aa_0ba9_02b7, "a new span in it");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_stuck_past_max_poll_interval_loses_its_partition_and_nothing_is_applied_twice()
+{
+    let e = env(1).await;
+    produce(&e.broker.bootstrap(), &e.topic, &messages(400, 4)).await;
+    let stuck_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stuck_once);
+    // Runner A hangs on message m-10 for longer than max.poll.interval.ms: its queue fills, it
+    // stops polling, the group evicts it, B takes the partition from the committed offset.
+    let slow = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        if m.message_id == "m-10" && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_secs(12));
+        }
+        effect_handler(conn, m)
+    };
+    let cfg = || {
+        ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url())
+            .kafka_option("session.timeout.ms", "6000")
+            .kafka_option("heartbeat.interval.ms", "1000")
+            .kafka_option("max.poll.interval.ms", "7000")
+    };
+    let mut conn = e.db.conn().unwrap();
+    let (stop_a, a) = start(cfg(), slow);
+    wait_until(Duration::from_secs(30), "A stuck", || {
+        Ok(stuck_once.load(std::sync::atomic::Ordering::SeqCst))
+    })
+    .await
+    .unwrap();
+    let (stop_b, b) = start(cfg(), effect_handler);
+    wait_until(Duration::from_secs(120), "all 400 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 400)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_a.cancel();
+    stop_b.cancel();
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+    assert_eq!(
+        effects::summary(&mut conn).unwrap(),
+        (400, 0, 400),
+        "none skipped, none twice"
+    );
+}
