@@ -273,7 +273,7 @@ async fn broker_request_errors_and_a_broker_down_are_retried_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_under_load_nothing_lost_nothing_uncommitted_order_kept() {
-    use outbox_tests::workload::{committed, run_resilient_writers};
+    use outbox_tests::workload::{committed, run_resilient_writers_until};
     use outbox_tests::PgCluster;
     let cluster = PgCluster::start().unwrap();
     let url = cluster.create_db("app").unwrap();
@@ -286,13 +286,19 @@ async fn postgres_crash_under_load_nothing_lost_nothing_uncommitted_order_kept()
     let topic = unique_name("pgcrash");
     create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
     let relay = InProcessRelay::start(relay_config(&url, &broker.bootstrap())).unwrap();
-    let (u, t) = (url.clone(), topic.clone());
-    let writers =
-        tokio::task::spawn_blocking(move || run_resilient_writers(&u, &t, 4, 400, 50).unwrap());
+    // Writers run until told to stop, so they are busy across the crash however fast they are.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (u, t, st) = (url.clone(), topic.clone(), std::sync::Arc::clone(&stop));
+    let writers = tokio::task::spawn_blocking(move || {
+        run_resilient_writers_until(&u, &t, 4, usize::MAX, 50, Duration::from_millis(2), &st)
+            .unwrap()
+    });
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.stop_immediate().unwrap(); // crash: no checkpoint, in-flight transactions lost
     tokio::time::sleep(Duration::from_secs(2)).await;
     cluster.start_server().unwrap(); // recovery from WAL
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let failed = writers.await.unwrap();
     let mut conn: diesel::PgConnection = diesel::Connection::establish(&url).unwrap();
     wait_until(Duration::from_secs(120), "lag back to zero", || {

@@ -22,7 +22,7 @@ fn soak(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn soak_short_form_holds_every_invariant() {
-    let (ok, text) = soak(&["--seconds", "40", "--seed", "11"]);
+    let (ok, text) = soak(&["--seconds", "60", "--seed", "11"]);
     assert!(ok, "{text}");
     assert!(text.contains("SOAK PASSED"), "{text}");
     for fault in [
