@@ -322,3 +322,47 @@ async fn postgres_crash_under_load_nothing_lost_nothing_uncommitted_order_kept()
         summary(&report)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_relay_that_removes_before_sending_loses_events_at_kill_9() {
+    let db = TestDb::migrated().unwrap();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("naive-kill9");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let writers = spawn_writers(db.url(), &topic, 4, 1000);
+    // Three kill -9 cycles while the writers are busy: the naive relay is almost always between
+    // removing a page and publishing it, so each kill loses that page.
+    for _ in 0..3 {
+        let mut naive = std::process::Command::new(env!("CARGO_BIN_EXE_naive-relay"))
+            .args([db.url(), &broker.bootstrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        naive.kill().unwrap(); // the same kill -9 the real relay survives
+        naive.wait().unwrap();
+    }
+    let expected = writers.await.unwrap();
+    // A correct relay delivers what is left; what the naive one removed but never sent is gone.
+    let relay = InProcessRelay::start(relay_config(db.url(), &broker.bootstrap())).unwrap();
+    wait_until(Duration::from_secs(60), "backlog drained", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let report = check(&read(&broker.bootstrap(), &topic, 1).await, &expected);
+    assert!(
+        !report.missing.is_empty(),
+        "the checker must catch the lost events: {}",
+        summary(&report)
+    );
+    eprintln!(
+        "naive relay killed: {} of {} events lost",
+        report.missing.len(),
+        expected.len()
+    );
+}
