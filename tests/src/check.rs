@@ -4,8 +4,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 
@@ -42,14 +40,7 @@ pub fn read_topic(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Seen>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", crate::unique_name("checker"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    consumer.subscribe(&[topic])?;
+    let consumer = crate::kafka::reader(bootstrap, topic)?;
     let deadline = Instant::now() + timeout;
     let mut last_new = Instant::now();
     let mut out = Vec::new();

@@ -177,14 +177,9 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Resu
     Ok(())
 }
 
-/// Reads every message of `topic` from offset 0 until `expected` messages arrived or `timeout`
-/// passed (an independent reader for checking what a relay published). Uses its own group.
-pub fn read_all(
-    bootstrap: &str,
-    topic: &str,
-    expected: usize,
-    timeout: Duration,
-) -> Result<Vec<OwnedMessage>> {
+/// An independent reader of `topic` from offset 0: its own group, committed data only, no
+/// offset commits.
+pub fn reader(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", crate::unique_name("reader"))
@@ -193,6 +188,18 @@ pub fn read_all(
         .set("isolation.level", "read_committed")
         .create()?;
     consumer.subscribe(&[topic])?;
+    Ok(consumer)
+}
+
+/// Reads every message of `topic` from offset 0 until `expected` messages arrived or `timeout`
+/// passed (an independent reader for checking what a relay published). Uses its own group.
+pub fn read_all(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Result<Vec<OwnedMessage>> {
+    let consumer = reader(bootstrap, topic)?;
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < expected && Instant::now() < deadline {

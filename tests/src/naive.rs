@@ -35,25 +35,31 @@ impl NaiveRelay {
         .bind::<BigInt, _>(self.last_id)
         .load(conn)?;
         for row in &rows {
-            let id = row.event_id.to_string();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "ce_id",
-                value: Some(&id),
-            });
-            producer
-                .send(
-                    FutureRecord::to(&row.topic)
-                        .key(&row.partition_key)
-                        .payload(&row.payload)
-                        .headers(headers),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)?;
+            publish(producer, row).await?;
             self.last_id = row.id;
         }
         Ok(rows.len())
     }
+}
+
+/// Publishes one outbox row (key, payload, `ce_id`) and waits for the acknowledgement.
+pub async fn publish(producer: &FutureProducer, row: &StoredEvent) -> Result<()> {
+    let id = row.event_id.to_string();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "ce_id",
+        value: Some(&id),
+    });
+    producer
+        .send(
+            FutureRecord::to(&row.topic)
+                .key(&row.partition_key)
+                .payload(&row.payload)
+                .headers(headers),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    Ok(())
 }
 
 /// A producer with the same safe settings as the relay's, for naive relays and baselines.

@@ -180,6 +180,16 @@ struct Counters {
     errors: AtomicU64,
 }
 
+/// Chaos: SIGKILL a process, restart it a second later, and log it.
+fn kill_and_restart(p: &mut Proc, when: &str, log: &Mutex<Vec<String>>) -> Result<()> {
+    p.kill9();
+    log.lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .push(format!("kill -9 {} {when}, restarted 1 s later", p.name));
+    std::thread::sleep(Duration::from_secs(1));
+    p.spawn()
+}
+
 /// Adds the inventory service's counters to `banked` before chaos kills it.
 fn bank_stats(agent: &ureq::Agent, api: &str, name: &str, banked: &Mutex<(u64, u64)>) {
     if name != "inventory-service" {
@@ -549,17 +559,8 @@ fn run(args: Args) -> Result<bool> {
                 };
                 if placed >= at {
                     bank_stats(&agent, &inventory_api, name, &banked);
-
                     let p = procs.get_mut(name).context("process")?;
-                    p.kill9();
-                    chaos_log
-                        .lock()
-                        .map_err(|_| anyhow::anyhow!("poisoned"))?
-                        .push(format!(
-                            "kill -9 {name} at {placed} orders, restarted 1 s later"
-                        ));
-                    std::thread::sleep(Duration::from_secs(1));
-                    p.spawn()?;
+                    kill_and_restart(p, &format!("at {placed} orders"), &chaos_log)?;
                     chaos_done += 1;
                 }
             }
@@ -580,17 +581,8 @@ fn run(args: Args) -> Result<bool> {
     while args.chaos && chaos_done < chaos_steps.len() {
         let name = chaos_steps[chaos_done];
         bank_stats(&agent, &inventory_api, name, &banked);
-
         let p = procs.get_mut(name).context("process")?;
-        p.kill9();
-        chaos_log
-            .lock()
-            .map_err(|_| anyhow::anyhow!("poisoned"))?
-            .push(format!(
-                "kill -9 {name} after the load, restarted 1 s later"
-            ));
-        std::thread::sleep(Duration::from_secs(1));
-        p.spawn()?;
+        kill_and_restart(p, "after the load", &chaos_log)?;
         chaos_done += 1;
     }
     let load_secs = started.elapsed().as_secs_f64();

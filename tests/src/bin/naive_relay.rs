@@ -7,8 +7,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use outbox::StoredEvent;
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::FutureRecord;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
@@ -34,21 +32,7 @@ async fn main() -> Result<()> {
         // The window: removed and committed, not yet published (a slow network, a GC pause).
         tokio::time::sleep(Duration::from_millis(200)).await;
         for row in &rows {
-            let id = row.event_id.to_string();
-            let headers = OwnedHeaders::new().insert(Header {
-                key: "ce_id",
-                value: Some(&id),
-            });
-            producer
-                .send(
-                    FutureRecord::to(&row.topic)
-                        .key(&row.partition_key)
-                        .payload(&row.payload)
-                        .headers(headers),
-                    Duration::from_secs(30),
-                )
-                .await
-                .map_err(|(e, _)| e)?;
+            outbox_tests::naive::publish(&producer, row).await?;
         }
     }
 }
