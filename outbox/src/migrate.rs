@@ -1,6 +1,7 @@
 //! The embedded migrations (the table contract) and schema checks.
 
 use diesel::connection::SimpleConnection;
+use diesel::migration::MigrationSource;
 use diesel::sql_types::Text;
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
@@ -91,10 +92,23 @@ pub fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
         if has_table.is_empty() {
             return Ok(vec!["all (no migrations were ever applied here)".to_owned()]);
         }
-        let pending = conn
-            .pending_migrations(MIGRATIONS)
+        // Read the applied versions directly: `pending_migrations` first runs
+        // `CREATE TABLE IF NOT EXISTS`, which a role without CREATE on the schema (the relay's
+        // least-privilege role) may not do even when the table exists.
+        let applied: Vec<String> = diesel::sql_query(
+            "SELECT NULL::text AS name, version AS v FROM __diesel_schema_migrations",
+        )
+        .load::<Column>(conn)?
+        .into_iter()
+        .map(|c| c.v)
+        .collect();
+        let known = MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
             .map_err(|e| Error::Migration(e.to_string()))?;
-        Ok(pending.iter().map(|m| m.name().to_string()).collect())
+        Ok(known
+            .iter()
+            .filter(|m| !applied.contains(&m.name().version().to_string()))
+            .map(|m| m.name().to_string())
+            .collect())
     })?;
     let mut problems = Vec::new();
     if !pending.is_empty() {

@@ -49,7 +49,7 @@ enum Command {
     Run(Box<RunArgs>),
     /// Apply the outbox migrations.
     Migrate,
-    /// Show backlog, leader, dead letters and the oldest open transaction.
+    /// Show backlog, leader and standbys, dead letters, the oldest open transaction, inbox sizes.
     Status {
         /// Print JSON instead of tables.
         #[arg(long)]
@@ -304,7 +304,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Status { json } => {
             let tables = cfg.tables()?;
             require_url(&cfg)?;
-            let mut conn = store::connect(cfg.database_url())?;
+            let mut conn = store::connect_as(cfg.database_url(), Some("outbox-relay status"))?;
             let s = status::read(&mut conn, &tables)?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -446,6 +446,7 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
         tasks.push(metrics::serve(addr, handle, shutdown.clone()).await?);
         tasks.push(metrics::spawn_backlog_poller(
             cfg.database_url().to_owned(),
+            status::application_name(relay.instance_id()),
             cfg.tables()?,
             Duration::from_secs(5),
             shutdown.clone(),

@@ -27,6 +27,7 @@ pub mod cli;
 mod config;
 pub mod dead_letters;
 mod error;
+pub mod grants;
 pub mod metrics;
 pub mod producer;
 mod relay;

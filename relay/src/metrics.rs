@@ -9,7 +9,13 @@
 //! | `outbox_relay_oldest_event_age_seconds` | gauge | age of the oldest waiting event |
 //! | `outbox_relay_dead_letters` | gauge | rows in `outbox_dead_letters` |
 //! | `outbox_relay_commit_to_ack_seconds` | histogram | writer transaction start to Kafka acknowledgement |
+//! | `outbox_relay_oldest_transaction_age_seconds` | gauge | age of the oldest open transaction holding an xid (0 when none) |
 //! | `outbox_relay_leader` | gauge | 1 while this process is the active relay |
+//!
+//! The counters, `outbox_relay_leader` and the histogram are registered at zero when the
+//! recorder is installed, so every name exists from the first scrape (alerts and `rate()` need
+//! that). The dashboard and alerts in `docs/ops/` use these names; `tests/tests/ops.rs` checks
+//! them against a running relay's `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,12 +56,12 @@ pub fn is_leader() -> bool {
     LEADER.load(Ordering::Relaxed)
 }
 
-/// Installs the Prometheus recorder (once per process).
+/// Installs the Prometheus recorder (once per process) and registers every metric at zero.
 ///
 /// # Errors
 /// [`Error::Config`] when a recorder is already installed.
 pub fn install() -> Result<PrometheusHandle> {
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("outbox_relay_commit_to_ack_seconds".into()),
             &[
@@ -65,7 +71,15 @@ pub fn install() -> Result<PrometheusHandle> {
         )
         .map_err(|e| Error::Config(e.to_string()))?
         .install_recorder()
-        .map_err(|e| Error::Config(format!("metrics recorder: {e}")))
+        .map_err(|e| Error::Config(format!("metrics recorder: {e}")))?;
+    metrics::gauge!("outbox_relay_leader").set(if is_leader() { 1.0 } else { 0.0 });
+    metrics::counter!("outbox_relay_delivered_total").increment(0);
+    for kind in ["permanent", "transient"] {
+        metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(0);
+    }
+    metrics::counter!("outbox_relay_dead_lettered_total").increment(0);
+    let _ = metrics::histogram!("outbox_relay_commit_to_ack_seconds");
+    Ok(handle)
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
@@ -97,9 +111,11 @@ pub async fn serve(
     }))
 }
 
-/// Updates the backlog gauges every `every` from its own connection, until `shutdown`.
+/// Updates the backlog gauges every `every` from its own connection (named
+/// `application_name`), until `shutdown`.
 pub fn spawn_backlog_poller(
     database_url: String,
+    application_name: String,
     tables: outbox::TableRef,
     every: Duration,
     shutdown: CancellationToken,
@@ -112,23 +128,29 @@ pub fn spawn_backlog_poller(
         oldest_secs: f64,
         #[diesel(sql_type = BigInt)]
         dead: i64,
+        #[diesel(sql_type = Double)]
+        oldest_tx_secs: f64,
     }
+    // The oldest transaction is the one `status` shows: other roles' transactions are visible
+    // to roles with pg_read_all_stats (docs/ops/relay-role.sql grants it).
     let sql = format!(
         "SELECT (SELECT count(*) FROM {t}) AS backlog, \
          coalesce(extract(epoch FROM clock_timestamp() - (SELECT min(created_at) FROM {t})), 0)::float8 AS oldest_secs, \
-         (SELECT count(*) FROM {d}) AS dead",
+         (SELECT count(*) FROM {d}) AS dead, \
+         coalesce(extract(epoch FROM clock_timestamp() - (SELECT min(xact_start) FROM pg_stat_activity \
+           WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid())), 0)::float8 AS oldest_tx_secs",
         t = tables.qualify("outbox"),
         d = tables.qualify("outbox_dead_letters")
     );
     tokio::spawn(async move {
         let mut conn = None;
         loop {
-            let (sql, url) = (sql.clone(), database_url.clone());
+            let (sql, url, name) = (sql.clone(), database_url.clone(), application_name.clone());
             let c = conn.take();
             let r = tokio::task::spawn_blocking(move || {
                 let mut c = match c {
                     Some(c) => c,
-                    None => crate::store::connect(&url)?,
+                    None => crate::store::connect_as(&url, Some(&name))?,
                 };
                 let b = diesel::sql_query(&sql).get_result::<Backlog>(&mut c)?;
                 Ok::<_, Error>((c, b))
@@ -142,6 +164,8 @@ pub fn spawn_backlog_poller(
                     metrics::gauge!("outbox_relay_dead_letters").set(b.dead as f64);
                 }
                 metrics::gauge!("outbox_relay_oldest_event_age_seconds").set(b.oldest_secs);
+                metrics::gauge!("outbox_relay_oldest_transaction_age_seconds")
+                    .set(b.oldest_tx_secs);
             }
             tokio::select! {
                 () = tokio::time::sleep(every) => {}

@@ -23,13 +23,16 @@ const TARGET: &str = "outbox::relay";
 /// One database connection, used from blocking threads (diesel is synchronous).
 struct Db {
     url: Arc<str>,
+    /// `application_name` of the session: `outbox-relay:<instance>` (listed by `status`).
+    name: Arc<str>,
     conn: Option<PgConnection>,
 }
 
 impl Db {
-    fn new(url: &str) -> Self {
+    fn new(url: &str, name: &str) -> Self {
         Self {
             url: url.into(),
+            name: name.into(),
             conn: None,
         }
     }
@@ -42,11 +45,11 @@ impl Db {
         F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.take();
-        let url = Arc::clone(&self.url);
+        let (url, name) = (Arc::clone(&self.url), Arc::clone(&self.name));
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = match conn {
                 Some(c) => c,
-                None => match store::connect(&url) {
+                None => match store::connect_as(&url, Some(&name)) {
                     Ok(c) => c,
                     Err(e) => return (None, Err(e)),
                 },
@@ -161,7 +164,8 @@ impl Relay {
     /// Only what retrying cannot fix: a schema mismatch, a superuser role without
     /// `allow_superuser`, a producer configuration librdkafka refuses.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
-        let mut db = Db::new(&self.cfg.database_url);
+        let app_name = crate::status::application_name(&self.instance);
+        let mut db = Db::new(&self.cfg.database_url, &app_name);
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
         tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), "relay started");
@@ -231,6 +235,7 @@ impl Relay {
             let tables = tables.clone();
             let r = db
                 .call(move |c| {
+                    crate::grants::check(c, &tables)?;
                     outbox::verify_schema(c, &tables)?;
                     if store::is_superuser(c)? && !allow_superuser {
                         return Err(Error::Config(

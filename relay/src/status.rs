@@ -1,11 +1,22 @@
 //! `outbox-relay status`: what an operator needs at a glance.
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Double, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use serde::Serialize;
 
 use crate::error::Result;
+
+/// Every relay connection sets `application_name` to this prefix followed by its instance id,
+/// so `status` can list the relay processes from `pg_stat_activity`.
+pub const APPLICATION_NAME_PREFIX: &str = "outbox-relay:";
+
+/// The `application_name` of a relay instance's sessions: `outbox-relay:<instance>` (Postgres
+/// keeps the first 63 bytes).
+#[must_use]
+pub fn application_name(instance: &str) -> String {
+    format!("{APPLICATION_NAME_PREFIX}{instance}")
+}
 
 /// Backlog of one topic.
 #[derive(Debug, Clone, Serialize, QueryableByName)]
@@ -72,6 +83,69 @@ pub struct OldestTransaction {
     pub state: String,
 }
 
+/// A relay process connected to the database (from `pg_stat_activity`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RelaySession {
+    /// Instance id, as in the lease (Postgres truncates `application_name` to 63 bytes, so a
+    /// long id may be cut short).
+    pub instance: String,
+    /// `leader` (holds the valid lease), `leader (lease expired)` (named in an expired lease: a
+    /// stalled or partitioned leader) or `standby`.
+    pub role: String,
+    /// Open database sessions of this instance (the relay's, plus the metrics poller's).
+    pub connections: i64,
+    /// Backend pids of those sessions.
+    pub pids: Vec<i32>,
+    /// Client addresses (`local` for a Unix socket; empty when the role may not see them).
+    pub clients: Vec<String>,
+    /// When the oldest of those sessions connected (`None` when the role may not see it).
+    pub connected_since: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct SessionRow {
+    #[diesel(sql_type = Text)]
+    instance: String,
+    #[diesel(sql_type = BigInt)]
+    connections: i64,
+    #[diesel(sql_type = Array<Integer>)]
+    pids: Vec<i32>,
+    #[diesel(sql_type = Array<Text>)]
+    clients: Vec<String>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    connected_since: Option<DateTime<Utc>>,
+}
+
+/// Inbox rows of one consumer.
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct InboxConsumer {
+    /// Consumer name.
+    #[diesel(sql_type = Text)]
+    pub consumer: String,
+    /// Inbox rows (message ids remembered for deduplication).
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+    /// The oldest row's `processed_at`: retention purges rows older than its window.
+    #[diesel(sql_type = Timestamptz)]
+    pub oldest_processed_at: DateTime<Utc>,
+    /// Age of the oldest row, seconds.
+    #[diesel(sql_type = Double)]
+    pub oldest_age_secs: f64,
+}
+
+/// The inbox table of this database, if it has one.
+#[derive(Debug, Clone, Serialize)]
+pub struct InboxSizes {
+    /// The table looked at.
+    pub table: String,
+    /// Whether it exists (a relay's database need not have consumers).
+    pub exists: bool,
+    /// Whether the connected role may read it (when it exists).
+    pub readable: bool,
+    /// Rows per consumer (empty when the table is missing, unreadable or empty).
+    pub consumers: Vec<InboxConsumer>,
+}
+
 /// Everything `status` shows.
 #[derive(Debug, Clone, Serialize)]
 pub struct Status {
@@ -79,10 +153,14 @@ pub struct Status {
     pub backlog: Vec<TopicBacklog>,
     /// Leader per outbox.
     pub leaders: Vec<Leader>,
+    /// Relay processes connected now: the leader and the standbys.
+    pub relays: Vec<RelaySession>,
     /// Dead letters per topic.
     pub dead_letters: Vec<TopicDeadLetters>,
     /// Oldest open transaction with an xid (its events, and later ones' visibility, wait).
     pub oldest_transaction: Option<OldestTransaction>,
+    /// Inbox rows per consumer.
+    pub inbox: InboxSizes,
 }
 
 /// Reads the status.
@@ -119,12 +197,104 @@ pub fn read(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<Status
     )
     .load::<OldestTransaction>(conn)?
     .pop();
+    let relays = relays(conn, &leaders)?;
+    let inbox = inbox(conn, tables)?;
     Ok(Status {
         backlog,
         leaders,
+        relays,
         dead_letters,
         oldest_transaction,
+        inbox,
     })
+}
+
+/// Relay sessions of this database, grouped by instance, with their role.
+fn relays(conn: &mut PgConnection, leaders: &[Leader]) -> Result<Vec<RelaySession>> {
+    let rows: Vec<SessionRow> = diesel::sql_query(
+        "SELECT substr(application_name, length($1) + 1) AS instance, count(*) AS connections, \
+         array_agg(pid ORDER BY pid) AS pids, \
+         coalesce(array_agg(DISTINCT coalesce(host(client_addr), 'local')) \
+           FILTER (WHERE backend_start IS NOT NULL), '{}') AS clients, \
+         min(backend_start) AS connected_since \
+         FROM pg_stat_activity \
+         WHERE left(application_name, length($1)) = $1 AND datname = current_database() \
+         GROUP BY 1 ORDER BY 1",
+    )
+    .bind::<Text, _>(APPLICATION_NAME_PREFIX)
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            // A truncated application_name is a prefix of the full one.
+            let named = |l: &&Leader| {
+                l.leader_id
+                    .as_deref()
+                    .is_some_and(|id| !r.instance.is_empty() && id.starts_with(&r.instance))
+            };
+            let role = match leaders.iter().find(named) {
+                Some(l) if l.lease_valid => "leader",
+                Some(_) => "leader (lease expired)",
+                None => "standby",
+            };
+            RelaySession {
+                instance: r.instance,
+                role: role.to_owned(),
+                connections: r.connections,
+                pids: r.pids,
+                clients: r.clients,
+                connected_since: r.connected_since,
+            }
+        })
+        .collect())
+}
+
+/// Inbox rows per consumer, when the database has a readable inbox table.
+fn inbox(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<InboxSizes> {
+    #[derive(QueryableByName)]
+    struct Present {
+        #[diesel(sql_type = Bool)]
+        present: bool,
+        #[diesel(sql_type = Bool)]
+        readable: bool,
+    }
+    let table = tables.qualify("inbox");
+    let p: Present = diesel::sql_query(
+        "SELECT to_regclass($1) IS NOT NULL AS present, \
+         coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS readable",
+    )
+    .bind::<Text, _>(&table)
+    .get_result(conn)?;
+    let consumers = if p.present && p.readable {
+        diesel::sql_query(format!(
+            "SELECT consumer, count(*) AS rows, min(processed_at) AS oldest_processed_at, \
+             extract(epoch FROM clock_timestamp() - min(processed_at))::float8 AS oldest_age_secs \
+             FROM {table} GROUP BY consumer ORDER BY consumer"
+        ))
+        .load(conn)?
+    } else {
+        Vec::new()
+    };
+    Ok(InboxSizes {
+        table: table.replace('"', ""),
+        exists: p.present,
+        readable: p.readable,
+        consumers,
+    })
+}
+
+/// A duration in seconds, short: `4.2s`, `12.5m`, `3.1h`, `2.0d`.
+#[must_use]
+pub fn age(secs: f64) -> String {
+    if secs < 60.0 {
+        format!("{secs:.1}s")
+    } else if secs < 3600.0 {
+        format!("{:.1}m", secs / 60.0)
+    } else if secs < 86_400.0 {
+        format!("{:.1}h", secs / 3600.0)
+    } else {
+        format!("{:.1}d", secs / 86_400.0)
+    }
 }
 
 /// Renders rows as an aligned text table.
@@ -169,7 +339,7 @@ impl Status {
                     vec![
                         b.topic.clone(),
                         b.events.to_string(),
-                        format!("{:.1}s", b.oldest_age_secs),
+                        age(b.oldest_age_secs),
                     ]
                 })
                 .collect();
@@ -198,6 +368,49 @@ impl Status {
                 &rows,
             ));
         }
+        out.push_str("\nRELAYS (connected now)\n");
+        if self.relays.is_empty() {
+            out.push_str("(no relay is connected)\n");
+        } else {
+            let now = Utc::now();
+            let rows: Vec<Vec<String>> = self
+                .relays
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.instance.clone(),
+                        r.role.clone(),
+                        r.connections.to_string(),
+                        r.connected_since.map_or_else(
+                            || "-".into(),
+                            #[allow(clippy::cast_precision_loss)]
+                            |t| age((now - t).num_milliseconds().max(0) as f64 / 1000.0),
+                        ),
+                        if r.clients.is_empty() {
+                            "-".into()
+                        } else {
+                            r.clients.join(",")
+                        },
+                        r.pids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &[
+                    "instance",
+                    "role",
+                    "sessions",
+                    "connected",
+                    "client",
+                    "pids",
+                ],
+                &rows,
+            ));
+        }
         out.push_str("\nDEAD LETTERS\n");
         if self.dead_letters.is_empty() {
             out.push_str("(none)\n");
@@ -222,11 +435,37 @@ impl Status {
                 &["pid", "open", "application", "state"],
                 &[vec![
                     t.pid.to_string(),
-                    format!("{:.1}s", t.open_secs),
+                    age(t.open_secs),
                     t.application_name.clone(),
                     t.state.clone(),
                 ]],
             )),
+        }
+        out.push_str(&format!("\nINBOX ({})\n", self.inbox.table));
+        if !self.inbox.exists {
+            out.push_str("(no inbox table in this database)\n");
+        } else if !self.inbox.readable {
+            out.push_str("(not readable by this role: GRANT SELECT on it to see sizes)\n");
+        } else if self.inbox.consumers.is_empty() {
+            out.push_str("(empty)\n");
+        } else {
+            let rows: Vec<Vec<String>> = self
+                .inbox
+                .consumers
+                .iter()
+                .map(|c| {
+                    vec![
+                        c.consumer.clone(),
+                        c.rows.to_string(),
+                        age(c.oldest_age_secs),
+                        c.oldest_processed_at.to_rfc3339(),
+                    ]
+                })
+                .collect();
+            out.push_str(&table(
+                &["consumer", "rows", "oldest", "oldest_processed_at"],
+                &rows,
+            ));
         }
         out
     }

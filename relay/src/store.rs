@@ -173,10 +173,25 @@ impl Sql {
 /// # Errors
 /// [`Error::Connect`].
 pub fn connect(url: &str) -> Result<PgConnection> {
-    PgConnection::establish(url).map_err(|e| Error::Connect {
+    connect_as(url, None)
+}
+
+/// Connects and sets the session's `application_name` when given (`status` lists relay
+/// sessions by it). Names the (scrubbed) URL on failure.
+///
+/// # Errors
+/// [`Error::Connect`], [`Error::Database`].
+pub fn connect_as(url: &str, application_name: Option<&str>) -> Result<PgConnection> {
+    let mut conn = PgConnection::establish(url).map_err(|e| Error::Connect {
         url: scrub_url(url),
         message: scrub_text(&e.to_string(), url),
-    })
+    })?;
+    if let Some(name) = application_name {
+        diesel::sql_query("SELECT set_config('application_name', $1, false)")
+            .bind::<Text, _>(name)
+            .execute(&mut conn)?;
+    }
+    Ok(conn)
 }
 
 /// Tries to become leader. `Ok(None)`: another instance holds a valid lease.

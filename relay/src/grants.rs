@@ -1,0 +1,67 @@
+//! The table privileges `outbox-relay run` needs, checked at start-up so a role with a missing
+//! grant stops with a clear error instead of failing (and re-sending) batch after batch.
+//!
+//! The least-privilege role that grants exactly these is `docs/ops/relay-role.sql`.
+
+use diesel::sql_types::{Array, Text};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl};
+
+use crate::error::{Error, Result};
+
+/// `(table, privilege)` pairs the relay uses, and why.
+pub const REQUIRED: &[(&str, &str)] = &[
+    // fetch pages; removal after acknowledgement, and the move to the dead letters
+    ("outbox", "SELECT"),
+    ("outbox", "DELETE"),
+    // the dead-letter move is an upsert; `hold-key` reads the held keys; metrics count them
+    ("outbox_dead_letters", "SELECT"),
+    ("outbox_dead_letters", "INSERT"),
+    ("outbox_dead_letters", "UPDATE"),
+    // the lease and the open batch's snapshots (`FOR SHARE` needs UPDATE too)
+    ("outbox_relay_state", "SELECT"),
+    ("outbox_relay_state", "INSERT"),
+    ("outbox_relay_state", "UPDATE"),
+    // the start-up schema check reads which migrations were applied
+    ("__diesel_schema_migrations", "SELECT"),
+];
+
+/// Checks that the connected role holds every privilege in [`REQUIRED`] on the tables at
+/// `tables`. Tables that do not exist are left to the schema check.
+///
+/// # Errors
+/// [`Error::Config`] naming the role and each missing privilege; [`Error::Database`].
+pub fn check(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Missing {
+        #[diesel(sql_type = Text)]
+        role: String,
+        #[diesel(sql_type = Text)]
+        tbl: String,
+        #[diesel(sql_type = Text)]
+        privilege: String,
+    }
+    let names: Vec<String> = REQUIRED.iter().map(|(t, _)| tables.qualify(t)).collect();
+    let privileges: Vec<&str> = REQUIRED.iter().map(|(_, p)| *p).collect();
+    let missing: Vec<Missing> = diesel::sql_query(
+        "SELECT current_user::text AS role, r.tbl, r.privilege \
+         FROM unnest($1::text[], $2::text[]) AS r(tbl, privilege) \
+         WHERE to_regclass(r.tbl) IS NOT NULL \
+         AND NOT has_table_privilege(to_regclass(r.tbl), r.privilege)",
+    )
+    .bind::<Array<Text>, _>(&names)
+    .bind::<Array<Text>, _>(&privileges)
+    .load(conn)?;
+    let Some(first) = missing.first() else {
+        return Ok(());
+    };
+    let list: Vec<String> = missing
+        .iter()
+        .map(|m| format!("{} on {}", m.privilege, m.tbl.replace('"', "")))
+        .collect();
+    Err(Error::Config(format!(
+        "the database role \"{}\" lacks {}: grant them (docs/ops/relay-role.sql creates a \
+         role with exactly what the relay needs)",
+        first.role,
+        list.join(", ")
+    )))
+}
