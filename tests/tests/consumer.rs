@@ -476,6 +476,75 @@ async fn the_handler_runs_in_the_writers_trace() {
     assert_ne!(ctx.parent_id(), 0x00f0_67aa_0ba9_02b7, "a new span in it");
 }
 
+/// End to end: the writer enqueues inside a traced span, the relay sends its `traceparent`, and
+/// the runner's handler runs in a span of the same trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_trace_reaches_the_handler_through_the_relay() {
+    use tracing_subscriber::prelude::*;
+    // Global, as above: the writer, the in-process relay and the handler threads all see it.
+    let _ = tracing::subscriber::set_global_default(
+        tracing_subscriber::registry().with(outbox::TraceContextLayer::new()),
+    );
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let topic = unique_name("traced");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+
+    let mut conn = db.conn().unwrap();
+    let writer = {
+        let span = tracing::info_span!("create_order");
+        let _g = span.enter();
+        let writer = outbox::current_traceparent().unwrap();
+        let e = outbox::Event::json(&topic, "order-1", "OrderCreated", &1).unwrap();
+        conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
+        writer
+    };
+    let relay =
+        outbox_tests::InProcessRelay::start(outbox_tests::relay_config(db.url(), &bootstrap))
+            .unwrap();
+
+    type Seen = Option<(Option<String>, Option<outbox::Traceparent>)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let handler = move |_: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        *s.lock().unwrap() = Some((
+            m.traceparent().map(|t| t.to_string()),
+            outbox::current_traceparent(),
+        ));
+        Ok(())
+    };
+    let group = unique_name("traced-group");
+    let cfg = ConsumerConfig::new(&bootstrap, &group, &[&topic], db.url());
+    let (stop, handle) = start(cfg, handler);
+    wait_until(Duration::from_secs(60), "handled", || {
+        Ok(seen.lock().unwrap().is_some())
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    relay.stop().await.unwrap();
+
+    let (header, handler_ctx) = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        header.as_deref(),
+        Some(writer.to_string().as_str()),
+        "the relay sent the writer's traceparent"
+    );
+    let handler_ctx = handler_ctx.expect("the handler runs in a traced span");
+    assert_eq!(
+        handler_ctx.trace_id(),
+        writer.trace_id(),
+        "the handler's span is in the writer's trace"
+    );
+    assert_ne!(
+        handler_ctx.parent_id(),
+        writer.parent_id(),
+        "in a span of its own"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_stuck_past_max_poll_interval_loses_its_partition_and_nothing_is_applied_twice()
 {
