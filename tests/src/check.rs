@@ -61,6 +61,11 @@ pub fn read_topic(
                 });
                 last_new = Instant::now();
             }
+            // A broker that is (re)starting: librdkafka reconnects by itself.
+            Some(Err(rdkafka::error::KafkaError::MessageConsumption(
+                rdkafka::types::RDKafkaErrorCode::AllBrokersDown
+                | rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+            ))) => {}
             Some(Err(e)) => bail!("consume {topic}: {e}"),
             None => {}
         }

@@ -336,7 +336,7 @@ async fn broken_variant_a_relay_that_removes_before_sending_loses_events_at_kill
     // removing a page and publishing it, so each kill loses that page.
     for _ in 0..3 {
         let mut naive = std::process::Command::new(env!("CARGO_BIN_EXE_naive-relay"))
-            .args([db.url(), &broker.bootstrap()])
+            .args(["remove-first", db.url(), &broker.bootstrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -364,5 +364,225 @@ async fn broken_variant_a_relay_that_removes_before_sending_loses_events_at_kill
         "naive relay killed: {} of {} events lost",
         report.missing.len(),
         expected.len()
+    );
+}
+
+/// Runs a broken relay in this process until the returned flag is set; the handle yields how
+/// many events it gave up on.
+fn spawn_broken(
+    mode: outbox_tests::naive::Broken,
+    url: &str,
+    bootstrap: &str,
+    extra: &[(&str, &str)],
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<usize>,
+) {
+    let producer = outbox_tests::naive::producer_with(bootstrap, extra).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, flag) = (url.to_owned(), std::sync::Arc::clone(&stop));
+    let task = tokio::spawn(async move {
+        outbox_tests::naive::run_broken(mode, &url, &producer, &flag)
+            .await
+            .unwrap()
+    });
+    (stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_advisory_lock_leadership_never_fails_over_from_a_paused_leader() {
+    let db = TestDb::migrated().unwrap();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("advlock");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_naive-relay"))
+            .args(["advisory-lock", db.url(), &broker.bootstrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let mut leader = spawn();
+    wait_until(Duration::from_secs(20), "the advisory lock taken", || {
+        use diesel::RunQueryDsl;
+        Ok(diesel::sql_query(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .get_result::<N>(&mut conn)?
+        .n == 1)
+    })
+    .await
+    .unwrap();
+    let mut standby = spawn();
+    let mut expected = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    // Healthy, the lock-based relay delivers like any other.
+    wait_until(Duration::from_secs(60), "healthy delivery", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &leader.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stop.success());
+    expected.extend(spawn_writers(db.url(), &topic, 4, 100).await.unwrap());
+    // The lease-based relay's standby takes over within 10 s; give this one twice that.
+    let recovered = wait_until(Duration::from_secs(20), "lag back to zero", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await;
+    let report = check(&read(&broker.bootstrap(), &topic, 1).await, &expected);
+    leader.kill().unwrap(); // SIGKILL ends a stopped process too
+    standby.kill().unwrap();
+    let _ = (leader.wait(), standby.wait());
+    assert!(
+        recovered.is_err() && !report.missing.is_empty(),
+        "the paused lock holder must stall delivery (I6) and leave events undelivered (I1): {}",
+        summary(&report)
+    );
+    eprintln!(
+        "advisory-lock leadership, leader paused: after 20 s {} of {} events still undelivered",
+        report.missing.len(),
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_relay_that_skips_failed_sends_loses_events_when_the_brokers_are_down() {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(3).unwrap();
+    let topic = unique_name("mock-skip");
+    cluster.create_topic(&topic, 6, 3).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let (stop, task) = spawn_broken(
+        outbox_tests::naive::Broken::SkipOnError,
+        db.url(),
+        &bootstrap,
+        &[("message.timeout.ms", "2000")],
+    );
+    let mut expected = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    for b in 1..=3 {
+        cluster.broker_down(b).unwrap();
+    }
+    expected.extend(spawn_writers(db.url(), &topic, 4, 100).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(5)).await; // longer than the message timeout
+    for b in 1..=3 {
+        cluster.broker_up(b).unwrap();
+    }
+    wait_until(Duration::from_secs(60), "outbox emptied", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let skipped = task.await.unwrap();
+    let report = check(&read(&bootstrap, &topic, 1).await, &expected);
+    assert!(
+        skipped > 0 && !report.missing.is_empty(),
+        "the checker must catch what the relay gave up on: skipped {skipped}, {}",
+        summary(&report)
+    );
+    eprintln!(
+        "skip-on-error relay, brokers down 5 s: {skipped} sends given up, {} of {} events lost",
+        report.missing.len(),
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_relay_that_skips_failed_sends_loses_events_in_a_broker_outage() {
+    let db = TestDb::migrated().unwrap();
+    let mut broker = Tansu::start_durable().unwrap();
+    let topic = unique_name("outage-skip");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let (stop, task) = spawn_broken(
+        outbox_tests::naive::Broken::SkipOnError,
+        db.url(),
+        &broker.bootstrap(),
+        &[("message.timeout.ms", "2000")],
+    );
+    // Few events: this relay awaits each send from the durable (slow) broker one by one.
+    let mut expected = spawn_writers(db.url(), &topic, 2, 40).await.unwrap();
+    broker.kill().unwrap();
+    expected.extend(spawn_writers(db.url(), &topic, 2, 40).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(5)).await; // longer than the message timeout
+    broker.restart().unwrap();
+    wait_until(Duration::from_secs(60), "outbox emptied", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let skipped = task.await.unwrap();
+    let report = check(&read(&broker.bootstrap(), &topic, 1).await, &expected);
+    assert!(
+        skipped > 0 && !report.missing.is_empty(),
+        "the checker must catch what the relay gave up on: skipped {skipped}, {}",
+        summary(&report)
+    );
+    eprintln!(
+        "skip-on-error relay, broker killed 5 s: {skipped} sends given up, {} of {} events lost",
+        report.missing.len(),
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_dual_write_publishes_what_a_postgres_crash_rolled_back() {
+    use outbox_tests::workload::committed;
+    use outbox_tests::PgCluster;
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.create_db("app").unwrap();
+    {
+        let mut conn = diesel::Connection::establish(&url).unwrap();
+        outbox::run_migrations(&mut conn, &outbox::TableRef::default()).unwrap();
+        create_keys(&mut conn, 50).unwrap();
+    }
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("dualwrite");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (u, b, t, st) = (
+        url.clone(),
+        broker.bootstrap(),
+        topic.clone(),
+        std::sync::Arc::clone(&stop),
+    );
+    let writers = tokio::task::spawn_blocking(move || {
+        outbox_tests::naive::run_dual_writers_until(&u, &b, &t, 4, 50, &st)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.stop_immediate().unwrap(); // the same crash the outbox survives
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.start_server().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writers.await.unwrap().unwrap();
+    let mut conn: diesel::PgConnection = diesel::Connection::establish(&url).unwrap();
+    let expected = committed(&mut conn).unwrap();
+    let report = check(&read(&broker.bootstrap(), &topic, 1).await, &expected);
+    assert!(
+        !report.unexpected.is_empty(),
+        "the checker must catch events whose transaction the crash rolled back (I2): {}",
+        summary(&report)
+    );
+    eprintln!(
+        "dual write across a Postgres crash: {} committed, {} published but never committed",
+        expected.len(),
+        report.unexpected.len()
     );
 }

@@ -272,28 +272,37 @@ struct DeadRow {
     attempts: i32,
 }
 
-/// Key A gets [ok, poison (too large), ok, ok]; key B gets 4 ok events. Returns what was read
-/// and the dead letters.
-async fn poison_run(
-    s: &Setup,
-    policy: PoisonPolicy,
-) -> (Vec<outbox_tests::check::Seen>, Vec<DeadRow>) {
-    let mut conn = s.db.conn().unwrap();
+/// Key A gets [ok, poison (too large for `message.max.bytes` 20000), ok, ok]; key B gets 4 ok
+/// events. Returns the ok events as the checker expects them.
+fn insert_poison_mix(conn: &mut PgConnection, topic: &str) -> HashMap<String, (String, u64)> {
+    let mut expected = HashMap::new();
     for i in 0..4_u64 {
-        insert_sql(&mut conn, &s.topic, "key-a", i);
+        let id = insert_sql(conn, topic, "key-a", i);
+        expected.insert(id, ("key-a".to_owned(), i));
         if i == 0 {
             let big = "x".repeat(50_000);
             diesel::sql_query(
                 "INSERT INTO outbox (topic, partition_key, event_type, payload, content_type) \
                  VALUES ($1, 'key-a', 'TooBig', convert_to($2, 'UTF8'), 'text/plain')",
             )
-            .bind::<Text, _>(&s.topic)
+            .bind::<Text, _>(topic)
             .bind::<Text, _>(&big)
-            .execute(&mut conn)
+            .execute(conn)
             .unwrap();
         }
-        insert_sql(&mut conn, &s.topic, "key-b", i);
+        let id = insert_sql(conn, topic, "key-b", i);
+        expected.insert(id, ("key-b".to_owned(), i));
     }
+    expected
+}
+
+/// Runs the relay over [`insert_poison_mix`]. Returns what was read and the dead letters.
+async fn poison_run(
+    s: &Setup,
+    policy: PoisonPolicy,
+) -> (Vec<outbox_tests::check::Seen>, Vec<DeadRow>) {
+    let mut conn = s.db.conn().unwrap();
+    insert_poison_mix(&mut conn, &s.topic);
     let cfg = relay_config(s.db.url(), &s.broker.bootstrap())
         .kafka_option("message.max.bytes", "20000")
         .poison_policy(policy);
@@ -531,4 +540,90 @@ async fn a_dead_letter_id_conflict_does_not_stall_delivery() {
     let seen = read(&s, 1).await;
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].event_id, ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_relay_without_dead_letters_is_blocked_by_one_poison_event() {
+    let s = setup(3).await;
+    let mut conn = s.db.conn().unwrap();
+    let expected = insert_poison_mix(&mut conn, &s.topic);
+    let producer = outbox_tests::naive::producer_with(
+        &s.broker.bootstrap(),
+        &[("message.max.bytes", "20000")],
+    )
+    .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, flag) = (s.db.url().to_owned(), std::sync::Arc::clone(&stop));
+    let task = tokio::spawn(async move {
+        outbox_tests::naive::run_broken(
+            outbox_tests::naive::Broken::RetryForever,
+            &url,
+            &producer,
+            &flag,
+        )
+        .await
+    });
+    // The real relay empties this outbox in well under a second.
+    let drained = wait_until(Duration::from_secs(10), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = task.await.unwrap();
+    let report = check(&read(&s, 1).await, &expected);
+    let missing_b = report
+        .missing
+        .iter()
+        .filter(|id| expected[*id].0 == "key-b")
+        .count();
+    assert!(
+        drained.is_err() && missing_b > 0,
+        "one poison event must block the other key too: {}",
+        summary(&report)
+    );
+    eprintln!(
+        "retry-forever relay: {} of {} good events stuck behind the poison ({missing_b} of key-b)",
+        report.missing.len(),
+        expected.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_an_xmin_horizon_relay_stalls_behind_a_long_transaction() {
+    let s = setup(3).await;
+    let mut long = s.db.conn().unwrap();
+    long.batch_execute("BEGIN").unwrap();
+    insert_sql(&mut long, &s.topic, "key-long", 0);
+    let producer = producer(&s.broker.bootstrap()).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (url, flag) = (s.db.url().to_owned(), std::sync::Arc::clone(&stop));
+    let task = tokio::spawn(async move {
+        outbox_tests::naive::run_broken(
+            outbox_tests::naive::Broken::Horizon,
+            &url,
+            &producer,
+            &flag,
+        )
+        .await
+    });
+    let mut expected: HashMap<String, (String, u64)> = HashMap::new();
+    let mut conn = s.db.conn().unwrap();
+    for i in 0..200_u64 {
+        let id = insert_sql(&mut conn, &s.topic, &format!("key-{}", i % 10), i);
+        expected.insert(id, (format!("key-{}", i % 10), i));
+    }
+    // The same wait the real relay passes in `a_long_open_transaction_does_not_stall_other_writers`.
+    let drained = wait_until(Duration::from_secs(30), "others delivered", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await;
+    let report = check(&read(&s, 0).await, &expected);
+    long.batch_execute("COMMIT").unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    task.await.unwrap().unwrap();
+    assert!(
+        drained.is_err() && report.missing.len() == 200,
+        "the horizon relay must stall every other writer while the transaction is open: {}",
+        summary(&report)
+    );
 }

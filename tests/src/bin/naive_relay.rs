@@ -1,38 +1,23 @@
-//! A deliberately broken relay for the fault suite's broken variants: it removes rows BEFORE
-//! sending them (the "mark sent, then publish" order of many hand-rolled pollers). Killed between
-//! the two steps, it loses what it had removed. `naive-relay DATABASE_URL BROKERS`.
-
-use std::time::Duration;
+//! Deliberately broken relays for the fault suite's broken variants (see
+//! `outbox_tests::naive::Broken`), as a process so tests can kill -9 or SIGSTOP them.
+//! `naive-relay MODE DATABASE_URL BROKERS [librdkafka.key=value ...]`; it prints `leader` when
+//! it starts relaying.
 
 use anyhow::{Context, Result};
-use diesel::{Connection, PgConnection, RunQueryDsl};
-use outbox::StoredEvent;
+use outbox_tests::naive::{producer_with, run_broken, Broken};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [url, brokers] = args.as_slice() else {
-        anyhow::bail!("usage: naive-relay DATABASE_URL BROKERS");
+    let [mode, url, brokers, extra @ ..] = args.as_slice() else {
+        anyhow::bail!("usage: naive-relay MODE DATABASE_URL BROKERS [key=value ...]");
     };
-    let producer = outbox_tests::naive::producer(brokers)?;
-    let mut conn = PgConnection::establish(url).context("connect")?;
-    loop {
-        let rows: Vec<StoredEvent> = conn.transaction(|c| {
-            diesel::sql_query(format!(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 200) \
-                 RETURNING {}",
-                outbox::STORED_EVENT_COLUMNS
-            ))
-            .load(c)
-        })?;
-        if rows.is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        // The window: removed and committed, not yet published (a slow network, a GC pause).
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        for row in &rows {
-            outbox_tests::naive::publish(&producer, row).await?;
-        }
-    }
+    let mode: Broken = mode.parse()?;
+    let extra: Vec<(&str, &str)> = extra
+        .iter()
+        .map(|kv| kv.split_once('=').context("expected key=value"))
+        .collect::<Result<_>>()?;
+    let producer = producer_with(brokers, &extra)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    run_broken(mode, url, &producer, &stop).await.map(|_| ())
 }
