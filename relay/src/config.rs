@@ -72,6 +72,8 @@ pub struct RelayConfig {
     pub(crate) metrics_addr: Option<SocketAddr>,
     #[serde(default)]
     pub(crate) allow_superuser: bool,
+    #[serde(default = "defaults::synchronous_commit")]
+    pub(crate) synchronous_commit: String,
     /// Raw librdkafka producer properties.
     #[serde(default)]
     pub(crate) kafka: BTreeMap<String, String>,
@@ -106,6 +108,13 @@ mod defaults {
     pub fn shutdown_timeout_ms() -> u64 {
         10_000
     }
+    /// The relay's own session: its commits (lease, batch snapshots, removals) need not wait
+    /// for the WAL flush. Losing the last of them in a database crash moves the relay's state
+    /// back (WAL is replayed in order), which re-sends events (duplicates) and never skips one.
+    /// Applications' commits are not affected.
+    pub fn synchronous_commit() -> String {
+        "off".to_owned()
+    }
 }
 
 impl fmt::Debug for RelayConfig {
@@ -134,6 +143,7 @@ impl fmt::Debug for RelayConfig {
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
             .field("metrics_addr", &self.metrics_addr)
             .field("allow_superuser", &self.allow_superuser)
+            .field("synchronous_commit", &self.synchronous_commit)
             .field("kafka", &kafka)
             .finish()
     }
@@ -206,6 +216,7 @@ impl RelayConfig {
             shutdown_timeout_ms: defaults::shutdown_timeout_ms(),
             metrics_addr: None,
             allow_superuser: false,
+            synchronous_commit: defaults::synchronous_commit(),
             kafka: BTreeMap::new(),
         }
     }
@@ -310,6 +321,15 @@ impl RelayConfig {
         self
     }
 
+    /// `synchronous_commit` of the relay's own database session (default `off`: its commits do
+    /// not wait for the WAL flush; a database crash can only make it re-send, never skip). Use
+    /// `on` to trade relay throughput and latency for fewer duplicates after a crash.
+    #[must_use]
+    pub fn synchronous_commit(mut self, value: impl Into<String>) -> Self {
+        self.synchronous_commit = value.into();
+        self
+    }
+
     /// Sets a raw librdkafka producer property (checked by [`RelayConfig::validate`]).
     #[must_use]
     pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -353,6 +373,14 @@ impl RelayConfig {
             return bad("brokers is empty (set KAFKA_BROKERS or --brokers)".into());
         }
         self.tables()?;
+        if !["on", "off", "local", "remote_write", "remote_apply"]
+            .contains(&self.synchronous_commit.as_str())
+        {
+            return Err(Error::Config(format!(
+                "synchronous_commit {:?} is unknown: use on, off, local, remote_write or remote_apply",
+                self.synchronous_commit
+            )));
+        }
         if self.page_size <= 0 {
             return bad(format!(
                 "page_size must be positive, got {}",

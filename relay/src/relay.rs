@@ -25,14 +25,17 @@ struct Db {
     url: Arc<str>,
     /// `application_name` of the session: `outbox-relay:<instance>` (listed by `status`).
     name: Arc<str>,
+    /// `synchronous_commit` of the session.
+    synchronous_commit: Arc<str>,
     conn: Option<PgConnection>,
 }
 
 impl Db {
-    fn new(url: &str, name: &str) -> Self {
+    fn new(url: &str, name: &str, synchronous_commit: &str) -> Self {
         Self {
             url: url.into(),
             name: name.into(),
+            synchronous_commit: synchronous_commit.into(),
             conn: None,
         }
     }
@@ -45,11 +48,17 @@ impl Db {
         F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
     {
         let conn = self.conn.take();
-        let (url, name) = (Arc::clone(&self.url), Arc::clone(&self.name));
+        let (url, name, sync) = (
+            Arc::clone(&self.url),
+            Arc::clone(&self.name),
+            Arc::clone(&self.synchronous_commit),
+        );
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let mut conn = match conn {
                 Some(c) => c,
-                None => match store::connect_as(&url, Some(&name)) {
+                None => match store::connect_as(&url, Some(&name))
+                    .and_then(|mut c| store::set_synchronous_commit(&mut c, &sync).map(|()| c))
+                {
                     Ok(c) => c,
                     Err(e) => return (None, Err(e)),
                 },
@@ -165,7 +174,11 @@ impl Relay {
     /// `allow_superuser`, a producer configuration librdkafka refuses.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let app_name = crate::status::application_name(&self.instance);
-        let mut db = Db::new(&self.cfg.database_url, &app_name);
+        let mut db = Db::new(
+            &self.cfg.database_url,
+            &app_name,
+            &self.cfg.synchronous_commit,
+        );
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
         tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), "relay started");
@@ -283,6 +296,10 @@ impl Relay {
         let idle_max = Duration::from_millis(self.cfg.idle_poll_max_ms);
         let mut idle = Duration::from_millis(1);
         let mut retry = backoff_policy();
+        // Whether the previous batch is done: then one statement closes it and opens the next
+        // (its snapshot becomes the next one's lower bound); otherwise the open batch (ours,
+        // or a previous leader's) is resumed.
+        let mut previous_done = false;
         loop {
             if term.shutdown.is_cancelled() {
                 return Ok(());
@@ -291,8 +308,15 @@ impl Relay {
             let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
             let batch = term
                 .db
-                .call(move |c| store::open_batch(c, &sql, &lease))
+                .call(move |c| {
+                    if previous_done {
+                        store::advance_batch(c, &sql, &lease)
+                    } else {
+                        store::open_batch(c, &sql, &lease)
+                    }
+                })
                 .await?;
+            previous_done = false;
             if self.cfg.poison_policy == PoisonPolicy::HoldKey {
                 let sql = Arc::clone(&self.sql);
                 term.held = term
@@ -305,10 +329,7 @@ impl Relay {
             term.blocked.clear();
             match self.deliver_batch(term, &batch).await? {
                 BatchEnd::Done { rows } => {
-                    let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
-                    term.db
-                        .call(move |c| store::close_batch(c, &sql, &lease))
-                        .await?;
+                    previous_done = true;
                     retry.reset();
                     if rows == 0 {
                         // idle_poll_max_ms < lease / 4 (validated): the lease cannot lapse here.
@@ -378,9 +399,10 @@ impl Relay {
                     .call(move |c| store::fetch(c, &sql, &lease, &b, after_id, page_size))
                     .await?;
                 if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page_size {
-                    // A fenced fetch returns nothing: confirm the lease before calling the batch
-                    // exhausted, or a lapsed lease would look like the end of the batch.
-                    self.renew(term).await?;
+                    // A fenced fetch returns nothing, so a lapsed lease looks like the end of the
+                    // batch here; that is safe because closing the batch is fenced by the same
+                    // lease (a lapsed lease never comes back: renewal requires it unexpired), so
+                    // the batch is not marked done and the next leader resumes it.
                     exhausted = true;
                 }
                 if let Some(last) = rows.last() {

@@ -67,6 +67,7 @@ pub struct Sql {
     release: String,
     open_batch: String,
     close_batch: String,
+    advance_batch: String,
     fetch: String,
     delete: String,
     dead_letter: String,
@@ -119,6 +120,11 @@ impl Sql {
             close_batch: format!(
                 "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
                  updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+            ),
+            advance_batch: format!(
+                "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = pg_current_snapshot(), \
+                 updated_at = clock_timestamp() WHERE {lease_cond} \
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur"
             ),
             fetch: format!(
                 "SELECT {STORED_EVENT_COLUMNS} FROM {t} \
@@ -280,6 +286,32 @@ pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<
         .optional()?
         .map(|_| ())
         .ok_or_else(|| lost(sql))
+}
+
+/// Marks the batch done and opens the next one, in one statement: the done batch's snapshot
+/// becomes the lower bound, the current snapshot the upper bound.
+///
+/// # Errors
+/// [`Error::LostLeadership`], [`Error::Database`].
+pub fn advance_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
+    diesel::sql_query(&sql.advance_batch)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .get_result::<Batch>(conn)
+        .optional()?
+        .ok_or_else(|| lost(sql))
+}
+
+/// Sets `synchronous_commit` for the session (the relay's own commits).
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn set_synchronous_commit(conn: &mut PgConnection, value: &str) -> Result<()> {
+    diesel::sql_query("SELECT set_config('synchronous_commit', $1, false)")
+        .bind::<Text, _>(value)
+        .execute(conn)?;
+    Ok(())
 }
 
 /// The next page of the batch after `after_id`, in id order. Empty when the lease is gone.
