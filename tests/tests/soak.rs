@@ -22,7 +22,7 @@ fn soak(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn soak_short_form_holds_every_invariant() {
-    let (ok, text) = soak(&["--seconds", "60", "--seed", "11"]);
+    let (ok, text) = soak(&["--seconds", "75", "--seed", "11"]);
     assert!(ok, "{text}");
     assert!(text.contains("SOAK PASSED"), "{text}");
     for fault in [
@@ -30,6 +30,7 @@ fn soak_short_form_holds_every_invariant() {
         "SIGSTOP of the leading relay",
         "kill -9 of the broker",
         "Postgres crash",
+        "a transaction held open",
     ] {
         assert!(text.contains(fault), "{fault} not injected:\n{text}");
     }

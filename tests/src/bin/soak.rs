@@ -5,12 +5,15 @@
 //! writers (each transaction records its events in `written`, the source of truth after a
 //! crash), and a consumer runner applying every event to `effects` through the inbox. Every few
 //! seconds one fault: kill -9 of the leading relay, SIGSTOP of it past its lease (then SIGCONT),
-//! kill -9 of the broker, or an immediate stop of Postgres; each is healed a few seconds later.
+//! kill -9 of the broker, an immediate stop of Postgres, or a transaction that writes an event and
+//! stays open (`--long-tx-seconds`, minutes in release soaks) while the others keep writing; each
+//! is healed a few seconds later.
 //! Afterwards: I1 every committed event in Kafka, I2 nothing uncommitted, I3 per-key order,
 //! I4 duplicates only from in-flight work, I5 every effect once, I6 lag back to zero after each
-//! heal within a bound. Exits 1 on any violation.
+//! heal within a bound, and the others' lag stays bounded while a transaction is held open.
+//! Exits 1 on any violation.
 //!
-//! `soak --seconds 600` for release checks; `--broken-consumer` deduplicates on Kafka offsets
+//! `soak --seconds 600 --long-tx-seconds 120` for release checks; `--broken-consumer` deduplicates on Kafka offsets
 //! instead of event ids, which the I5 check must catch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,11 +32,14 @@ use rand::{Rng, SeedableRng};
 
 const IN_FLIGHT_BOUND: usize = 4 * 1000;
 const LAG_BOUND: Duration = Duration::from_secs(30);
+/// Most the other writers' events may wait while one transaction is held open.
+const HELD_LAG_BOUND: Duration = Duration::from_secs(10);
 
 struct Args {
     seconds: u64,
     seed: u64,
     rate: u64,
+    long_tx: Duration,
     broken_consumer: bool,
 }
 
@@ -42,6 +48,7 @@ fn args() -> Result<Args> {
         seconds: 60,
         seed: rand::random(),
         rate: 150,
+        long_tx: Duration::from_secs(8),
         broken_consumer: false,
     };
     let mut it = std::env::args().skip(1);
@@ -50,8 +57,11 @@ fn args() -> Result<Args> {
             "--seconds" => a.seconds = it.next().context("--seconds N")?.parse()?,
             "--seed" => a.seed = it.next().context("--seed N")?.parse()?,
             "--rate" => a.rate = it.next().context("--rate N")?.parse()?,
+            "--long-tx-seconds" => {
+                a.long_tx = Duration::from_secs(it.next().context("--long-tx-seconds N")?.parse()?);
+            }
             "--broken-consumer" => a.broken_consumer = true,
-            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--broken-consumer]"),
+            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer]"),
         }
     }
     Ok(a)
@@ -85,16 +95,49 @@ fn lag_recovery(url: &str, healed: Instant) -> Duration {
     }
 }
 
+/// Opens a transaction that writes one event (recorded in `written`, so it counts as committed)
+/// and keeps it open for `hold` while the paced writers go on; returns the worst age of the
+/// oldest event the relay could already see (the others' lag) during the hold.
+async fn hold_transaction_open(
+    url: &str,
+    topic: &str,
+    n: usize,
+    hold: Duration,
+) -> Result<Duration> {
+    use diesel::connection::{AnsiTransactionManager, TransactionManager};
+    let mut c = PgConnection::establish(url)?;
+    AnsiTransactionManager::begin_transaction(&mut c)?;
+    let key = format!("held-{n}");
+    let e = outbox::Event::json(topic, &key, "Held", &serde_json::json!({ "seq": 0 }))?;
+    diesel::sql_query("INSERT INTO written VALUES ($1, $2, 0)")
+        .bind::<diesel::sql_types::Text, _>(e.event_id().to_string())
+        .bind::<diesel::sql_types::Text, _>(&key)
+        .execute(&mut c)?;
+    outbox::enqueue(&mut c, &e)?;
+    let opened = Instant::now();
+    let mut worst = 0.0_f64;
+    while opened.elapsed() < hold {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let u = url.to_owned();
+        if let Some(age) = tokio::task::spawn_blocking(move || oldest_age(&u)).await? {
+            worst = worst.max(age);
+        }
+    }
+    AnsiTransactionManager::commit_transaction(&mut c)?;
+    Ok(Duration::from_secs_f64(worst))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 #[allow(clippy::too_many_lines)]
 async fn main() -> Result<()> {
     let args = args()?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     println!(
-        "soak: {} s, seed {}, {} events/s{}",
+        "soak: {} s, seed {}, {} events/s, transactions held open {} s{}",
         args.seconds,
         args.seed,
         args.rate,
+        args.long_tx.as_secs(),
         if args.broken_consumer {
             ", BROKEN consumer (dedup on offsets)"
         } else {
@@ -171,11 +214,12 @@ async fn main() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let mut faults: Vec<(String, Duration)> = Vec::new();
     let mut kinds_left: Vec<u32> = Vec::new();
+    let mut held_lag = Duration::ZERO;
     tokio::time::sleep(Duration::from_secs(3)).await;
     while Instant::now() + Duration::from_secs(8) < deadline {
         // Every kind of fault once per round, in a random order.
         if kinds_left.is_empty() {
-            kinds_left = vec![0, 1, 2, 3];
+            kinds_left = vec![0, 1, 2, 3, 4];
             rand::seq::SliceRandom::shuffle(kinds_left.as_mut_slice(), &mut rng);
         }
         let kind = kinds_left.pop().unwrap_or(0);
@@ -218,6 +262,15 @@ async fn main() -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
                 broker.restart()?;
                 "kill -9 of the broker".to_owned()
+            }
+            4 => {
+                let worst = hold_transaction_open(&url, &topic, faults.len(), args.long_tx).await?;
+                println!(
+                    "  (others' oldest waiting event while the transaction was open: {:.1} s)",
+                    worst.as_secs_f64()
+                );
+                held_lag = held_lag.max(worst);
+                "a transaction held open while others write".to_owned()
             }
             _ => {
                 cluster.stop_immediate()?;
@@ -304,6 +357,15 @@ async fn main() -> Result<()> {
             "I5 each effect once",
             twice == 0 && usize::try_from(distinct)? == expected.len(),
             format!("{distinct} effects, {twice} applied twice"),
+        ),
+        (
+            "I6 others flow while a transaction is open",
+            held_lag < HELD_LAG_BOUND,
+            format!(
+                "max {:.1} s (bound {} s)",
+                held_lag.as_secs_f64(),
+                HELD_LAG_BOUND.as_secs()
+            ),
         ),
         (
             "I6 lag back to zero after each heal",
