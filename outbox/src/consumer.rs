@@ -6,6 +6,12 @@
 //! partitions are revoked or the runner stops. Messages of one partition are handled in order,
 //! partitions in parallel (one worker and one database connection per assigned partition).
 //!
+//! Batching: when several messages of a partition are already waiting, up to 256 of them are
+//! applied in ONE transaction (each message in its own savepoint), so a backlog costs one commit
+//! per batch instead of one per message. Any failure in a batch rolls the whole batch back and
+//! the runner applies those messages one by one, with the per-message retries and dead letters
+//! below; so batching never changes what is applied, only how many commits it takes.
+//!
 //! Handler errors: [`HandlerError::Transient`] is retried with exponential backoff (the message
 //! stays in hand, so its partition waits and order is kept); after `max_attempts`, or at once for
 //! [`HandlerError::Permanent`], the message goes to the dead-letter topic with headers saying why,
@@ -462,6 +468,9 @@ impl std::fmt::Debug for ConsumerRunner {
     }
 }
 
+/// Most messages of one partition applied in one transaction.
+const BATCH_MAX: usize = 256;
+
 struct Job {
     message: IncomingMessage,
     generation: u64,
@@ -664,94 +673,150 @@ impl ConsumerRunner {
         async move {
             let mut conn: Option<PgConnection> = None;
             loop {
-                let job = tokio::select! {
+                let first = tokio::select! {
                     biased;
                     () = stop.cancelled() => break,
                     j = rx.recv() => match j { Some(j) => j, None => break },
                 };
-                // Claim the partition for this message unless it was revoked since dispatch.
+                // Whatever else of this partition is already queued goes into the same
+                // transaction: one commit (one WAL flush) for the lot.
+                let mut jobs = vec![first];
+                while jobs.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                // Claim the partition for these messages unless it was revoked since dispatch.
                 {
                     let mut parts = shared
                         .partitions
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     let state = parts.entry(key.clone()).or_default();
-                    if state.generation != job.generation {
+                    jobs.retain(|j| j.generation == state.generation);
+                    if jobs.is_empty() {
                         continue;
                     }
                     state.busy = true;
                 }
-                let message = Arc::new(job.message);
-                let mut backoff = backoff::ExponentialBackoff {
-                    initial_interval: initial,
-                    max_interval: max,
-                    max_elapsed_time: None,
-                    ..backoff::ExponentialBackoff::default()
-                };
-                let mut attempt = 0_u32;
-                let outcome = loop {
-                    attempt += 1;
-                    let (m, i, h, u) = (
-                        Arc::clone(&message),
+                let mut messages: Vec<Arc<IncomingMessage>> =
+                    jobs.into_iter().map(|j| Arc::new(j.message)).collect();
+                if messages.len() > 1 {
+                    let (ms, i, h, u) = (
+                        messages.clone(),
                         inbox.clone(),
                         Arc::clone(&handler),
                         url.clone(),
                     );
                     let c = conn.take();
-                    let (c, r) = tokio::task::spawn_blocking(move || apply(c, &u, &i, &*h, &m))
-                        .await
-                        .unwrap_or_else(|e| {
-                            (
-                                None,
-                                Err(HandlerError::Transient(format!("handler panicked: {e}"))),
-                            )
-                        });
+                    let (c, r) =
+                        tokio::task::spawn_blocking(move || apply_batch(c, &u, &i, &*h, &ms))
+                            .await
+                            .unwrap_or_else(|e| {
+                                (
+                                    None,
+                                    Err(HandlerError::Transient(format!("handler panicked: {e}"))),
+                                )
+                            });
                     conn = c;
                     match r {
-                        Ok(applied) => break Ok(applied),
-                        Err(HandlerError::Transient(e))
-                            if attempt < max_attempts && !stop.is_cancelled() =>
+                        Ok(applied) => {
+                            for (message, applied) in messages.iter().zip(applied) {
+                                RunnerStats::bump(if applied {
+                                    &stats.applied
+                                } else {
+                                    &stats.duplicates
+                                });
+                                if let Err(e) = consumer.store_offset(
+                                    &message.topic,
+                                    message.partition,
+                                    message.offset,
+                                ) {
+                                    tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
+                                }
+                            }
+                            messages.clear();
+                        }
+                        Err(e) => {
+                            // Nothing of the batch was committed: go through it one message
+                            // at a time, with retries and dead letters, as usual.
+                            tracing::debug!(target: TARGET, error = %e, batch = messages.len(), "batch failed; applying one by one");
+                        }
+                    }
+                }
+                for message in messages {
+                    let mut backoff = backoff::ExponentialBackoff {
+                        initial_interval: initial,
+                        max_interval: max,
+                        max_elapsed_time: None,
+                        ..backoff::ExponentialBackoff::default()
+                    };
+                    let mut attempt = 0_u32;
+                    let outcome = loop {
+                        attempt += 1;
+                        let (m, i, h, u) = (
+                            Arc::clone(&message),
+                            inbox.clone(),
+                            Arc::clone(&handler),
+                            url.clone(),
+                        );
+                        let c = conn.take();
+                        let (c, r) = tokio::task::spawn_blocking(move || apply(c, &u, &i, &*h, &m))
+                            .await
+                            .unwrap_or_else(|e| {
+                                (
+                                    None,
+                                    Err(HandlerError::Transient(format!("handler panicked: {e}"))),
+                                )
+                            });
+                        conn = c;
+                        match r {
+                            Ok(applied) => break Ok(applied),
+                            Err(HandlerError::Transient(e))
+                                if attempt < max_attempts && !stop.is_cancelled() =>
+                            {
+                                let wait = backoff.next_backoff().unwrap_or(max);
+                                tracing::warn!(target: TARGET, topic = %message.topic, partition = message.partition, offset = message.offset, attempt, error = %e, "handler failed; retrying");
+                                tokio::time::sleep(wait).await;
+                            }
+                            Err(e) => break Err((e, attempt)),
+                        }
+                    };
+                    let done = match outcome {
+                        Ok(true) => {
+                            RunnerStats::bump(&stats.applied);
+                            true
+                        }
+                        Ok(false) => {
+                            RunnerStats::bump(&stats.duplicates);
+                            tracing::debug!(target: TARGET, message_id = %message.message_id, "duplicate skipped");
+                            true
+                        }
+                        Err((HandlerError::Transient(_), _)) if stop.is_cancelled() => false,
+                        Err((e, attempts)) => {
+                            let written = dead_letter(
+                                &dlq,
+                                &dlq_topic,
+                                &consumer_name,
+                                &message,
+                                &e,
+                                attempts,
+                                &stop,
+                            )
+                            .await;
+                            if written {
+                                RunnerStats::bump(&stats.dead_lettered);
+                            }
+                            written
+                        }
+                    };
+                    if done {
+                        if let Err(e) =
+                            consumer.store_offset(&message.topic, message.partition, message.offset)
                         {
-                            let wait = backoff.next_backoff().unwrap_or(max);
-                            tracing::warn!(target: TARGET, topic = %message.topic, partition = message.partition, offset = message.offset, attempt, error = %e, "handler failed; retrying");
-                            tokio::time::sleep(wait).await;
+                            tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
                         }
-                        Err(e) => break Err((e, attempt)),
-                    }
-                };
-                let done = match outcome {
-                    Ok(true) => {
-                        RunnerStats::bump(&stats.applied);
-                        true
-                    }
-                    Ok(false) => {
-                        RunnerStats::bump(&stats.duplicates);
-                        tracing::debug!(target: TARGET, message_id = %message.message_id, "duplicate skipped");
-                        true
-                    }
-                    Err((HandlerError::Transient(_), _)) if stop.is_cancelled() => false,
-                    Err((e, attempts)) => {
-                        let written = dead_letter(
-                            &dlq,
-                            &dlq_topic,
-                            &consumer_name,
-                            &message,
-                            &e,
-                            attempts,
-                            &stop,
-                        )
-                        .await;
-                        if written {
-                            RunnerStats::bump(&stats.dead_lettered);
-                        }
-                        written
-                    }
-                };
-                if done {
-                    if let Err(e) =
-                        consumer.store_offset(&message.topic, message.partition, message.offset)
-                    {
-                        tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
                     }
                 }
                 {
@@ -832,6 +897,19 @@ fn apply(
             )),
         );
     }
+    let r = process_in_span(&mut conn, inbox, handler, message);
+    let keep = !matches!(&r, Err(HandlerError::Transient(_)));
+    (keep.then_some(conn), r)
+}
+
+/// The inbox row and the handler's effect of one message, in the message's `consume` span
+/// (whose parent is the writer's trace when the message carries `traceparent`).
+fn process_in_span(
+    conn: &mut PgConnection,
+    inbox: &Inbox,
+    handler: &dyn Handler,
+    message: &IncomingMessage,
+) -> Result<bool, HandlerError> {
     let span = tracing::info_span!(
         target: TARGET,
         "consume",
@@ -844,13 +922,51 @@ fn apply(
     let _entered = span.enter();
     let msg_ref =
         MessageRef::id(&message.message_id).at(&message.topic, message.partition, message.offset);
-    let r =
-        inbox.process::<(), HandlerError, _>(&mut conn, &msg_ref, |c| handler.handle(c, message));
+    inbox
+        .process::<(), HandlerError, _>(conn, &msg_ref, |c| handler.handle(c, message))
+        .map(|p| matches!(p, Processed::Applied(())))
+}
+
+/// Several messages of one partition in ONE transaction (each in its own savepoint, as
+/// [`Inbox::process`] nests). Any error rolls the whole batch back; the caller then applies the
+/// messages one by one, so a failing message is retried or dead-lettered on its own.
+fn apply_batch(
+    conn: Option<PgConnection>,
+    url: &str,
+    inbox: &Inbox,
+    handler: &dyn Handler,
+    messages: &[Arc<IncomingMessage>],
+) -> (Option<PgConnection>, Result<Vec<bool>, HandlerError>) {
+    use diesel::Connection;
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match PgConnection::establish(url) {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    None,
+                    Err(HandlerError::Transient(format!(
+                        "connect to the database: {}",
+                        scrub(&e.to_string(), url)
+                    ))),
+                );
+            }
+        },
+    };
+    if messages.iter().any(|m| m.message_id.is_empty()) {
+        return (
+            Some(conn),
+            Err(HandlerError::Permanent("a message without an id".into())),
+        );
+    }
+    let r = conn.transaction::<_, HandlerError, _>(|c| {
+        messages
+            .iter()
+            .map(|m| process_in_span(c, inbox, handler, m))
+            .collect()
+    });
     let keep = !matches!(&r, Err(HandlerError::Transient(_)));
-    (
-        keep.then_some(conn),
-        r.map(|p| matches!(p, Processed::Applied(()))),
-    )
+    (keep.then_some(conn), r)
 }
 
 fn scrub(text: &str, url: &str) -> String {
