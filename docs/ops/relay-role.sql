@@ -39,6 +39,15 @@ GRANT SELECT, DELETE ON outbox TO outbox_relay;
 -- reads the held keys; /metrics and `status` count the rows. No DELETE: only operators purge.
 GRANT SELECT, INSERT, UPDATE ON outbox_dead_letters TO outbox_relay;
 
+-- keep_delivered_hours > 0: the removal after acknowledgement moves delivered events to
+-- outbox_delivered (INSERT), the leader purges expired ones (SELECT, DELETE); `replay` reads
+-- them. Harmless when nothing is kept (the table stays empty).
+GRANT SELECT, INSERT, DELETE ON outbox_delivered TO outbox_relay;
+
+-- dead_letters_keep_days > 0 lets the leader delete dead letters older than that. Deleting
+-- dead letters is an operator's decision, so it is not granted here; to use it, run:
+--   GRANT DELETE ON outbox_dead_letters TO outbox_relay;
+
 -- The lease (leader, epoch, expiry) and the open batch's snapshots.
 GRANT SELECT, INSERT, UPDATE ON outbox_relay_state TO outbox_relay;
 
@@ -53,7 +62,8 @@ GRANT SELECT ON inbox TO outbox_relay;
 -- long-transaction alert then sees only the relay role's own sessions.
 GRANT pg_read_all_stats TO outbox_relay;
 
--- `outbox-relay dead-letters retry | purge` (an operator, not the running relay): put dead
--- letters back into the outbox, or delete them. `migrate` needs the tables' owner instead.
+-- `outbox-relay dead-letters retry | purge` and `outbox-relay replay` (an operator, not the
+-- running relay): put dead letters or delivered events back into the outbox, or delete dead
+-- letters. `migrate` needs the tables' owner instead.
 GRANT INSERT ON outbox TO outbox_relay_operator;
 GRANT DELETE ON outbox_dead_letters TO outbox_relay_operator;

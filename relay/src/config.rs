@@ -74,6 +74,12 @@ pub struct RelayConfig {
     pub(crate) allow_superuser: bool,
     #[serde(default = "defaults::synchronous_commit")]
     pub(crate) synchronous_commit: String,
+    #[serde(default)]
+    pub(crate) keep_delivered_hours: u64,
+    #[serde(default)]
+    pub(crate) dead_letters_keep_days: u64,
+    #[serde(default = "defaults::purge_interval_ms")]
+    pub(crate) purge_interval_ms: u64,
     /// Raw librdkafka producer properties.
     #[serde(default)]
     pub(crate) kafka: BTreeMap<String, String>,
@@ -115,7 +121,18 @@ mod defaults {
     pub fn synchronous_commit() -> String {
         "off".to_owned()
     }
+    /// How often the leader purges expired delivered events and dead letters: often enough that
+    /// each run deletes little, rarely enough that the index scan costs nothing.
+    pub fn purge_interval_ms() -> u64 {
+        300_000
+    }
 }
+
+/// Longest `keep_delivered_hours` (one year): replay is for recent incidents; longer archives
+/// belong in a warehouse, not next to the hot outbox.
+pub(crate) const MAX_KEEP_DELIVERED_HOURS: u64 = 8760;
+/// Longest `dead_letters_keep_days` (ten years) other than 0 (forever).
+pub(crate) const MAX_DEAD_LETTERS_KEEP_DAYS: u64 = 3650;
 
 impl fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -144,6 +161,9 @@ impl fmt::Debug for RelayConfig {
             .field("metrics_addr", &self.metrics_addr)
             .field("allow_superuser", &self.allow_superuser)
             .field("synchronous_commit", &self.synchronous_commit)
+            .field("keep_delivered_hours", &self.keep_delivered_hours)
+            .field("dead_letters_keep_days", &self.dead_letters_keep_days)
+            .field("purge_interval_ms", &self.purge_interval_ms)
             .field("kafka", &kafka)
             .finish()
     }
@@ -217,6 +237,9 @@ impl RelayConfig {
             metrics_addr: None,
             allow_superuser: false,
             synchronous_commit: defaults::synchronous_commit(),
+            keep_delivered_hours: 0,
+            dead_letters_keep_days: 0,
+            purge_interval_ms: defaults::purge_interval_ms(),
             kafka: BTreeMap::new(),
         }
     }
@@ -330,6 +353,32 @@ impl RelayConfig {
         self
     }
 
+    /// Keep delivered events this many hours in `outbox_delivered` (for `outbox-relay replay`),
+    /// then purge them. Defaults to 0: delete them at once. When positive, removal after
+    /// acknowledgement becomes a move in the same fenced statement, and the leader purges
+    /// expired rows every [`RelayConfig::purge_interval`] in batches of 10,000.
+    #[must_use]
+    pub fn keep_delivered_hours(mut self, hours: u64) -> Self {
+        self.keep_delivered_hours = hours;
+        self
+    }
+
+    /// Purge dead letters older than this many days (by `dead_lettered_at`). Defaults to 0:
+    /// keep them until an operator retries or purges them.
+    #[must_use]
+    pub fn dead_letters_keep_days(mut self, days: u64) -> Self {
+        self.dead_letters_keep_days = days;
+        self
+    }
+
+    /// How often the leader purges expired delivered events and dead letters (also once when it
+    /// becomes leader). Defaults to 5 minutes.
+    #[must_use]
+    pub fn purge_interval(mut self, d: Duration) -> Self {
+        self.purge_interval_ms = millis(d);
+        self
+    }
+
     /// Sets a raw librdkafka producer property (checked by [`RelayConfig::validate`]).
     #[must_use]
     pub fn kafka_option(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -400,6 +449,7 @@ impl RelayConfig {
             ("standby_poll_ms", self.standby_poll_ms),
             ("max_attempts", u64::from(self.max_attempts)),
             ("shutdown_timeout_ms", self.shutdown_timeout_ms),
+            ("purge_interval_ms", self.purge_interval_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive, got 0"));
@@ -415,6 +465,24 @@ impl RelayConfig {
             return bad(format!(
                 "lease_ms must be at least 1000 (a shorter lease flaps on ordinary pauses), got {}",
                 self.lease_ms
+            ));
+        }
+        if self.keep_delivered_hours > MAX_KEEP_DELIVERED_HOURS {
+            return bad(format!(
+                "keep_delivered_hours must be at most {MAX_KEEP_DELIVERED_HOURS} (one year), got {}",
+                self.keep_delivered_hours
+            ));
+        }
+        if self.dead_letters_keep_days > MAX_DEAD_LETTERS_KEEP_DAYS {
+            return bad(format!(
+                "dead_letters_keep_days must be at most {MAX_DEAD_LETTERS_KEEP_DAYS} (0 keeps them forever), got {}",
+                self.dead_letters_keep_days
+            ));
+        }
+        if self.purge_interval_ms < 1000 {
+            return bad(format!(
+                "purge_interval_ms must be at least 1000, got {}",
+                self.purge_interval_ms
             ));
         }
         if self.standby_poll_ms >= self.lease_ms {
@@ -454,6 +522,17 @@ impl RelayConfig {
             .iter()
             .find(|(k, _)| canonical_key(k) == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether delivered events are kept in `outbox_delivered` (`keep_delivered_hours > 0`).
+    #[must_use]
+    pub fn keeps_delivered(&self) -> bool {
+        self.keep_delivered_hours > 0
+    }
+
+    /// Whether the leader purges anything (`keep_delivered_hours` or `dead_letters_keep_days`).
+    pub(crate) fn purges(&self) -> bool {
+        self.keep_delivered_hours > 0 || self.dead_letters_keep_days > 0
     }
 
     pub(crate) fn lease_duration(&self) -> Duration {
@@ -622,6 +701,36 @@ mod tests {
         assert!(err.contains("invalid identifier"), "{err}");
         assert!(RelayConfig::new("", "b").validate().is_err());
         assert!(RelayConfig::new("postgres://x", " ").validate().is_err());
+    }
+
+    #[test]
+    fn retention_settings_are_checked_by_name() {
+        base()
+            .keep_delivered_hours(24)
+            .dead_letters_keep_days(30)
+            .validate()
+            .unwrap();
+        for (cfg, key) in [
+            (base().keep_delivered_hours(100_000), "keep_delivered_hours"),
+            (
+                base().dead_letters_keep_days(5000),
+                "dead_letters_keep_days",
+            ),
+            (
+                base().purge_interval(Duration::from_millis(10)),
+                "purge_interval_ms",
+            ),
+            (base().purge_interval(Duration::ZERO), "purge_interval_ms"),
+        ] {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let c = RelayConfig::from_toml(
+            "database_url = 'x'\nbrokers = 'b'\nkeep_delivered_hours = 48\ndead_letters_keep_days = 7\n",
+        )
+        .unwrap();
+        assert!(c.keeps_delivered() && c.dead_letters_keep_days == 7);
+        assert!(!base().keeps_delivered() && !base().purges());
     }
 
     #[test]

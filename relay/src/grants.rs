@@ -6,6 +6,7 @@
 use diesel::sql_types::{Array, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 
+use crate::config::RelayConfig;
 use crate::error::{Error, Result};
 
 /// `(table, privilege)` pairs the relay uses, and why.
@@ -25,12 +26,41 @@ pub const REQUIRED: &[(&str, &str)] = &[
     ("__diesel_schema_migrations", "SELECT"),
 ];
 
-/// Checks that the connected role holds every privilege in [`REQUIRED`] on the tables at
-/// `tables`. Tables that do not exist are left to the schema check.
+/// More privileges when delivered events are kept (`keep_delivered_hours > 0`): the fenced
+/// removal moves them to `outbox_delivered`, and the leader purges expired ones.
+pub const KEEP_DELIVERED: &[(&str, &str)] = &[
+    ("outbox_delivered", "SELECT"),
+    ("outbox_delivered", "INSERT"),
+    ("outbox_delivered", "DELETE"),
+];
+
+/// More privileges when the leader purges old dead letters (`dead_letters_keep_days > 0`).
+pub const PURGE_DEAD_LETTERS: &[(&str, &str)] = &[("outbox_dead_letters", "DELETE")];
+
+/// Every `(table, privilege)` pair `cfg` needs: [`REQUIRED`], plus [`KEEP_DELIVERED`] and
+/// [`PURGE_DEAD_LETTERS`] when those are configured.
+#[must_use]
+pub fn required(cfg: &RelayConfig) -> Vec<(&'static str, &'static str)> {
+    let mut all = REQUIRED.to_vec();
+    if cfg.keep_delivered_hours > 0 {
+        all.extend_from_slice(KEEP_DELIVERED);
+    }
+    if cfg.dead_letters_keep_days > 0 {
+        all.extend_from_slice(PURGE_DEAD_LETTERS);
+    }
+    all
+}
+
+/// Checks that the connected role holds every privilege in `required` (see [`required`]) on the
+/// tables at `tables`. Tables that do not exist are left to the schema check.
 ///
 /// # Errors
 /// [`Error::Config`] naming the role and each missing privilege; [`Error::Database`].
-pub fn check(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<()> {
+pub fn check(
+    conn: &mut PgConnection,
+    tables: &outbox::TableRef,
+    required: &[(&str, &str)],
+) -> Result<()> {
     #[derive(QueryableByName)]
     struct Missing {
         #[diesel(sql_type = Text)]
@@ -40,8 +70,8 @@ pub fn check(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<()> {
         #[diesel(sql_type = Text)]
         privilege: String,
     }
-    let names: Vec<String> = REQUIRED.iter().map(|(t, _)| tables.qualify(t)).collect();
-    let privileges: Vec<&str> = REQUIRED.iter().map(|(_, p)| *p).collect();
+    let names: Vec<String> = required.iter().map(|(t, _)| tables.qualify(t)).collect();
+    let privileges: Vec<&str> = required.iter().map(|(_, p)| *p).collect();
     let missing: Vec<Missing> = diesel::sql_query(
         "SELECT current_user::text AS role, r.tbl, r.privilege \
          FROM unnest($1::text[], $2::text[]) AS r(tbl, privilege) \

@@ -31,6 +31,8 @@ pub mod grants;
 pub mod metrics;
 pub mod producer;
 mod relay;
+pub mod replay;
+pub mod retention;
 pub mod status;
 pub mod store;
 

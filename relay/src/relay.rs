@@ -152,7 +152,7 @@ impl Relay {
             )
         });
         Ok(Self {
-            sql: Arc::new(Sql::new(&tables)),
+            sql: Arc::new(Sql::new(&tables).keep_delivered(cfg.keeps_delivered())),
             cfg,
             instance,
             source: source.into(),
@@ -243,12 +243,13 @@ impl Relay {
     async fn startup_checks(&self, db: &mut Db, shutdown: &CancellationToken) -> Result<()> {
         let tables = self.cfg.tables()?;
         let allow_superuser = self.cfg.allow_superuser;
+        let required = crate::grants::required(&self.cfg);
         let mut backoff = backoff_policy();
         loop {
-            let tables = tables.clone();
+            let (tables, required) = (tables.clone(), required.clone());
             let r = db
                 .call(move |c| {
-                    crate::grants::check(c, &tables)?;
+                    crate::grants::check(c, &tables, &required)?;
                     outbox::verify_schema(c, &tables)?;
                     if store::is_superuser(c)? && !allow_superuser {
                         return Err(Error::Config(
@@ -283,11 +284,23 @@ impl Relay {
             held: HashSet::new(),
             blocked: HashSet::new(),
         };
+        // Retention purges run beside delivery, on their own short-lived connection.
+        let purge_stop = shutdown.child_token();
+        let purge = crate::retention::spawn(
+            &self.cfg,
+            crate::status::application_name(&self.instance),
+            purge_stop.clone(),
+        );
         let result = self.lead_term(&mut term).await;
+        purge_stop.cancel();
         if result.is_err() {
             // Nothing more may leave this process under a term that is over.
             term.producer
                 .purge(PurgeConfig::default().queue().inflight().non_blocking());
+        }
+        if let Some(purge) = purge {
+            // Ends after the batch in progress, if any.
+            let _ = purge.await;
         }
         result
     }

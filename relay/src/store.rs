@@ -70,6 +70,8 @@ pub struct Sql {
     advance_batch: String,
     fetch: String,
     delete: String,
+    move_delivered: String,
+    keep_delivered: bool,
     dead_letter: String,
     held_keys: String,
 }
@@ -81,6 +83,7 @@ impl Sql {
         let t = tables.qualify("outbox");
         let s = tables.qualify("outbox_relay_state");
         let d = tables.qualify("outbox_dead_letters");
+        let k = tables.qualify("outbox_delivered");
         let key = match tables.schema() {
             Some(schema) => format!("{schema}.outbox"),
             None => "outbox".to_owned(),
@@ -139,6 +142,22 @@ impl Sql {
                  SELECT (SELECT count(*) FROM lease) AS leased, \
                  (SELECT count(*) FROM del) AS affected"
             ),
+            // The same fenced removal, keeping the rows in `outbox_delivered` (one statement:
+            // a row is either still pending or kept, never both, never neither). An id already
+            // kept can only come from a reset identity (a restore); the old copy stays.
+            move_delivered: format!(
+                "WITH lease AS ({locked_lease}), \
+                 del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+                 RETURNING *), \
+                 ins AS (INSERT INTO {k} (id, event_id, topic, partition_key, event_type, \
+                           payload, headers, content_type, traceparent, tx_id, created_at) \
+                         SELECT id, event_id, topic, partition_key, event_type, payload, \
+                           headers, content_type, traceparent, tx_id, created_at FROM del \
+                         ON CONFLICT (id) DO NOTHING RETURNING 1) \
+                 SELECT (SELECT count(*) FROM lease) AS leased, \
+                 (SELECT count(*) FROM del) AS affected"
+            ),
+            keep_delivered: false,
             dead_letter: format!(
                 "WITH lease AS ({locked_lease}), \
                  f AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::int[]) \
@@ -165,6 +184,14 @@ impl Sql {
             ),
             held_keys: format!("SELECT DISTINCT topic, partition_key FROM {d}"),
         }
+    }
+
+    /// With `keep`, [`delete`] moves delivered rows to `outbox_delivered` instead of deleting
+    /// them (same fencing, same counts). Defaults to deleting.
+    #[must_use]
+    pub fn keep_delivered(mut self, keep: bool) -> Self {
+        self.keep_delivered = keep;
+        self
     }
 
     /// The state row's key for this outbox (`outbox` or `<schema>.outbox`).
@@ -337,12 +364,18 @@ pub fn fetch(
         .load(conn)?)
 }
 
-/// Removes delivered rows, only while the lease is ours. Returns how many were removed.
+/// Removes delivered rows (or moves them to `outbox_delivered`, see [`Sql::keep_delivered`]),
+/// only while the lease is ours. Returns how many were removed.
 ///
 /// # Errors
 /// [`Error::LostLeadership`] (nothing removed), [`Error::Database`].
 pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) -> Result<u64> {
-    let r: Fenced = diesel::sql_query(&sql.delete)
+    let statement = if sql.keep_delivered {
+        &sql.move_delivered
+    } else {
+        &sql.delete
+    };
+    let r: Fenced = diesel::sql_query(statement)
         .bind::<Text, _>(&sql.key)
         .bind::<Text, _>(&lease.instance)
         .bind::<BigInt, _>(lease.epoch)

@@ -1,0 +1,2 @@
+DROP INDEX outbox_dead_letters_dead_lettered_at_idx;
+DROP TABLE outbox_delivered;
