@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
 use crate::error::scrub_url;
-use crate::{dead_letters, metrics, status, store, Relay};
+use crate::{dead_letters, metrics, replay, status, store, Relay};
 
 /// Moves committed outbox events from Postgres to Kafka (one active relay per outbox; start
 /// several for failover).
@@ -58,6 +58,46 @@ enum Command {
     /// List, show, retry or purge dead-lettered events.
     #[command(subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Re-publish delivered events kept in outbox_delivered (needs keep_delivered_hours > 0 on
+    /// the relay), with their original event ids, in their original order.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// Delivered at or after this time (RFC 3339, e.g. 2026-11-23T10:00:00Z).
+    #[arg(long, value_parser = parse_time)]
+    since: Option<chrono::DateTime<chrono::Utc>>,
+    /// Delivered before this time (RFC 3339).
+    #[arg(long, value_parser = parse_time)]
+    until: Option<chrono::DateTime<chrono::Utc>>,
+    /// Original outbox id at least this.
+    #[arg(long)]
+    from_id: Option<i64>,
+    /// Original outbox id at most this.
+    #[arg(long)]
+    to_id: Option<i64>,
+    /// Only this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this partition key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Print how many events per topic would be re-published, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Required when no time or id bound is given.
+    #[arg(long)]
+    all: bool,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    yes: bool,
+}
+
+fn parse_time(s: &str) -> std::result::Result<chrono::DateTime<chrono::Utc>, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|e| format!("expected an RFC 3339 time such as 2026-11-23T10:00:00Z: {e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +212,15 @@ struct RunArgs {
     /// Shutdown wait for acknowledgements in ms (default 10000).
     #[arg(long)]
     shutdown_timeout_ms: Option<u64>,
+    /// Keep delivered events this many hours for `replay` (default 0: delete at once).
+    #[arg(long)]
+    keep_delivered_hours: Option<u64>,
+    /// Purge dead letters older than this many days (default 0: keep them).
+    #[arg(long)]
+    dead_letters_keep_days: Option<u64>,
+    /// How often the leader purges expired rows, in ms (default 300000).
+    #[arg(long)]
+    purge_interval_ms: Option<u64>,
     /// Allow running as a database superuser.
     #[arg(long)]
     allow_superuser: bool,
@@ -242,6 +291,15 @@ impl RunArgs {
         }
         if let Some(v) = self.shutdown_timeout_ms {
             cfg.shutdown_timeout_ms = v;
+        }
+        if let Some(v) = self.keep_delivered_hours {
+            cfg.keep_delivered_hours = v;
+        }
+        if let Some(v) = self.dead_letters_keep_days {
+            cfg.dead_letters_keep_days = v;
+        }
+        if let Some(v) = self.purge_interval_ms {
+            cfg.purge_interval_ms = v;
         }
         cfg.allow_superuser |= self.allow_superuser;
         for (k, v) in &self.kafka {
@@ -318,6 +376,13 @@ fn run(cli: Cli) -> Result<()> {
             require_url(&cfg)?;
             let mut conn = store::connect(cfg.database_url())?;
             run_dead_letters(&mut conn, &tables, cmd)
+        }
+        Command::Replay(args) => {
+            let tables = cfg.tables()?;
+            require_url(&cfg)?;
+            let mut conn = store::connect(cfg.database_url())?;
+            outbox::verify_schema(&mut conn, &tables)?;
+            run_replay(&mut conn, &tables, args)
         }
         Command::Run(args) => {
             let cfg = args.apply(cfg)?;
@@ -411,6 +476,80 @@ fn run_dead_letters(
             println!("{n} dead letters deleted");
         }
     }
+    Ok(())
+}
+
+fn run_replay(
+    conn: &mut diesel::PgConnection,
+    tables: &outbox::TableRef,
+    args: &ReplayArgs,
+) -> Result<()> {
+    const TARGET: &str = "outbox::relay::replay";
+    let range = replay::Range {
+        since: args.since,
+        until: args.until,
+        from_id: args.from_id,
+        to_id: args.to_id,
+        topic: args.topic.clone(),
+        key: args.key.clone(),
+    };
+    if range.is_unbounded() && !args.all {
+        anyhow::bail!(
+            "no range given: pass --since/--until or --from-id/--to-id, or --all to replay \
+             everything kept"
+        );
+    }
+    let kept = replay::kept(conn, tables)?;
+    if kept.events == 0 {
+        anyhow::bail!(
+            "nothing to replay: outbox_delivered is empty. The relay keeps delivered events only \
+             when keep_delivered_hours (--keep-delivered-hours) is above 0, and only from then \
+             on; events delivered before that were deleted"
+        );
+    }
+    let counts = replay::count_by_topic(conn, tables, &range)?;
+    let total: i64 = counts.iter().map(|c| c.events).sum();
+    let span = format!(
+        "kept: {} events, ids {}..={}, delivered {} to {}",
+        kept.events,
+        kept.min_id.unwrap_or_default(),
+        kept.max_id.unwrap_or_default(),
+        kept.oldest.map(|t| t.to_rfc3339()).unwrap_or_default(),
+        kept.newest.map(|t| t.to_rfc3339()).unwrap_or_default(),
+    );
+    if args.dry_run {
+        let rows: Vec<Vec<String>> = counts
+            .iter()
+            .map(|c| vec![c.topic.clone(), c.events.to_string()])
+            .collect();
+        if !rows.is_empty() {
+            print!("{}", status::table(&["topic", "events"], &rows));
+        }
+        println!("dry run: {total} events would be re-published ({span})");
+        return Ok(());
+    }
+    if total == 0 {
+        anyhow::bail!("no kept event matches: nothing replayed ({span})");
+    }
+    let topics: Vec<String> = counts
+        .iter()
+        .map(|c| format!("{} ({})", c.topic, c.events))
+        .collect();
+    let question = format!(
+        "re-publish {total} delivered events to {} with their original event ids?",
+        topics.join(", ")
+    );
+    if !args.yes && !confirm(&question)? {
+        anyhow::bail!("not confirmed: nothing replayed (pass --yes to skip the question)");
+    }
+    let r = replay::replay(conn, tables, &range)?;
+    tracing::info!(target: TARGET, matched = r.matched, queued = r.queued, range = ?range, "delivered events replayed");
+    println!(
+        "{} events queued in the outbox again, in their original order ({} still pending there \
+         were skipped); the relay re-publishes them",
+        r.queued,
+        r.matched.saturating_sub(r.queued)
+    );
     Ok(())
 }
 
