@@ -177,6 +177,16 @@ pub struct PgCluster {
 impl PgCluster {
     /// initdb + start, with `wal_level=logical`, listening on 127.0.0.1 only.
     pub fn start() -> Result<Self> {
+        Self::start_with(false)
+    }
+
+    /// [`PgCluster::start`] with `ssl = on` and a self-signed certificate for `localhost`
+    /// (made with the `openssl` command line). Clients may use `sslmode=require`.
+    pub fn start_tls() -> Result<Self> {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Result<Self> {
         let bindir = pg_bindir()?;
         let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
         let cluster = Self {
@@ -206,13 +216,17 @@ impl PgCluster {
                 "UTF8",
             ],
         )?;
-        let conf = format!(
+        let mut conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\n\
              wal_level = logical\nmax_connections = 100\nfsync = on\n\
              shared_buffers = 64MB\nlog_min_messages = warning\n",
             cluster.port,
             cluster.dir.path().display()
         );
+        if tls {
+            cluster.make_certificate()?;
+            conf.push_str("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+        }
         // Appending keeps the file's owner (postgres when running as root).
         let mut file = std::fs::OpenOptions::new()
             .append(true)
@@ -220,6 +234,43 @@ impl PgCluster {
         std::io::Write::write_all(&mut file, conf.as_bytes())?;
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// A self-signed certificate and key in the data directory, readable only by the server.
+    fn make_certificate(&self) -> Result<()> {
+        let data = PathBuf::from(self.data_dir());
+        let out = Command::new("openssl")
+            .args([
+                "req", "-new", "-x509", "-days", "2", "-nodes", "-newkey", "rsa:2048",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(data.join("server.key"))
+            .arg("-out")
+            .arg(data.join("server.crt"))
+            .stdin(Stdio::null())
+            .output()
+            .context("run openssl (install it: scripts/setup)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl req failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        if running_as_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(data.join("server.key"))
+                .arg(data.join("server.crt"))
+                .status()?;
+            if !status.success() {
+                bail!("chown of the certificate to postgres failed");
+            }
+        }
+        Ok(())
     }
 
     fn data_dir(&self) -> String {
