@@ -546,3 +546,43 @@ async fn the_least_privilege_role_runs_keep_mode_and_a_missing_grant_is_named() 
         "{log}"
     );
 }
+
+#[test]
+fn a_fenced_out_leader_cannot_move_rows_and_the_move_returns_the_delete_counts() {
+    use outbox_relay::store::{self, Sql};
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    enqueue(&mut conn, "t", 0, 3);
+    let sql = Sql::new(&outbox::TableRef::default()).keep_delivered(true);
+    let old = store::try_acquire(&mut conn, &sql, "old", 60_000)
+        .unwrap()
+        .unwrap();
+    let batch = store::open_batch(&mut conn, &sql, &old).unwrap();
+    let ids: Vec<i64> = store::fetch(&mut conn, &sql, &old, &batch, 0, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(store::delete(&mut conn, &sql, &old, &ids[..1]).unwrap(), 1);
+    assert_eq!((backlog(&mut conn).unwrap(), kept(&mut conn)), (2, 1));
+    diesel::sql_query(
+        "UPDATE outbox_relay_state SET lease_expires_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let new = store::try_acquire(&mut conn, &sql, "new", 60_000)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        store::delete(&mut conn, &sql, &old, &ids),
+        Err(outbox_relay::Error::LostLeadership(_))
+    ));
+    assert_eq!(
+        (backlog(&mut conn).unwrap(), kept(&mut conn)),
+        (2, 1),
+        "the fenced-out leader neither removed nor kept anything"
+    );
+    // Already-moved ids count as nothing, like the delete.
+    assert_eq!(store::delete(&mut conn, &sql, &new, &ids).unwrap(), 2);
+    assert_eq!((backlog(&mut conn).unwrap(), kept(&mut conn)), (0, 3));
+}
