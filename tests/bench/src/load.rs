@@ -1,0 +1,467 @@
+//! Application load: writer threads doing the app's transaction (a business row, optionally
+//! with outbox events), flat out or paced, plus the latency probe.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::{BigInt, Text};
+use diesel::{Connection, PgConnection, RunQueryDsl};
+use outbox::Event;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+/// The business table the application writes in every transaction.
+pub fn create_business_table(conn: &mut PgConnection) -> Result<()> {
+    conn.batch_execute(
+        "CREATE TABLE IF NOT EXISTS bench_orders (
+             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+             customer text NOT NULL,
+             amount bigint NOT NULL,
+             note text NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )?;
+    Ok(())
+}
+
+/// One application transaction: a business row and, with a topic, `per_tx` outbox events.
+/// Returns the event ids.
+fn app_tx(
+    conn: &mut PgConnection,
+    topic: Option<&str>,
+    per_tx: usize,
+    seq: usize,
+) -> Result<Vec<String>> {
+    let note = "n".repeat(100);
+    conn.transaction::<_, anyhow::Error, _>(|c| {
+        diesel::sql_query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, $3)")
+            .bind::<Text, _>(format!("c-{}", seq % 1000))
+            .bind::<BigInt, _>(i64::try_from(seq % 10_000)?)
+            .bind::<Text, _>(&note)
+            .execute(c)?;
+        let Some(topic) = topic else {
+            return Ok(Vec::new());
+        };
+        let events = (0..per_tx)
+            .map(|i| {
+                Event::builder(
+                    topic,
+                    format!("k-{}", (seq * per_tx + i) % crate::KEYS),
+                    "OrderPlaced",
+                )
+                .bytes(crate::payload(), "application/octet-stream")
+                .build()
+            })
+            .collect::<outbox::Result<Vec<_>>>()?;
+        if per_tx == 1 {
+            outbox::enqueue(c, &events[0])?;
+        } else {
+            outbox::enqueue_batch(c, &events)?;
+        }
+        Ok(events.iter().map(|e| e.event_id().to_string()).collect())
+    })
+}
+
+/// What a flat-out run measured.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub events: usize,
+    pub txs: usize,
+    pub elapsed: Duration,
+    /// `(since start, backlog, events committed so far)` every 500 ms.
+    pub samples: Vec<(Duration, i64, usize)>,
+    pub max_backlog: i64,
+    pub end_backlog: i64,
+}
+
+impl Load {
+    /// `writers` connections run the app transaction as fast as they can for `window`; with a
+    /// topic, the outbox backlog is sampled every 500 ms.
+    pub async fn flat_out(
+        url: &str,
+        topic: Option<&str>,
+        writers: usize,
+        per_tx: usize,
+        window: Duration,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let events = Arc::new(AtomicUsize::new(0));
+        let txs = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let (url, topic) = (url.to_owned(), topic.map(str::to_owned));
+                let (stop, events, txs) =
+                    (Arc::clone(&stop), Arc::clone(&events), Arc::clone(&txs));
+                std::thread::spawn(move || -> Result<()> {
+                    let mut c = PgConnection::establish(&url)?;
+                    let mut seq = w * 1_000_003;
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let ids = app_tx(&mut c, topic.as_deref(), per_tx, seq)?;
+                        events.fetch_add(ids.len(), Ordering::Relaxed);
+                        txs.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut probe = PgConnection::establish(url)?;
+        let started = Instant::now();
+        let mut load = Self::default();
+        let base = if topic.is_some() {
+            crate::backlog(&mut probe)?
+        } else {
+            0
+        };
+        while started.elapsed() < window {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if topic.is_some() {
+                let b = crate::backlog(&mut probe)? - base;
+                load.max_backlog = load.max_backlog.max(b);
+                load.samples
+                    .push((started.elapsed(), b, events.load(Ordering::Relaxed)));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        load.elapsed = started.elapsed();
+        load.events = events.load(Ordering::Relaxed);
+        load.txs = txs.load(Ordering::Relaxed);
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        load.end_backlog = load.samples.last().map_or(0, |s| s.1);
+        Ok(load)
+    }
+
+    #[must_use]
+    pub fn tx_rate(&self) -> f64 {
+        crate::rate(self.txs, self.elapsed)
+    }
+
+    #[must_use]
+    pub fn event_rate(&self) -> f64 {
+        crate::rate(self.events, self.elapsed)
+    }
+
+    /// The backlog did not grow over the window: the mean of its last third is within 1.5x the
+    /// mean of its first third plus the relay's in-flight allowance (4 pages of 1000).
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn backlog_bounded(&self) -> bool {
+        let n = self.samples.len();
+        if n < 3 {
+            return self.end_backlog <= 5000;
+        }
+        let mean = |s: &[(Duration, i64, usize)]| {
+            s.iter().map(|x| x.1 as f64).sum::<f64>() / s.len().max(1) as f64
+        };
+        mean(&self.samples[n - n / 3..]) <= mean(&self.samples[..n / 3]) * 1.5 + 5000.0
+    }
+
+    /// Events delivered per second over the last third of the window (committed minus the
+    /// backlog's growth).
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn delivered_rate_last_third(&self) -> f64 {
+        let n = self.samples.len();
+        if n < 3 {
+            return self.event_rate();
+        }
+        let (t0, b0, c0) = self.samples[n - 1 - n / 3];
+        let (t1, b1, c1) = self.samples[n - 1];
+        let delivered = (c1 - c0) as f64 - (b1 - b0) as f64;
+        delivered / (t1 - t0).as_secs_f64().max(1e-9)
+    }
+}
+
+/// A latency distribution, milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latencies {
+    /// Events per second actually offered.
+    pub rate: f64,
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A consumer positioned at the current end of every partition of `topic`.
+fn tail_consumer(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", outbox_tests::unique_name("bench-latency"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "5")
+        .set("fetch.min.bytes", "1")
+        .create()?;
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .context("topic metadata")?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..i32::try_from(partitions)? {
+        let (_, high) = c.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+    }
+    c.assign(&tpl)?;
+    Ok(c)
+}
+
+impl Load {
+    /// Paced writers offering `rate` events/s (one event per transaction) for `window`; each
+    /// event's latency runs from the writer's COMMIT returning to an independent consumer
+    /// receiving it (commit-to-consume, an upper bound of commit-to-ack).
+    #[allow(clippy::cast_precision_loss)]
+    pub async fn paced_latency(
+        url: &str,
+        bootstrap: &str,
+        topic: &str,
+        writers: usize,
+        rate: f64,
+        window: Duration,
+    ) -> Result<Latencies> {
+        let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let reading = Arc::new(AtomicBool::new(true));
+        let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(&reading));
+        let consumer = std::thread::spawn(move || -> Result<Vec<(String, Instant)>> {
+            let c = tail_consumer(&b, &t)?;
+            let mut got = Vec::new();
+            while r.load(Ordering::Relaxed) {
+                if let Some(m) = c.poll(Duration::from_millis(20)) {
+                    let m = m?;
+                    let at = Instant::now();
+                    if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
+                        got.push((id, at));
+                    }
+                }
+            }
+            Ok(got)
+        });
+        // Let the consumer start fetching before anything is written.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let per_writer = Duration::from_secs_f64(writers as f64 / rate.max(1.0));
+        let started = Instant::now();
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let (url, topic) = (url.to_owned(), topic.to_owned());
+                let (stop, committed) = (Arc::clone(&stop), Arc::clone(&committed));
+                std::thread::spawn(move || -> Result<()> {
+                    let mut c = PgConnection::establish(&url)?;
+                    // Spread the writers' schedules over one interval.
+                    let mut next = Instant::now() + per_writer.mul_f64(w as f64 / writers as f64);
+                    let mut seq = w * 1_000_003;
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = Instant::now();
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                        next += per_writer;
+                        seq += 1;
+                        let ids = app_tx(&mut c, Some(&topic), 1, seq)?;
+                        let at = Instant::now();
+                        let mut map = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                        for id in ids {
+                            map.insert(id, at);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        tokio::time::sleep(window).await;
+        stop.store(true, Ordering::Relaxed);
+        for h in handles {
+            h.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+        }
+        let offered_for = started.elapsed();
+        let total = committed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?
+            .len();
+        // Wait for the stragglers (bounded).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        reading.store(false, Ordering::Relaxed);
+        let got = consumer
+            .join()
+            .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+        let committed = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let mut ms: Vec<f64> = got
+            .iter()
+            .filter_map(|(id, at)| {
+                committed
+                    .get(id)
+                    .map(|c| at.saturating_duration_since(*c).as_secs_f64() * 1000.0)
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        anyhow::ensure!(
+            ms.len() * 100 >= total * 99,
+            "only {} of {total} events were consumed within 3 s of the end",
+            ms.len()
+        );
+        Ok(Latencies {
+            rate: crate::rate(total, offered_for),
+            count: ms.len(),
+            p50_ms: quantile(&ms, 0.5),
+            p99_ms: quantile(&ms, 0.99),
+            p999_ms: quantile(&ms, 0.999),
+            max_ms: ms.last().copied().unwrap_or_default(),
+        })
+    }
+}
+
+/// A transaction that wrote one outbox event and stays open until [`Held::commit`].
+pub struct Held {
+    release: std::sync::mpsc::Sender<()>,
+    handle: std::thread::JoinHandle<Result<Duration>>,
+}
+
+/// Opens the transaction (returns once it has written).
+pub async fn hold_open(url: &str, topic: &str, _planned_secs: u64) -> Result<Held> {
+    let (release, wait) = std::sync::mpsc::channel::<()>();
+    let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
+    let (url, topic) = (url.to_owned(), topic.to_owned());
+    let handle = std::thread::spawn(move || -> Result<Duration> {
+        use diesel::connection::{AnsiTransactionManager, TransactionManager};
+        let mut c = PgConnection::establish(&url)?;
+        AnsiTransactionManager::begin_transaction(&mut c)?;
+        let e = Event::builder(&topic, "held", "Held")
+            .bytes(crate::payload(), "application/octet-stream")
+            .build()?;
+        outbox::enqueue(&mut c, &e)?;
+        let started = Instant::now();
+        let _ = opened_tx.send(());
+        let _ = wait.recv();
+        AnsiTransactionManager::commit_transaction(&mut c)?;
+        Ok(started.elapsed())
+    });
+    tokio::task::spawn_blocking(move || opened.recv()).await??;
+    Ok(Held { release, handle })
+}
+
+impl Held {
+    /// Commits; returns how long the transaction was open.
+    pub async fn commit(self) -> Result<Duration> {
+        let _ = self.release.send(());
+        let handle = self.handle;
+        tokio::task::spawn_blocking(move || {
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("holder panicked"))
+        })
+        .await??
+    }
+}
+
+/// The broker's own latency floor: messages produced at `rate` per second with the relay's
+/// producer settings, each timed from the send call to an independent consumer receiving it
+/// (no database involved).
+#[allow(clippy::cast_precision_loss)]
+pub async fn broker_latency(
+    cfg: &outbox_relay::RelayConfig,
+    bootstrap: &str,
+    topic: &str,
+    rate: f64,
+    window: Duration,
+) -> Result<Latencies> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = outbox_relay::producer::client_config(cfg).create()?;
+    let reading = Arc::new(AtomicBool::new(true));
+    let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(&reading));
+    let consumer = std::thread::spawn(move || -> Result<Vec<(String, Instant)>> {
+        let c = tail_consumer(&b, &t)?;
+        let mut got = Vec::new();
+        while r.load(Ordering::Relaxed) {
+            if let Some(m) = c.poll(Duration::from_millis(20)) {
+                let m = m?;
+                let at = Instant::now();
+                if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
+                    got.push((id, at));
+                }
+            }
+        }
+        Ok(got)
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let body = crate::payload();
+    let mut sent: HashMap<String, Instant> = HashMap::new();
+    let mut pending = Vec::new();
+    let started = Instant::now();
+    let mut next = Instant::now();
+    let mut i = 0_usize;
+    while started.elapsed() < window {
+        let now = Instant::now();
+        if next > now {
+            tokio::time::sleep(next - now).await;
+        }
+        next += interval;
+        i += 1;
+        let id = uuid::Uuid::now_v7().to_string();
+        let key = format!("k-{}", i % crate::KEYS);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "ce_id",
+            value: Some(&id),
+        });
+        sent.insert(id.clone(), Instant::now());
+        pending.push(
+            producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(&key)
+                        .payload(&body)
+                        .headers(headers),
+                )
+                .map_err(|(e, _)| e)?,
+        );
+    }
+    for p in pending {
+        p.await?.map_err(|(e, _)| e)?;
+    }
+    let offered_for = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    reading.store(false, Ordering::Relaxed);
+    let got = consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+    let mut ms: Vec<f64> = got
+        .iter()
+        .filter_map(|(id, at)| {
+            sent.get(id)
+                .map(|s| at.saturating_duration_since(*s).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(Latencies {
+        rate: crate::rate(sent.len(), offered_for),
+        count: ms.len(),
+        p50_ms: quantile(&ms, 0.5),
+        p99_ms: quantile(&ms, 0.99),
+        p999_ms: quantile(&ms, 0.999),
+        max_ms: ms.last().copied().unwrap_or_default(),
+    })
+}

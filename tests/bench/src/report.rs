@@ -1,0 +1,212 @@
+//! The results table (printed as Markdown) and its JSON form.
+
+use std::path::Path;
+
+use anyhow::Result;
+use diesel::{PgConnection, QueryableByName, RunQueryDsl};
+use serde::Serialize;
+
+use crate::cpu::Per10k;
+use crate::load::Latencies;
+
+/// One line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub measured: f64,
+    pub unit: String,
+    pub baseline: Option<f64>,
+    pub baseline_name: String,
+    pub ratio: Option<f64>,
+    pub target: String,
+    pub pass: Option<bool>,
+    pub cpu_per_10k_events: Option<Per10k>,
+    pub latency: Option<Latencies>,
+    pub note: String,
+}
+
+impl Row {
+    fn new(scenario: &str, measured: f64, unit: &str) -> Self {
+        Self {
+            scenario: scenario.to_owned(),
+            measured,
+            unit: unit.to_owned(),
+            baseline: None,
+            baseline_name: String::new(),
+            ratio: None,
+            target: String::new(),
+            pass: None,
+            cpu_per_10k_events: None,
+            latency: None,
+            note: String::new(),
+        }
+    }
+
+    /// A physical limit measured in this run.
+    #[must_use]
+    pub fn baseline(scenario: &str, measured: f64, unit: &str) -> Self {
+        Self::new(scenario, measured, unit)
+    }
+
+    /// A scenario with a ratio target against a baseline.
+    #[must_use]
+    pub fn ratio(
+        scenario: &str,
+        measured: f64,
+        unit: &str,
+        baseline: f64,
+        baseline_name: &str,
+        min_ratio: f64,
+    ) -> Self {
+        let ratio = measured / baseline.max(1e-9);
+        Self {
+            baseline: Some(baseline),
+            baseline_name: baseline_name.to_owned(),
+            ratio: Some(ratio),
+            target: format!(">= {min_ratio}"),
+            pass: Some(ratio >= min_ratio),
+            ..Self::new(scenario, measured, unit)
+        }
+    }
+
+    /// A measurement without a target of its own.
+    #[must_use]
+    pub fn info(scenario: &str, measured: f64, unit: &str, note: &str) -> Self {
+        Self {
+            note: note.to_owned(),
+            ..Self::new(scenario, measured, unit)
+        }
+    }
+
+    /// A latency distribution: `measured` is p50.
+    #[must_use]
+    pub fn latency(scenario: &str, lat: &Latencies) -> Self {
+        Self {
+            latency: Some(lat.clone()),
+            note: format!(
+                "p50 {:.1} / p99 {:.1} / p99.9 {:.1} / max {:.1} ms over {} events",
+                lat.p50_ms, lat.p99_ms, lat.p999_ms, lat.max_ms, lat.count
+            ),
+            ..Self::new(scenario, lat.p50_ms, "ms p50")
+        }
+    }
+
+    /// Sets a pass/fail target.
+    #[must_use]
+    pub fn pass_if(mut self, ok: bool, target: &str) -> Self {
+        self.pass = Some(ok);
+        target.clone_into(&mut self.target);
+        self
+    }
+
+    /// Adds CPU per 10k events.
+    #[must_use]
+    pub fn cpu(mut self, cpu: Per10k) -> Self {
+        self.cpu_per_10k_events = Some(cpu);
+        self
+    }
+
+    /// Appends a note.
+    #[must_use]
+    pub fn note(mut self, note: &str) -> Self {
+        if !self.note.is_empty() {
+            self.note.push_str("; ");
+        }
+        self.note.push_str(note);
+        self
+    }
+}
+
+/// The whole run.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub machine: String,
+    pub postgres: String,
+    pub synchronous_commit: String,
+    pub smoke: bool,
+    pub payload_bytes: usize,
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    #[must_use]
+    pub fn new(synchronous_commit: &str, smoke: bool, machine: String) -> Self {
+        Self {
+            machine,
+            postgres: String::new(),
+            synchronous_commit: synchronous_commit.to_owned(),
+            smoke,
+            payload_bytes: crate::PAYLOAD,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Records the server version.
+    pub fn note_versions(&mut self, conn: &mut PgConnection) {
+        #[derive(QueryableByName)]
+        struct V {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            v: String,
+        }
+        if let Ok(v) =
+            diesel::sql_query("SELECT current_setting('server_version') AS v").get_result::<V>(conn)
+        {
+            self.postgres = v.v;
+        }
+    }
+
+    pub fn push(&mut self, mut row: Row) {
+        if self.smoke {
+            row.pass = None;
+        }
+        eprintln!("  {:<58} {:>12.1} {}", row.scenario, row.measured, row.unit);
+        self.rows.push(row);
+    }
+
+    /// Prints the Markdown table.
+    pub fn print(&self) {
+        println!();
+        println!(
+            "{}; Postgres {}, synchronous_commit={}; payload {} bytes{}",
+            self.machine,
+            self.postgres,
+            self.synchronous_commit,
+            self.payload_bytes,
+            if self.smoke {
+                "; SMOKE run (small, no thresholds)"
+            } else {
+                ""
+            }
+        );
+        println!();
+        println!("| scenario | measured | baseline | ratio | target | pass | CPU s / 10k events (bench+relay, postgres, broker) | notes |");
+        println!("|---|---:|---:|---:|---|---|---|---|");
+        for r in &self.rows {
+            let baseline = r
+                .baseline
+                .map_or_else(String::new, |b| format!("{b:.0} ({})", r.baseline_name));
+            let ratio = r.ratio.map_or_else(String::new, |x| format!("{x:.2}"));
+            let pass = match r.pass {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            };
+            let cpu = r.cpu_per_10k_events.map_or_else(String::new, |c| {
+                format!("{:.2}, {:.2}, {:.2}", c.bench_s, c.postgres_s, c.broker_s)
+            });
+            println!(
+                "| {} | {:.1} {} | {baseline} | {ratio} | {} | {pass} | {cpu} | {} |",
+                r.scenario, r.measured, r.unit, r.target, r.note
+            );
+        }
+    }
+
+    /// Writes the JSON form.
+    pub fn write_json(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(path, serde_json::to_string_pretty(self)?)?;
+        Ok(())
+    }
+}
