@@ -396,8 +396,9 @@ impl Relay {
 
     async fn deliver_batch(&self, term: &mut Term<'_>, batch: &Batch) -> Result<BatchEnd> {
         let page_size = self.cfg.page_size;
-        let mut after_id = 0_i64;
-        let mut exhausted = false;
+        let mut after_id = batch.start_after;
+        // An empty batch (found through the tx_id index) needs no fetch at all.
+        let mut exhausted = after_id == i64::MAX;
         let mut retry = false;
         let mut rows_total = 0_usize;
         let mut inflight: VecDeque<Vec<Entry>> = VecDeque::new();

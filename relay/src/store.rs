@@ -30,6 +30,11 @@ pub struct Batch {
     /// This batch: rows visible here and not in `prev`.
     #[diesel(sql_type = Text)]
     pub cur: String,
+    /// Every row of the batch has an id above this (0 when unknown: scan from the start;
+    /// `i64::MAX` when the batch is empty). Found through the `tx_id` index, so the id scan does
+    /// not walk rows removed since a long transaction began.
+    #[diesel(sql_type = BigInt)]
+    pub start_after: i64,
 }
 
 /// An event to move to the dead letters.
@@ -92,6 +97,19 @@ impl Sql {
                           AND lease_expires_at > clock_timestamp()";
         let guard = format!("EXISTS (SELECT 1 FROM {s} WHERE {lease_cond})");
         let locked_lease = format!("SELECT 1 FROM {s} WHERE {lease_cond} FOR SHARE");
+        // The lowest id of the batch (minus one), found by transaction id as PgQ does: rows of
+        // transactions that began after the previous snapshot, or were running at it. OFFSET 0
+        // keeps the planner from answering min(id) by walking the id index.
+        let start_after = format!(
+            "CASE WHEN prev_snapshot IS NULL THEN 0 ELSE coalesce((\
+             SELECT min(b.id) - 1 FROM (SELECT id, tx_id FROM {t} \
+             WHERE (tx_id >= pg_snapshot_xmax(prev_snapshot) \
+             OR tx_id = ANY(ARRAY(SELECT pg_snapshot_xip(prev_snapshot)))) \
+             AND tx_id < pg_snapshot_xmax(cur_snapshot) OFFSET 0) b \
+             WHERE pg_visible_in_snapshot(b.tx_id, cur_snapshot) \
+             AND NOT pg_visible_in_snapshot(b.tx_id, prev_snapshot)), \
+             9223372036854775807) END AS start_after"
+        );
         Self {
             key,
             ensure_row: format!(
@@ -118,7 +136,7 @@ impl Sql {
             open_batch: format!(
                 "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
                  updated_at = clock_timestamp() WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur"
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}"
             ),
             close_batch: format!(
                 "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
@@ -127,7 +145,7 @@ impl Sql {
             advance_batch: format!(
                 "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = pg_current_snapshot(), \
                  updated_at = clock_timestamp() WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur"
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}"
             ),
             fetch: format!(
                 "SELECT {STORED_EVENT_COLUMNS} FROM {t} \

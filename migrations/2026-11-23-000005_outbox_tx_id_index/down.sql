@@ -1,0 +1,1 @@
+DROP INDEX outbox_tx_id_idx;
