@@ -7,8 +7,9 @@
 //! partitions in parallel (one worker and one database connection per assigned partition).
 //!
 //! Batching: when several messages of a partition are already waiting, up to 256 of them are
-//! applied in ONE transaction (each message in its own savepoint), so a backlog costs one commit
-//! per batch instead of one per message. Any failure in a batch rolls the whole batch back and
+//! applied in ONE transaction, their inbox rows recorded by one statement
+//! ([`Inbox::record_batch`]), so a backlog costs one commit and one dedup statement per batch
+//! instead of per message. Any failure in a batch rolls the whole batch back and
 //! the runner applies those messages one by one, with the per-message retries and dead letters
 //! below; so batching never changes what is applied, only how many commits it takes.
 //!
@@ -723,11 +724,12 @@ impl ConsumerRunner {
                     match r {
                         Ok(applied) => {
                             for (message, applied) in messages.iter().zip(applied) {
-                                RunnerStats::bump(if applied {
-                                    &stats.applied
+                                if applied {
+                                    RunnerStats::bump(&stats.applied);
                                 } else {
-                                    &stats.duplicates
-                                });
+                                    RunnerStats::bump(&stats.duplicates);
+                                    tracing::debug!(target: TARGET, message_id = %message.message_id, "duplicate skipped");
+                                }
                                 if let Err(e) = consumer.store_offset(
                                     &message.topic,
                                     message.partition,
@@ -910,15 +912,7 @@ fn process_in_span(
     handler: &dyn Handler,
     message: &IncomingMessage,
 ) -> Result<bool, HandlerError> {
-    let span = tracing::info_span!(
-        target: TARGET,
-        "consume",
-        topic = %message.topic,
-        partition = message.partition,
-        offset = message.offset,
-        message_id = %message.message_id,
-        traceparent = message.header("traceparent").unwrap_or_default(),
-    );
+    let span = consume_span(message);
     let _entered = span.enter();
     let msg_ref =
         MessageRef::id(&message.message_id).at(&message.topic, message.partition, message.offset);
@@ -927,9 +921,23 @@ fn process_in_span(
         .map(|p| matches!(p, Processed::Applied(())))
 }
 
-/// Several messages of one partition in ONE transaction (each in its own savepoint, as
-/// [`Inbox::process`] nests). Any error rolls the whole batch back; the caller then applies the
-/// messages one by one, so a failing message is retried or dead-lettered on its own.
+/// The span a message is handled in.
+fn consume_span(message: &IncomingMessage) -> tracing::Span {
+    tracing::info_span!(
+        target: TARGET,
+        "consume",
+        topic = %message.topic,
+        partition = message.partition,
+        offset = message.offset,
+        message_id = %message.message_id,
+        traceparent = message.header("traceparent").unwrap_or_default(),
+    )
+}
+
+/// Several messages of one partition in ONE transaction: one statement records all their inbox
+/// rows, then the handler runs for each message that was new. Any error rolls the whole batch
+/// back; the caller then applies the messages one by one, so a failing message is retried or
+/// dead-lettered on its own.
 fn apply_batch(
     conn: Option<PgConnection>,
     url: &str,
@@ -960,10 +968,19 @@ fn apply_batch(
         );
     }
     let r = conn.transaction::<_, HandlerError, _>(|c| {
-        messages
+        let refs: Vec<MessageRef<'_>> = messages
             .iter()
-            .map(|m| process_in_span(c, inbox, handler, m))
-            .collect()
+            .map(|m| MessageRef::id(&m.message_id).at(&m.topic, m.partition, m.offset))
+            .collect();
+        let new = inbox.record_batch(c, &refs)?;
+        for (m, &new) in messages.iter().zip(&new) {
+            if new {
+                let span = consume_span(m);
+                let _entered = span.enter();
+                handler.handle(c, m)?;
+            }
+        }
+        Ok(new)
     });
     let keep = !matches!(&r, Err(HandlerError::Transient(_)));
     (keep.then_some(conn), r)

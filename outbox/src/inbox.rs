@@ -176,6 +176,51 @@ impl Inbox {
         Ok(inserted == 1)
     }
 
+    /// Inserts the inbox rows of several messages with ONE statement inside the caller's
+    /// transaction; returns, for each message in order, whether its effect must be applied now:
+    /// `true` for the first occurrence of an id that was new, `false` for an id already in the
+    /// inbox or repeated earlier in `messages`.
+    ///
+    /// # Errors
+    /// [`Error::NotInTransaction`] outside a transaction; [`Error::InvalidConfig`] for an empty
+    /// or oversized id; [`Error::Database`].
+    pub fn record_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[MessageRef<'_>],
+    ) -> Result<Vec<bool>> {
+        #[derive(QueryableByName)]
+        struct New {
+            #[diesel(sql_type = Text)]
+            message_id: String,
+        }
+        crate::store::require_transaction(conn)?;
+        for m in messages {
+            check_id("message id", m.id)?;
+        }
+        let ids: Vec<&str> = messages.iter().map(|m| m.id).collect();
+        let topics: Vec<Option<&str>> = messages.iter().map(|m| m.topic).collect();
+        let partitions: Vec<Option<i32>> = messages.iter().map(|m| m.partition).collect();
+        let offsets: Vec<Option<i64>> = messages.iter().map(|m| m.offset).collect();
+        let new: Vec<New> = diesel::sql_query(format!(
+            "INSERT INTO {} (consumer, message_id, topic, kafka_partition, kafka_offset) \
+             SELECT $1, m.id, m.topic, m.part, m.off \
+             FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) \
+                  WITH ORDINALITY AS m(id, topic, part, off, n) ORDER BY m.n \
+             ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
+            self.tables.qualify("inbox")
+        ))
+        .bind::<Text, _>(&self.consumer)
+        .bind::<diesel::sql_types::Array<Text>, _>(&ids)
+        .bind::<diesel::sql_types::Array<Nullable<Text>>, _>(&topics)
+        .bind::<diesel::sql_types::Array<Nullable<Integer>>, _>(&partitions)
+        .bind::<diesel::sql_types::Array<Nullable<BigInt>>, _>(&offsets)
+        .load(conn)?;
+        let mut new: std::collections::HashSet<String> =
+            new.into_iter().map(|n| n.message_id).collect();
+        Ok(messages.iter().map(|m| new.remove(m.id)).collect())
+    }
+
     /// Whether `message_id` was processed by this consumer (diagnostics and tests only: never
     /// decide whether to apply an effect with it).
     ///

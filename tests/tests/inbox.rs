@@ -262,3 +262,34 @@ fn retention_purges_old_rows_in_batches_and_keeps_recent_ones() {
     assert!(inbox.contains(&mut conn, "new").unwrap());
     assert!(inbox.purge(&mut conn, Duration::from_secs(1), 0).is_err());
 }
+
+#[test]
+fn a_batch_records_every_id_once_and_says_which_to_apply() {
+    let db = stock_db();
+    let mut conn = db.conn().unwrap();
+    let inbox = Inbox::new("inventory").unwrap();
+    conn.transaction(|c| inbox.record(c, &MessageRef::id("old")).map(|_| ()))
+        .unwrap();
+    let refs = [
+        MessageRef::id("a").at("orders", 0, 10),
+        MessageRef::id("old").at("orders", 0, 11),
+        MessageRef::id("b").at("orders", 0, 12),
+        MessageRef::id("a").at("orders", 0, 13), // a redelivered copy inside the batch
+    ];
+    let apply = conn.transaction(|c| inbox.record_batch(c, &refs)).unwrap();
+    assert_eq!(apply, vec![true, false, true, false]);
+    for id in ["a", "b", "old"] {
+        assert!(inbox.contains(&mut conn, id).unwrap(), "{id}");
+    }
+    // Outside a transaction and with a bad id it refuses, writing nothing.
+    assert!(matches!(
+        inbox.record_batch(&mut conn, &refs),
+        Err(Error::NotInTransaction)
+    ));
+    let bad = [MessageRef::id("c"), MessageRef::id("")];
+    assert!(matches!(
+        conn.transaction(|c| inbox.record_batch(c, &bad)),
+        Err(Error::InvalidConfig(_))
+    ));
+    assert!(!inbox.contains(&mut conn, "c").unwrap());
+}
