@@ -40,13 +40,25 @@ pub fn read_topic(
     quiet: Duration,
     timeout: Duration,
 ) -> Result<Vec<Seen>> {
-    let consumer = crate::kafka::reader(bootstrap, topic)?;
     let deadline = Instant::now() + timeout;
+    read_topic_until(bootstrap, topic, |read, since_new| {
+        Instant::now() > deadline || (read >= min && since_new > quiet)
+    })
+}
+
+/// Reads `topic` from offset 0 until `done(messages read, time since the last new one)` says
+/// so. Long runs read while they go (a reader on its own thread), so the check at the end does
+/// not depend on how fast the broker serves a large topic from the start.
+pub fn read_topic_until(
+    bootstrap: &str,
+    topic: &str,
+    mut done: impl FnMut(usize, Duration) -> bool,
+) -> Result<Vec<Seen>> {
+    let consumer = crate::kafka::reader(bootstrap, topic)?;
     let mut last_new = Instant::now();
     let mut out = Vec::new();
     loop {
-        let now = Instant::now();
-        if now > deadline || (out.len() >= min && now.duration_since(last_new) > quiet) {
+        if done(out.len(), last_new.elapsed()) {
             break;
         }
         match consumer.poll(Duration::from_millis(100)) {
@@ -64,7 +76,11 @@ pub fn read_topic(
             // A broker that is (re)starting: librdkafka reconnects by itself.
             Some(Err(rdkafka::error::KafkaError::MessageConsumption(
                 rdkafka::types::RDKafkaErrorCode::AllBrokersDown
-                | rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+                | rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure
+                | rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition
+                | rdkafka::types::RDKafkaErrorCode::NotLeaderForPartition
+                | rdkafka::types::RDKafkaErrorCode::LeaderNotAvailable
+                | rdkafka::types::RDKafkaErrorCode::RequestTimedOut,
             ))) => {}
             Some(Err(e)) => bail!("consume {topic}: {e}"),
             None => {}

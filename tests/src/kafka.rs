@@ -177,9 +177,10 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Resu
     Ok(())
 }
 
-/// An independent reader of `topic` from offset 0: its own group, committed data only, no
-/// offset commits.
+/// An independent reader of `topic` from offset 0: every partition assigned directly (no group,
+/// so no rebalance can rewind it when a broker restarts), committed data only, no commits.
 pub fn reader(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
+    use rdkafka::consumer::Consumer;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", crate::unique_name("reader"))
@@ -187,7 +188,26 @@ pub fn reader(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .create()?;
-    consumer.subscribe(&[topic])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let partitions = loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        match md
+            .as_ref()
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+        {
+            Some(n) if n > 0 => break n,
+            _ if std::time::Instant::now() > deadline => {
+                anyhow::bail!("no metadata for topic {topic}: {:?}", md.err())
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..i32::try_from(partitions)? {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
     Ok(consumer)
 }
 

@@ -324,9 +324,13 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     consumer_stop.cancel();
     consumer.await??;
+    // The independent reader: every partition from offset 0 (assigned, no group), until it has
+    // every committed event and nothing new came for 3 s; a durable broker serves a large topic
+    // slowly, so the bound grows with the run.
     let (b, t, n) = (broker.bootstrap(), topic.clone(), expected.len());
+    let read_for = Duration::from_secs(180).max(Duration::from_secs(args.seconds));
     let seen = tokio::task::spawn_blocking(move || {
-        read_topic(&b, &t, n, Duration::from_secs(3), Duration::from_secs(180))
+        read_topic(&b, &t, n, Duration::from_secs(3), read_for)
     })
     .await??;
     let report = check(&seen, &expected);
