@@ -81,6 +81,12 @@ impl Cpu {
         }
     }
 
+    /// CPU seconds of all parties together.
+    #[must_use]
+    pub fn total(&self) -> f64 {
+        self.bench + self.postgres + self.broker
+    }
+
     /// Per 10,000 of `events`.
     #[must_use]
     #[allow(clippy::cast_precision_loss)]

@@ -190,6 +190,87 @@ pub struct Latencies {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
+    /// Commit-to-ack as the relay measured it (`outbox_relay_commit_to_ack_seconds`, from the
+    /// writer's transaction start to the broker's acknowledgement), over the same window; for
+    /// the broker-alone baseline, send to acknowledgement.
+    pub ack: Option<AckLatency>,
+}
+
+/// Quantiles from the relay's commit-to-ack histogram (interpolated inside its buckets).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AckLatency {
+    pub count: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Share of events acknowledged within 5 ms and within 25 ms of their commit.
+    pub within_5ms: f64,
+    pub within_25ms: f64,
+}
+
+/// Cumulative bucket counts of the relay's commit-to-ack histogram: `(upper bound s, count)`.
+#[must_use]
+pub fn ack_buckets(handle: &metrics_exporter_prometheus::PrometheusHandle) -> Vec<(f64, f64)> {
+    let text = handle.render();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("outbox_relay_commit_to_ack_seconds_bucket{le=\""))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The distribution of what was recorded between two [`ack_buckets`] snapshots.
+#[must_use]
+pub fn ack_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<AckLatency> {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - b)
+        })
+        .collect();
+    let total = diff.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let q = |q: f64| {
+        let want = q * total;
+        let mut prev = (0.0, 0.0);
+        for &(le, c) in &diff {
+            if c >= want {
+                if le.is_infinite() {
+                    return prev.0 * 1000.0;
+                }
+                let span = (c - prev.1).max(1e-9);
+                return (prev.0 + (le - prev.0) * (want - prev.1) / span) * 1000.0;
+            }
+            prev = (le, c);
+        }
+        prev.0 * 1000.0
+    };
+    let within = |bound: f64| {
+        diff.iter()
+            .find(|(le, _)| (*le - bound).abs() < 1e-9)
+            .map_or(0.0, |(_, c)| c / total)
+    };
+    Some(AckLatency {
+        count: total,
+        p50_ms: q(0.5),
+        p99_ms: q(0.99),
+        p999_ms: q(0.999),
+        within_5ms: within(0.005),
+        within_25ms: within(0.025),
+    })
 }
 
 #[allow(
@@ -329,6 +410,7 @@ impl Load {
             p99_ms: quantile(&ms, 0.99),
             p999_ms: quantile(&ms, 0.999),
             max_ms: ms.last().copied().unwrap_or_default(),
+            ack: None,
         })
     }
 }
@@ -410,7 +492,7 @@ pub async fn broker_latency(
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let body = crate::payload();
     let mut sent: HashMap<String, Instant> = HashMap::new();
-    let mut pending = Vec::new();
+    let mut pending: Vec<tokio::task::JoinHandle<Result<Duration>>> = Vec::new();
     let started = Instant::now();
     let mut next = Instant::now();
     let mut i = 0_usize;
@@ -427,21 +509,26 @@ pub async fn broker_latency(
             key: "ce_id",
             value: Some(&id),
         });
-        sent.insert(id.clone(), Instant::now());
-        pending.push(
-            producer
-                .send_result(
-                    FutureRecord::to(topic)
-                        .key(&key)
-                        .payload(&body)
-                        .headers(headers),
-                )
-                .map_err(|(e, _)| e)?,
-        );
+        let at = Instant::now();
+        sent.insert(id.clone(), at);
+        let delivery = producer
+            .send_result(
+                FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&body)
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)?;
+        pending.push(tokio::spawn(async move {
+            delivery.await?.map_err(|(e, _)| e)?;
+            Ok(at.elapsed())
+        }));
     }
+    let mut acks = Vec::with_capacity(pending.len());
     for p in pending {
-        p.await?.map_err(|(e, _)| e)?;
+        acks.push(p.await??.as_secs_f64() * 1000.0);
     }
+    acks.sort_by(f64::total_cmp);
     let offered_for = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     reading.store(false, Ordering::Relaxed);
@@ -456,6 +543,18 @@ pub async fn broker_latency(
         })
         .collect();
     ms.sort_by(f64::total_cmp);
+    #[allow(clippy::cast_precision_loss)]
+    let share =
+        |bound: f64| acks.iter().filter(|a| **a <= bound).count() as f64 / acks.len().max(1) as f64;
+    #[allow(clippy::cast_precision_loss)]
+    let ack = AckLatency {
+        count: acks.len() as f64,
+        p50_ms: quantile(&acks, 0.5),
+        p99_ms: quantile(&acks, 0.99),
+        p999_ms: quantile(&acks, 0.999),
+        within_5ms: share(5.0),
+        within_25ms: share(25.0),
+    };
     Ok(Latencies {
         rate: crate::rate(sent.len(), offered_for),
         count: ms.len(),
@@ -463,5 +562,6 @@ pub async fn broker_latency(
         p99_ms: quantile(&ms, 0.99),
         p999_ms: quantile(&ms, 0.999),
         max_ms: ms.last().copied().unwrap_or_default(),
+        ack: Some(ack),
     })
 }

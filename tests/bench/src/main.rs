@@ -296,6 +296,13 @@ async fn naive_relay(url: &str, bootstrap: &str, topic: &str, n: usize) -> Resul
     Ok(rate(n, elapsed))
 }
 
+/// The (p50, p99) a latency row is judged by: commit-to-ack when the relay measured it.
+fn headline(l: &Latencies) -> (f64, f64) {
+    l.ack
+        .as_ref()
+        .map_or((l.p50_ms, l.p99_ms), |a| (a.p50_ms, a.p99_ms))
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -334,6 +341,8 @@ async fn main() -> Result<()> {
     anyhow::ensure!(args.window >= 1, "--window must be at least 1 s");
     anyhow::ensure!(args.writers >= 1, "--writers must be at least 1");
     let window = Duration::from_secs(args.window);
+    // The relay's own metrics (commit-to-ack histogram) are read in-process.
+    let metrics = outbox_relay::metrics::install()?;
     let db = TestDb::migrated()
         .context("create the benchmark database (is Postgres running? scripts/setup)")?;
     let url = db.url().to_owned();
@@ -438,6 +447,23 @@ async fn main() -> Result<()> {
         .cpu(s1_cpu.per_10k(args.events)),
     );
 
+    // The same machine runs the relay, Postgres and the broker: what would 100% of its cores
+    // drain at the CPU per event S1 measured?
+    let per_event = s1_cpu.total() / args.events as f64;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let ceiling = cores as f64 / per_event.max(1e-12);
+    report.push(Row::info(
+        "S1 vs the CPU ceiling of this machine",
+        s1,
+        "events/s",
+        &format!(
+            "{:.0} events/s would take 100% of {cores} cores at S1's CPU per event ({:.1} us: relay, Postgres, broker); S1 reached {:.0}% of that",
+            ceiling,
+            per_event * 1e6,
+            100.0 * s1 / ceiling
+        ),
+    ));
+
     // Baseline A and S3: application transactions without and with the outbox (no relay).
     let mut a_runs = Vec::new();
     let mut s3_runs = Vec::new();
@@ -540,7 +566,10 @@ async fn main() -> Result<()> {
             "S4: commit-to-consume latency at {:.0}% of S2 ({target:.0} events/s)",
             frac * 100.0
         ));
-        let lat = Load::paced_latency(&url, &bootstrap, t_s4, args.writers, target, window).await?;
+        let before = load::ack_buckets(&metrics);
+        let mut lat =
+            Load::paced_latency(&url, &bootstrap, t_s4, args.writers, target, window).await?;
+        lat.ack = load::ack_between(&before, &load::ack_buckets(&metrics));
         pb.finish_and_clear();
         let name = format!(
             "S4 latency at {:.0}% of S2 ({:.0} ev/s)",
@@ -551,8 +580,10 @@ async fn main() -> Result<()> {
         report.push(if (frac - 0.5).abs() < f64::EPSILON {
             at_half = lat.clone();
             row.pass_if(
-                lat.p50_ms < 5.0 && lat.p99_ms < 25.0,
-                "p50 < 5 ms, p99 < 25 ms",
+                lat.ack
+                    .as_ref()
+                    .is_some_and(|a| a.within_5ms >= 0.5 && a.within_25ms >= 0.99),
+                "commit-to-ack p50 < 5 ms, p99 < 25 ms",
             )
         } else {
             row
@@ -567,8 +598,10 @@ async fn main() -> Result<()> {
     let held = load::hold_open(&url, t_s5, args.long_tx).await?;
     let hold = Duration::from_secs(args.long_tx);
     let flat = Load::flat_out(&url, Some(t_s5), args.writers, 1, hold * 2 / 3).await?;
-    let lat =
+    let before = load::ack_buckets(&metrics);
+    let mut lat =
         Load::paced_latency(&url, &bootstrap, t_s5, args.writers, s2_one * 0.5, hold / 3).await?;
+    lat.ack = load::ack_between(&before, &load::ack_buckets(&metrics));
     let held_for = held.commit().await?;
     pb.finish_and_clear();
     relay.stop().await?;
@@ -597,12 +630,13 @@ async fn main() -> Result<()> {
     report.push(
         Row::latency("S5 latency at 50% of S2, transaction open", &lat)
             .note(&format!(
-                "without the open transaction: p50 {:.1} ms, p99 {:.1} ms",
-                at_half.p50_ms, at_half.p99_ms
+                "without the open transaction (S4 at 50%): p50 {:.1} ms, p99 {:.1} ms",
+                headline(&at_half).0,
+                headline(&at_half).1
             ))
             .pass_if(
-                lat.p99_ms <= at_half.p99_ms.max(1.0) * 1.25 + 5.0,
-                "p99 within 25% (+5 ms) of S4",
+                headline(&lat).1 <= headline(&at_half).1.max(1.0) * 1.25 + 5.0,
+                "p99 within 25% (+5 ms) of S4 at 50%",
             ),
     );
 
