@@ -103,11 +103,11 @@ pub enum Error {
 impl Error {
     /// Whether running the same transaction again may succeed.
     ///
-    /// Retriable: serialization failures (SQLSTATE 40001), closed connections and a broken
-    /// transaction manager. Everything else (validation, constraint violations, duplicates,
-    /// schema mismatches) fails the same way every time. Note that diesel 2.3 does not expose
-    /// SQLSTATE 40P01 (deadlock) as its own kind, so deadlocks are classified as fatal here;
-    /// retry them at the call site if your workload can deadlock.
+    /// Retriable: serialization failures (SQLSTATE 40001), deadlocks and lock timeouts,
+    /// closed connections and a broken transaction manager. Everything else (validation,
+    /// constraint violations, duplicates, schema mismatches) fails the same way every time.
+    /// diesel 2.3 has no kind for deadlocks and lock timeouts, so those are recognised by the
+    /// server's (English) message.
     #[must_use]
     pub fn is_retriable(&self) -> bool {
         match self {
@@ -122,10 +122,19 @@ impl Error {
 pub fn is_retriable_db(error: &diesel::result::Error) -> bool {
     use diesel::result::Error as D;
     match error {
-        D::DatabaseError(kind, _) => matches!(
-            kind,
-            DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection
-        ),
+        D::DatabaseError(
+            DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection,
+            _,
+        ) => true,
+        // diesel has no kind for these SQLSTATEs (40P01 deadlock_detected, 55P03
+        // lock_not_available, 57014 on lock_timeout): recognised by the server's message
+        // (English, the default lc_messages).
+        D::DatabaseError(_, info) => {
+            let m = info.message();
+            m.contains("deadlock detected")
+                || m.contains("lock timeout")
+                || m.contains("could not obtain lock")
+        }
         D::BrokenTransactionManager => true,
         _ => false,
     }

@@ -293,3 +293,33 @@ fn a_batch_records_every_id_once_and_says_which_to_apply() {
     ));
     assert!(!inbox.contains(&mut conn, "c").unwrap());
 }
+
+#[test]
+fn a_deadlock_is_classified_as_retriable() {
+    let db = stock_db();
+    let mut a = db.conn().unwrap();
+    let mut b = db.conn().unwrap();
+    a.batch_execute(
+        "CREATE TABLE two (id int PRIMARY KEY, v int); INSERT INTO two VALUES (1, 0), (2, 0)",
+    )
+    .unwrap();
+    a.batch_execute("BEGIN; UPDATE two SET v = 1 WHERE id = 1")
+        .unwrap();
+    b.batch_execute("BEGIN; UPDATE two SET v = 1 WHERE id = 2")
+        .unwrap();
+    let t = std::thread::spawn(move || {
+        let r = b.batch_execute("UPDATE two SET v = 2 WHERE id = 1");
+        let _ = b.batch_execute("ROLLBACK");
+        r
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let ra = a.batch_execute("UPDATE two SET v = 2 WHERE id = 2");
+    let _ = a.batch_execute("ROLLBACK");
+    let rb = t.join().unwrap();
+    let err = ra
+        .err()
+        .or(rb.err())
+        .expect("one of them is the deadlock victim");
+    assert!(err.to_string().contains("deadlock"), "{err}");
+    assert!(outbox::is_retriable_db(&err), "{err}");
+}
