@@ -205,7 +205,7 @@ pub fn reader(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
     };
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..i32::try_from(partitions)? {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(0))?;
     }
     consumer.assign(&tpl)?;
     Ok(consumer)
