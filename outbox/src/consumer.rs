@@ -867,6 +867,20 @@ fn spawn_purger(
     })
 }
 
+/// The worker's connection, or a new one (a failure to connect is transient, URL scrubbed).
+fn reuse_or_connect(conn: Option<PgConnection>, url: &str) -> Result<PgConnection, HandlerError> {
+    use diesel::Connection;
+    match conn {
+        Some(c) => Ok(c),
+        None => PgConnection::establish(url).map_err(|e| {
+            HandlerError::Transient(format!(
+                "connect to the database: {}",
+                scrub(&e.to_string(), url)
+            ))
+        }),
+    }
+}
+
 /// One attempt: the inbox transaction. Returns whether the handler ran (false: duplicate).
 fn apply(
     conn: Option<PgConnection>,
@@ -875,21 +889,9 @@ fn apply(
     handler: &dyn Handler,
     message: &IncomingMessage,
 ) -> (Option<PgConnection>, Result<bool, HandlerError>) {
-    use diesel::Connection;
-    let mut conn = match conn {
-        Some(c) => c,
-        None => match PgConnection::establish(url) {
-            Ok(c) => c,
-            Err(e) => {
-                return (
-                    None,
-                    Err(HandlerError::Transient(format!(
-                        "connect to the database: {}",
-                        scrub(&e.to_string(), url)
-                    ))),
-                );
-            }
-        },
+    let mut conn = match reuse_or_connect(conn, url) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e)),
     };
     if message.message_id.is_empty() {
         return (
@@ -945,21 +947,9 @@ fn apply_batch(
     handler: &dyn Handler,
     messages: &[Arc<IncomingMessage>],
 ) -> (Option<PgConnection>, Result<Vec<bool>, HandlerError>) {
-    use diesel::Connection;
-    let mut conn = match conn {
-        Some(c) => c,
-        None => match PgConnection::establish(url) {
-            Ok(c) => c,
-            Err(e) => {
-                return (
-                    None,
-                    Err(HandlerError::Transient(format!(
-                        "connect to the database: {}",
-                        scrub(&e.to_string(), url)
-                    ))),
-                );
-            }
-        },
+    let mut conn = match reuse_or_connect(conn, url) {
+        Ok(c) => c,
+        Err(e) => return (None, Err(e)),
     };
     if messages.iter().any(|m| m.message_id.is_empty()) {
         return (
@@ -967,7 +957,7 @@ fn apply_batch(
             Err(HandlerError::Permanent("a message without an id".into())),
         );
     }
-    let r = conn.transaction::<_, HandlerError, _>(|c| {
+    let r = diesel::Connection::transaction::<_, HandlerError, _>(&mut conn, |c| {
         let refs: Vec<MessageRef<'_>> = messages
             .iter()
             .map(|m| MessageRef::id(&m.message_id).at(&m.topic, m.partition, m.offset))

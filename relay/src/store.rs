@@ -309,7 +309,17 @@ pub fn release(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<()> 
 /// # Errors
 /// [`Error::LostLeadership`], [`Error::Database`].
 pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
-    diesel::sql_query(&sql.open_batch)
+    batch_statement(conn, sql, &sql.open_batch, lease)
+}
+
+/// Runs a fenced statement that returns the batch (`open_batch`, `advance_batch`).
+fn batch_statement(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    statement: &str,
+    lease: &Lease,
+) -> Result<Batch> {
+    diesel::sql_query(statement)
         .bind::<Text, _>(&sql.key)
         .bind::<Text, _>(&lease.instance)
         .bind::<BigInt, _>(lease.epoch)
@@ -339,13 +349,7 @@ pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<
 /// # Errors
 /// [`Error::LostLeadership`], [`Error::Database`].
 pub fn advance_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
-    diesel::sql_query(&sql.advance_batch)
-        .bind::<Text, _>(&sql.key)
-        .bind::<Text, _>(&lease.instance)
-        .bind::<BigInt, _>(lease.epoch)
-        .get_result::<Batch>(conn)
-        .optional()?
-        .ok_or_else(|| lost(sql))
+    batch_statement(conn, sql, &sql.advance_batch, lease)
 }
 
 /// Sets `synchronous_commit` for the session (the relay's own commits).

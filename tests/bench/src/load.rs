@@ -286,6 +286,29 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// A thread reading `topic` from its current end while `reading` is set: `(ce_id, received)`.
+fn spawn_tail_reader(
+    bootstrap: &str,
+    topic: &str,
+    reading: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Vec<(String, Instant)>>> {
+    let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(reading));
+    std::thread::spawn(move || {
+        let c = tail_consumer(&b, &t)?;
+        let mut got = Vec::new();
+        while r.load(Ordering::Relaxed) {
+            if let Some(m) = c.poll(Duration::from_millis(20)) {
+                let m = m?;
+                let at = Instant::now();
+                if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
+                    got.push((id, at));
+                }
+            }
+        }
+        Ok(got)
+    })
+}
+
 /// A consumer positioned at the current end of every partition of `topic`.
 fn tail_consumer(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
     let c: BaseConsumer = ClientConfig::new()
@@ -326,21 +349,7 @@ impl Load {
         let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let reading = Arc::new(AtomicBool::new(true));
-        let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(&reading));
-        let consumer = std::thread::spawn(move || -> Result<Vec<(String, Instant)>> {
-            let c = tail_consumer(&b, &t)?;
-            let mut got = Vec::new();
-            while r.load(Ordering::Relaxed) {
-                if let Some(m) = c.poll(Duration::from_millis(20)) {
-                    let m = m?;
-                    let at = Instant::now();
-                    if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
-                        got.push((id, at));
-                    }
-                }
-            }
-            Ok(got)
-        });
+        let consumer = spawn_tail_reader(bootstrap, topic, &reading);
         // Let the consumer start fetching before anything is written.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let per_writer = Duration::from_secs_f64(writers as f64 / rate.max(1.0));
@@ -473,21 +482,7 @@ pub async fn broker_latency(
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = outbox_relay::producer::client_config(cfg).create()?;
     let reading = Arc::new(AtomicBool::new(true));
-    let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(&reading));
-    let consumer = std::thread::spawn(move || -> Result<Vec<(String, Instant)>> {
-        let c = tail_consumer(&b, &t)?;
-        let mut got = Vec::new();
-        while r.load(Ordering::Relaxed) {
-            if let Some(m) = c.poll(Duration::from_millis(20)) {
-                let m = m?;
-                let at = Instant::now();
-                if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
-                    got.push((id, at));
-                }
-            }
-        }
-        Ok(got)
-    });
+    let consumer = spawn_tail_reader(bootstrap, topic, &reading);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let body = crate::payload();
