@@ -9,7 +9,10 @@
 //! Batching: when several messages of a partition are already waiting, up to 256 of them are
 //! applied in ONE transaction, their inbox rows recorded by one statement
 //! ([`Inbox::record_batch`]), so a backlog costs one commit and one dedup statement per batch
-//! instead of per message. Any failure in a batch rolls the whole batch back and
+//! instead of per message; the handler gets the batch's new messages at once through
+//! [`Handler::handle_batch`] (by default one [`Handler::handle`] call each; a handler built with
+//! [`batch_handler`] makes the business write of the whole batch one statement too). Any
+//! failure in a batch rolls the whole batch back and
 //! the runner applies those messages one by one, with the per-message retries and dead letters
 //! below; so batching never changes what is applied, only how many commits it takes.
 //!
@@ -132,6 +135,10 @@ impl From<Error> for HandlerError {
 
 /// Applies one message inside the inbox transaction. Use `conn` for every change (and for
 /// [`crate::enqueue`] to publish replies in the same transaction).
+///
+/// A closure `Fn(&mut PgConnection, &IncomingMessage) -> Result<(), HandlerError>` is a handler.
+/// For a backlog, implement [`Handler::handle_batch`] as well (or wrap a batch function with
+/// [`batch_handler`]) so the business write of a whole batch is one statement.
 pub trait Handler: Send + Sync + 'static {
     /// Handles `message`.
     ///
@@ -142,6 +149,92 @@ pub trait Handler: Send + Sync + 'static {
         conn: &mut PgConnection,
         message: &IncomingMessage,
     ) -> Result<(), HandlerError>;
+
+    /// Handles several NEW messages of one partition, in offset order, inside one transaction
+    /// that also records their inbox rows (duplicates are already filtered out). The default
+    /// calls [`Handler::handle`] for each, each in its `consume` span.
+    ///
+    /// An error rolls the whole batch back (inbox rows included); the runner then applies the
+    /// messages one at a time through [`Handler::handle`], with the usual retries and dead
+    /// letters, so one bad message cannot hold the others back. An override must therefore have
+    /// the same effect as calling `handle` on each message in turn.
+    ///
+    /// # Errors
+    /// See [`HandlerError`].
+    fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&IncomingMessage],
+    ) -> Result<(), HandlerError> {
+        for m in messages {
+            let span = consume_span(m);
+            let _entered = span.enter();
+            self.handle(conn, m)?;
+        }
+        Ok(())
+    }
+}
+
+/// A [`Handler`] from a batch function: `f` receives every new message of a batch at once (one
+/// message when the runner applies messages one at a time, after a batch failed).
+///
+/// ```no_run
+/// use diesel::PgConnection;
+/// use outbox::consumer::{batch_handler, HandlerError, IncomingMessage};
+///
+/// let handler = batch_handler(|conn: &mut PgConnection, messages: &[&IncomingMessage]| {
+///     let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+///     // one INSERT ... SELECT unnest($1::text[]) for the whole batch
+///     # let _ = (conn, ids);
+///     Ok::<_, HandlerError>(())
+/// });
+/// ```
+pub fn batch_handler<F>(f: F) -> BatchHandler<F>
+where
+    F: Fn(&mut PgConnection, &[&IncomingMessage]) -> Result<(), HandlerError>
+        + Send
+        + Sync
+        + 'static,
+{
+    BatchHandler(f)
+}
+
+/// See [`batch_handler`].
+#[derive(Debug, Clone)]
+pub struct BatchHandler<F>(F);
+
+impl<F> Handler for BatchHandler<F>
+where
+    F: Fn(&mut PgConnection, &[&IncomingMessage]) -> Result<(), HandlerError>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn handle(
+        &self,
+        conn: &mut PgConnection,
+        message: &IncomingMessage,
+    ) -> Result<(), HandlerError> {
+        (self.0)(conn, &[message])
+    }
+
+    fn handle_batch(
+        &self,
+        conn: &mut PgConnection,
+        messages: &[&IncomingMessage],
+    ) -> Result<(), HandlerError> {
+        let span = tracing::info_span!(
+            target: TARGET,
+            "consume_batch",
+            topic = messages.first().map(|m| m.topic.as_str()).unwrap_or_default(),
+            partition = messages.first().map_or(-1, |m| m.partition),
+            first_offset = messages.first().map_or(-1, |m| m.offset),
+            last_offset = messages.last().map_or(-1, |m| m.offset),
+            messages = messages.len(),
+        );
+        let _entered = span.enter();
+        (self.0)(conn, messages)
+    }
 }
 
 impl<F> Handler for F
@@ -937,7 +1030,7 @@ fn consume_span(message: &IncomingMessage) -> tracing::Span {
 }
 
 /// Several messages of one partition in ONE transaction: one statement records all their inbox
-/// rows, then the handler runs for each message that was new. Any error rolls the whole batch
+/// rows, then [`Handler::handle_batch`] gets the messages that were new. Any error rolls the whole batch
 /// back; the caller then applies the messages one by one, so a failing message is retried or
 /// dead-lettered on its own.
 fn apply_batch(
@@ -963,12 +1056,14 @@ fn apply_batch(
             .map(|m| MessageRef::id(&m.message_id).at(&m.topic, m.partition, m.offset))
             .collect();
         let new = inbox.record_batch(c, &refs)?;
-        for (m, &new) in messages.iter().zip(&new) {
-            if new {
-                let span = consume_span(m);
-                let _entered = span.enter();
-                handler.handle(c, m)?;
-            }
+        let fresh: Vec<&IncomingMessage> = messages
+            .iter()
+            .zip(&new)
+            .filter(|(_, &new)| new)
+            .map(|(m, _)| &**m)
+            .collect();
+        if !fresh.is_empty() {
+            handler.handle_batch(c, &fresh)?;
         }
         Ok(new)
     });

@@ -216,49 +216,11 @@ impl Outbox {
             #[diesel(sql_type = BigInt)]
             id: i64,
         }
-        let mut sql = String::with_capacity(160 + events.len() * 48);
-        sql.push_str("INSERT INTO ");
-        sql.push_str(&self.table_sql);
-        sql.push_str(
-            " (event_id, topic, partition_key, event_type, payload, headers, content_type, \
-             traceparent) VALUES ",
-        );
-        for i in 0..events.len() {
-            let p = i * 8;
-            if i > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "(${},${},${},${},${},${},${},${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
-                p + 6,
-                p + 7,
-                p + 8
-            ));
-        }
-        sql.push_str(" RETURNING id");
-        let mut query = diesel::sql_query(sql).into_boxed::<Pg>();
-        for e in events {
-            let headers = serde_json::Value::Object(
-                e.headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
-            );
-            query = query
-                .bind::<diesel::sql_types::Uuid, _>(e.event_id)
-                .bind::<Text, _>(&e.topic)
-                .bind::<Text, _>(&e.key)
-                .bind::<Text, _>(&e.event_type)
-                .bind::<Bytea, _>(&e.payload)
-                .bind::<Jsonb, _>(headers)
-                .bind::<Text, _>(&e.content_type)
-                .bind::<Nullable<Text>, _>(e.traceparent.map(|t| t.to_string()));
-        }
+        let rows: Vec<InsertRow<'_>> = events.iter().map(InsertRow::new).collect();
+        let query = InsertEvents {
+            table_sql: &self.table_sql,
+            rows: &rows,
+        };
         // Postgres returns the rows of a multi-row VALUES insert in VALUES order.
         Ok(query.load::<Id>(conn)?.into_iter().map(|r| r.id).collect())
     }
@@ -280,6 +242,90 @@ impl Outbox {
         Ok(ids.into_iter().find(|id| found.contains(id)))
     }
 }
+
+/// The bind values of one outbox row.
+struct InsertRow<'a> {
+    event: &'a Event,
+    headers: serde_json::Value,
+    traceparent: Option<String>,
+}
+
+impl<'a> InsertRow<'a> {
+    fn new(event: &'a Event) -> Self {
+        Self {
+            event,
+            headers: serde_json::Value::Object(
+                event
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+            ),
+            traceparent: event.traceparent.map(|t| t.to_string()),
+        }
+    }
+}
+
+/// `INSERT INTO outbox (..) VALUES (..), .. RETURNING id`. A one-row insert (what
+/// [`Outbox::enqueue`] runs in every writer transaction) is a prepared statement cached on the
+/// connection, keyed by its SQL (so each schema gets its own), which saves the parse and plan
+/// per transaction; multi-row inserts vary in size and are not cached.
+struct InsertEvents<'a> {
+    table_sql: &'a str,
+    rows: &'a [InsertRow<'a>],
+}
+
+impl diesel::query_builder::QueryFragment<Pg> for InsertEvents<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        if self.rows.len() != 1 {
+            out.unsafe_to_cache_prepared();
+        }
+        out.push_sql("INSERT INTO ");
+        out.push_sql(self.table_sql);
+        out.push_sql(
+            " (event_id, topic, partition_key, event_type, payload, headers, content_type, \
+             traceparent) VALUES ",
+        );
+        for (i, row) in self.rows.iter().enumerate() {
+            let e = row.event;
+            out.push_sql(if i == 0 { "(" } else { ",(" });
+            out.push_bind_param::<diesel::sql_types::Uuid, _>(&e.event_id)?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(&e.topic)?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(&e.key)?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(&e.event_type)?;
+            out.push_sql(",");
+            out.push_bind_param::<Bytea, _>(&e.payload)?;
+            out.push_sql(",");
+            out.push_bind_param::<Jsonb, _>(&row.headers)?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(&e.content_type)?;
+            out.push_sql(",");
+            out.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
+            out.push_sql(")");
+        }
+        out.push_sql(" RETURNING id");
+        Ok(())
+    }
+}
+
+impl diesel::query_builder::QueryId for InsertEvents<'_> {
+    type QueryId = ();
+    // Not one id for every instance: the SQL differs by schema and row count, so diesel keys its
+    // statement cache by the SQL text.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::Query for InsertEvents<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for InsertEvents<'_> {}
 
 pub(crate) fn require_transaction(conn: &mut PgConnection) -> Result<()> {
     let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth()?;

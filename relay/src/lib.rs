@@ -38,4 +38,4 @@ pub mod store;
 
 pub use config::{is_secret_key, PoisonPolicy, RelayConfig};
 pub use error::{scrub_url, Error, Result};
-pub use relay::Relay;
+pub use relay::{AckListener, Acknowledged, Relay};

@@ -76,13 +76,39 @@ impl Db {
 }
 
 /// The relay for one outbox table. See the crate docs for the guarantees.
-#[derive(Debug)]
 pub struct Relay {
     cfg: RelayConfig,
     sql: Arc<Sql>,
     instance: String,
     source: Arc<str>,
+    ack_listener: Option<AckListener>,
 }
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("cfg", &self.cfg)
+            .field("instance", &self.instance)
+            .field("source", &self.source)
+            .field("ack_listener", &self.ack_listener.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One event the broker acknowledged, as reported to a listener set with
+/// [`Relay::on_acknowledged`].
+#[derive(Debug, Clone, Copy)]
+pub struct Acknowledged {
+    /// The outbox row id (what [`outbox::Enqueued::id`] returned to the writer).
+    pub id: i64,
+    /// When the relay read the event's page from the outbox.
+    pub fetched: Instant,
+    /// When the relay saw the broker's acknowledgement (the row is removed after this).
+    pub acknowledged: Instant,
+}
+
+/// See [`Relay::on_acknowledged`].
+pub type AckListener = Arc<dyn Fn(Acknowledged) + Send + Sync>;
 
 /// How one capture batch ended.
 enum BatchEnd {
@@ -109,6 +135,8 @@ struct Entry {
     topic: String,
     key: String,
     created_at: chrono::DateTime<Utc>,
+    /// When the page was read from the outbox.
+    fetched: Instant,
     outcome: Outcome,
 }
 
@@ -156,7 +184,18 @@ impl Relay {
             cfg,
             instance,
             source: source.into(),
+            ack_listener: None,
         })
+    }
+
+    /// Calls `listener` for every event the broker acknowledges, before its row is removed, with
+    /// when its page was fetched and when the acknowledgement was seen: per-stage latency for
+    /// benchmarks and tests (`outbox-bench` times commit-to-ack with it). It runs on the
+    /// delivery path, so it must be cheap and must not block.
+    #[must_use]
+    pub fn on_acknowledged(mut self, listener: AckListener) -> Self {
+        self.ack_listener = Some(listener);
+        self
     }
 
     /// This process's id in the lease.
@@ -412,6 +451,7 @@ impl Relay {
                     .db
                     .call(move |c| store::fetch(c, &sql, &lease, &b, after_id, page_size))
                     .await?;
+                let fetched = Instant::now();
                 if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page_size {
                     // A fenced fetch returns nothing, so a lapsed lease looks like the end of the
                     // batch here; that is safe because closing the batch is fenced by the same
@@ -424,7 +464,7 @@ impl Relay {
                 }
                 rows_total += rows.len();
                 if !rows.is_empty() {
-                    let page = self.send_page(term, rows).await?;
+                    let page = self.send_page(term, rows, fetched).await?;
                     inflight.push_back(page);
                 }
                 continue;
@@ -455,7 +495,12 @@ impl Relay {
     }
 
     /// Produces a page in id order. Returns one entry per row.
-    async fn send_page(&self, term: &mut Term<'_>, rows: Vec<StoredEvent>) -> Result<Vec<Entry>> {
+    async fn send_page(
+        &self,
+        term: &mut Term<'_>,
+        rows: Vec<StoredEvent>,
+        fetched: Instant,
+    ) -> Result<Vec<Entry>> {
         let mut page = Vec::with_capacity(rows.len());
         let hold = self.cfg.poison_policy == PoisonPolicy::HoldKey;
         for row in rows {
@@ -483,6 +528,7 @@ impl Relay {
                 topic: row.topic,
                 key: row.partition_key,
                 created_at: row.created_at,
+                fetched,
                 outcome,
             });
         }
@@ -579,6 +625,13 @@ impl Relay {
             let Some(f) = failure else {
                 let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
                 m::delivered(age);
+                if let Some(listener) = &self.ack_listener {
+                    listener(Acknowledged {
+                        id: entry.id,
+                        fetched: entry.fetched,
+                        acknowledged: Instant::now(),
+                    });
+                }
                 term.attempts.remove(&entry.id);
                 delivered.push(entry.id);
                 continue;

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::{BigInt, Text};
+use diesel::sql_types::{Array, BigInt, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 
 /// Creates the `effects` table.
@@ -27,6 +27,25 @@ pub fn apply(conn: &mut PgConnection, message_id: &str, key: &str) -> diesel::Qu
     )
     .bind::<Text, _>(message_id)
     .bind::<Text, _>(key)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// Applies the effects of several messages in ONE statement (a batch handler's business write).
+/// The message ids must be distinct (the inbox guarantees it for one batch).
+pub fn apply_batch(
+    conn: &mut PgConnection,
+    message_ids: &[&str],
+    keys: &[&str],
+) -> diesel::QueryResult<()> {
+    diesel::sql_query(
+        "INSERT INTO effects (message_id, key, applied) \
+         SELECT m, k, 1 FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(m, k, n) \
+         ORDER BY n \
+         ON CONFLICT (message_id) DO UPDATE SET applied = effects.applied + 1",
+    )
+    .bind::<Array<Text>, _>(message_ids)
+    .bind::<Array<Text>, _>(keys)
     .execute(conn)?;
     Ok(())
 }

@@ -32,11 +32,15 @@ pub struct InProcessRelay {
 impl InProcessRelay {
     /// Starts `cfg`.
     pub fn start(cfg: RelayConfig) -> Result<Self> {
-        let relay = Relay::new(cfg)?;
+        Ok(Self::run(Relay::new(cfg)?))
+    }
+
+    /// Runs `relay` (built by the caller, e.g. with a listener).
+    pub fn run(relay: Relay) -> Self {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let handle = tokio::spawn(async move { relay.run(token).await });
-        Ok(Self { shutdown, handle })
+        Self { shutdown, handle }
     }
 
     /// Graceful shutdown; returns the relay's result.

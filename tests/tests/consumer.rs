@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::prelude::*;
-use outbox::consumer::{ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage};
+use outbox::consumer::{
+    batch_handler, ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage,
+};
 use outbox_tests::check::header;
 use outbox_tests::relay::wait_until;
 use outbox_tests::{create_topic, effects, unique_name, Tansu, TestDb};
@@ -243,6 +245,72 @@ async fn transient_failures_are_retried_and_poison_goes_to_the_dead_letter_topic
         Some("transient")
     );
     assert_eq!(header(&dead[1], "dlq_attempts").as_deref(), Some("4"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_handler_gets_whole_batches_and_a_poison_message_falls_back_to_one_by_one() {
+    let e = env(2).await;
+    let mut msgs = messages(600, 20);
+    msgs[250].2 = "poison".into();
+    // every message twice: the duplicates never reach the handler
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    produce(&e.broker.bootstrap(), &e.topic, &msgs).await;
+    let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let s = Arc::clone(&sizes);
+    let handler = batch_handler(
+        move |conn: &mut PgConnection, ms: &[&IncomingMessage]| -> Result<(), HandlerError> {
+            s.lock().unwrap().push(ms.len());
+            if ms.iter().any(|m| m.payload.as_deref() == Some(b"poison")) {
+                return Err(HandlerError::Permanent("poison in the batch".into()));
+            }
+            let ids: Vec<&str> = ms.iter().map(|m| m.message_id.as_str()).collect();
+            let keys: Vec<&str> = ms.iter().map(|m| m.key_str().unwrap_or_default()).collect();
+            effects::apply_batch(conn, &ids, &keys)?;
+            Ok(())
+        },
+    );
+    let dlq = unique_name("dlq");
+    create_topic(&e.broker.bootstrap(), &dlq, 1).await.unwrap();
+    let cfg = ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url())
+        .dead_letter_topic(&dlq);
+    let (stop, handle) = start(cfg, handler);
+    let mut conn = e.db.conn().unwrap();
+    wait_until(Duration::from_secs(60), "599 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 599)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the copies arrive too
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    assert_eq!(
+        effects::summary(&mut conn).unwrap(),
+        (599, 0, 599),
+        "every message but the poison applied once"
+    );
+    assert!(per_key_order_kept(&mut conn));
+    let sizes = sizes.lock().unwrap().clone();
+    assert!(
+        sizes.iter().any(|&n| n > 1),
+        "a backlog reaches the handler in batches: {sizes:?}"
+    );
+    // the poison message's batch failed once and was applied one message at a time
+    assert!(sizes.iter().filter(|&&n| n == 1).count() >= 2, "{sizes:?}");
+    let poison: i64 =
+        diesel::sql_query("SELECT count(*) AS n FROM inbox WHERE message_id = 'm-250'")
+            .get_result::<Count>(&mut conn)
+            .unwrap()
+            .n;
+    assert_eq!(
+        poison, 0,
+        "the poison message has no inbox row: nothing of it applied"
+    );
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
 }
 
 fn spawn_consumer(mode: &str, e: &Env, log: &std::path::Path) -> Child {

@@ -445,6 +445,24 @@ fn a_custom_schema_holds_its_own_tables() {
         1
     );
     assert_eq!(svc.pending(&mut conn, 10).unwrap().len(), 1);
+    // One connection, two schemas: the cached one-row INSERT is keyed by its SQL, so each
+    // outbox keeps its own statement.
+    let default = Outbox::new();
+    default.migrate(&mut conn).unwrap();
+    for i in 2..6 {
+        conn.transaction(|c| default.enqueue(c, &order_event(i)))
+            .unwrap();
+        conn.transaction(|c| svc.enqueue(c, &order_event(i + 10)))
+            .unwrap();
+    }
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM billing.outbox"),
+        5
+    );
+    assert_eq!(
+        count(&mut conn, "SELECT count(*) AS n FROM public.outbox"),
+        4
+    );
 }
 
 #[test]

@@ -8,13 +8,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::{BigInt, Text};
+use diesel::ExpressionMethods;
 use diesel::{Connection, PgConnection, RunQueryDsl};
 use outbox::Event;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
+
+diesel::table! {
+    bench_orders (id) {
+        id -> BigInt,
+        customer -> Text,
+        amount -> BigInt,
+        note -> Text,
+        created_at -> Timestamptz,
+    }
+}
 
 /// The business table the application writes in every transaction.
 pub fn create_business_table(conn: &mut PgConnection) -> Result<()> {
@@ -31,19 +41,23 @@ pub fn create_business_table(conn: &mut PgConnection) -> Result<()> {
 }
 
 /// One application transaction: a business row and, with a topic, `per_tx` outbox events.
-/// Returns the event ids.
+/// Returns `(row id, event id)` of each event.
 fn app_tx(
     conn: &mut PgConnection,
     topic: Option<&str>,
     per_tx: usize,
     seq: usize,
-) -> Result<Vec<String>> {
+) -> Result<Vec<(i64, String)>> {
     let note = "n".repeat(100);
     conn.transaction::<_, anyhow::Error, _>(|c| {
-        diesel::sql_query("INSERT INTO bench_orders (customer, amount, note) VALUES ($1, $2, $3)")
-            .bind::<Text, _>(format!("c-{}", seq % 1000))
-            .bind::<BigInt, _>(i64::try_from(seq % 10_000)?)
-            .bind::<Text, _>(&note)
+        // The diesel DSL, as an application writes it: a prepared statement cached on the
+        // connection (so is the outbox's one-row INSERT).
+        diesel::insert_into(bench_orders::table)
+            .values((
+                bench_orders::customer.eq(format!("c-{}", seq % 1000)),
+                bench_orders::amount.eq(i64::try_from(seq % 10_000)?),
+                bench_orders::note.eq(&note),
+            ))
             .execute(c)?;
         let Some(topic) = topic else {
             return Ok(Vec::new());
@@ -59,12 +73,15 @@ fn app_tx(
                 .build()
             })
             .collect::<outbox::Result<Vec<_>>>()?;
-        if per_tx == 1 {
-            outbox::enqueue(c, &events[0])?;
+        let rows = if per_tx == 1 {
+            vec![outbox::enqueue(c, &events[0])?]
         } else {
-            outbox::enqueue_batch(c, &events)?;
-        }
-        Ok(events.iter().map(|e| e.event_id().to_string()).collect())
+            outbox::enqueue_batch(c, &events)?
+        };
+        Ok(rows
+            .iter()
+            .map(|r| (r.id, r.event_id.to_string()))
+            .collect())
     })
 }
 
@@ -190,13 +207,13 @@ pub struct Latencies {
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
-    /// Commit-to-ack as the relay measured it (`outbox_relay_commit_to_ack_seconds`, from the
-    /// writer's transaction start to the broker's acknowledgement), over the same window; for
-    /// the broker-alone baseline, send to acknowledgement.
+    /// Commit-to-ack: from the writer's COMMIT returning to the relay seeing the broker's
+    /// acknowledgement of that event (exact, per event); for the broker-alone baseline, send to
+    /// acknowledgement.
     pub ack: Option<AckLatency>,
 }
 
-/// Quantiles from the relay's commit-to-ack histogram (interpolated inside its buckets).
+/// Commit-to-ack quantiles (for the broker-alone row: send to ack).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AckLatency {
     pub count: f64,
@@ -206,70 +223,98 @@ pub struct AckLatency {
     /// Share of events acknowledged within 5 ms and within 25 ms of their commit.
     pub within_5ms: f64,
     pub within_25ms: f64,
+    /// Where the relay's share went (relay rows only).
+    pub stages: Option<Stages>,
 }
 
-/// Cumulative bucket counts of the relay's commit-to-ack histogram: `(upper bound s, count)`.
-#[must_use]
-pub fn ack_buckets(handle: &metrics_exporter_prometheus::PrometheusHandle) -> Vec<(f64, f64)> {
-    let text = handle.render();
-    text.lines()
-        .filter_map(|l| l.strip_prefix("outbox_relay_commit_to_ack_seconds_bucket{le=\""))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"}")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
+/// The relay's commit-to-ack split in two stages, milliseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stages {
+    /// Writer's COMMIT returned -> the relay fetched the event's page (capture).
+    pub capture_p50_ms: f64,
+    pub capture_p99_ms: f64,
+    /// Page fetched -> the broker's acknowledgement seen (send, broker, ack).
+    pub send_ack_p50_ms: f64,
+    pub send_ack_p99_ms: f64,
 }
 
-/// The distribution of what was recorded between two [`ack_buckets`] snapshots.
-#[must_use]
-pub fn ack_between(before: &[(f64, f64)], after: &[(f64, f64)]) -> Option<AckLatency> {
-    let diff: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, c)| {
-            let b = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, c)| *c);
-            (*le, c - b)
+/// Acknowledgements the in-process relay reports ([`outbox_relay::Relay::on_acknowledged`]) while
+/// recording is on: row id -> (page fetched, acknowledgement seen).
+#[derive(Clone, Default)]
+pub struct AckLog {
+    recording: Arc<AtomicBool>,
+    acks: Arc<Mutex<HashMap<i64, (Instant, Instant)>>>,
+}
+
+impl AckLog {
+    /// The listener to give the relay.
+    #[must_use]
+    pub fn listener(&self) -> outbox_relay::AckListener {
+        let (recording, acks) = (Arc::clone(&self.recording), Arc::clone(&self.acks));
+        Arc::new(move |a: outbox_relay::Acknowledged| {
+            if recording.load(Ordering::Relaxed) {
+                if let Ok(mut m) = acks.lock() {
+                    m.insert(a.id, (a.fetched, a.acknowledged));
+                }
+            }
         })
-        .collect();
-    let total = diff.last()?.1;
-    if total <= 0.0 {
+    }
+
+    fn start(&self) {
+        if let Ok(mut m) = self.acks.lock() {
+            m.clear();
+        }
+        self.recording.store(true, Ordering::Relaxed);
+    }
+
+    fn stop(&self) -> HashMap<i64, (Instant, Instant)> {
+        self.recording.store(false, Ordering::Relaxed);
+        self.acks
+            .lock()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+    }
+}
+
+/// Exact commit-to-ack quantiles from the writers' commit instants and the relay's
+/// acknowledgements, with the split into capture (commit to page fetched) and send-to-ack.
+#[allow(clippy::cast_precision_loss)]
+fn commit_to_ack(
+    committed: &HashMap<i64, Instant>,
+    acks: &HashMap<i64, (Instant, Instant)>,
+) -> Option<AckLatency> {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let mut total = Vec::with_capacity(committed.len());
+    let mut capture = Vec::with_capacity(committed.len());
+    let mut send = Vec::with_capacity(committed.len());
+    for (id, c) in committed {
+        if let Some((f, a)) = acks.get(id) {
+            total.push(ms(a.saturating_duration_since(*c)));
+            capture.push(ms(f.saturating_duration_since(*c)));
+            send.push(ms(a.saturating_duration_since(*f)));
+        }
+    }
+    if total.is_empty() {
         return None;
     }
-    let q = |q: f64| {
-        let want = q * total;
-        let mut prev = (0.0, 0.0);
-        for &(le, c) in &diff {
-            if c >= want {
-                if le.is_infinite() {
-                    return prev.0 * 1000.0;
-                }
-                let span = (c - prev.1).max(1e-9);
-                return (prev.0 + (le - prev.0) * (want - prev.1) / span) * 1000.0;
-            }
-            prev = (le, c);
-        }
-        prev.0 * 1000.0
-    };
-    let within = |bound: f64| {
-        diff.iter()
-            .find(|(le, _)| (*le - bound).abs() < 1e-9)
-            .map_or(0.0, |(_, c)| c / total)
-    };
+    for v in [&mut total, &mut capture, &mut send] {
+        v.sort_by(f64::total_cmp);
+    }
+    let share =
+        |bound: f64| total.iter().filter(|a| **a <= bound).count() as f64 / total.len() as f64;
     Some(AckLatency {
-        count: total,
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        p999_ms: q(0.999),
-        within_5ms: within(0.005),
-        within_25ms: within(0.025),
+        count: total.len() as f64,
+        p50_ms: quantile(&total, 0.5),
+        p99_ms: quantile(&total, 0.99),
+        p999_ms: quantile(&total, 0.999),
+        within_5ms: share(5.0),
+        within_25ms: share(25.0),
+        stages: Some(Stages {
+            capture_p50_ms: quantile(&capture, 0.5),
+            capture_p99_ms: quantile(&capture, 0.99),
+            send_ack_p50_ms: quantile(&send, 0.5),
+            send_ack_p99_ms: quantile(&send, 0.99),
+        }),
     })
 }
 
@@ -345,19 +390,26 @@ impl Load {
         writers: usize,
         rate: f64,
         window: Duration,
+        acks: &AckLog,
     ) -> Result<Latencies> {
         let committed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let committed_rows: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let reading = Arc::new(AtomicBool::new(true));
         let consumer = spawn_tail_reader(bootstrap, topic, &reading);
         // Let the consumer start fetching before anything is written.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let per_writer = Duration::from_secs_f64(writers as f64 / rate.max(1.0));
+        acks.start();
         let started = Instant::now();
         let handles: Vec<_> = (0..writers)
             .map(|w| {
                 let (url, topic) = (url.to_owned(), topic.to_owned());
-                let (stop, committed) = (Arc::clone(&stop), Arc::clone(&committed));
+                let (stop, committed, rows) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&committed),
+                    Arc::clone(&committed_rows),
+                );
                 std::thread::spawn(move || -> Result<()> {
                     let mut c = PgConnection::establish(&url)?;
                     // Spread the writers' schedules over one interval.
@@ -373,8 +425,10 @@ impl Load {
                         let ids = app_tx(&mut c, Some(&topic), 1, seq)?;
                         let at = Instant::now();
                         let mut map = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                        for id in ids {
+                        let mut by_row = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                        for (row, id) in ids {
                             map.insert(id, at);
+                            by_row.insert(row, at);
                         }
                     }
                     Ok(())
@@ -397,6 +451,12 @@ impl Load {
         let got = consumer
             .join()
             .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
+        let ack = {
+            let rows = committed_rows
+                .lock()
+                .map_err(|_| anyhow::anyhow!("poisoned"))?;
+            commit_to_ack(&rows, &acks.stop())
+        };
         let committed = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut ms: Vec<f64> = got
             .iter()
@@ -419,7 +479,7 @@ impl Load {
             p99_ms: quantile(&ms, 0.99),
             p999_ms: quantile(&ms, 0.999),
             max_ms: ms.last().copied().unwrap_or_default(),
-            ack: None,
+            ack,
         })
     }
 }
@@ -549,6 +609,7 @@ pub async fn broker_latency(
         p999_ms: quantile(&acks, 0.999),
         within_5ms: share(5.0),
         within_25ms: share(25.0),
+        stages: None,
     };
     Ok(Latencies {
         rate: crate::rate(sent.len(), offered_for),

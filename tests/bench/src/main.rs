@@ -341,8 +341,8 @@ async fn main() -> Result<()> {
     anyhow::ensure!(args.window >= 1, "--window must be at least 1 s");
     anyhow::ensure!(args.writers >= 1, "--writers must be at least 1");
     let window = Duration::from_secs(args.window);
-    // The relay's own metrics (commit-to-ack histogram) are read in-process.
-    let metrics = outbox_relay::metrics::install()?;
+    // Commit-to-ack per event: the relay's acknowledgements, matched to the writers' commits.
+    let acks = load::AckLog::default();
     let db = TestDb::migrated()
         .context("create the benchmark database (is Postgres running? scripts/setup)")?;
     let url = db.url().to_owned();
@@ -509,7 +509,9 @@ async fn main() -> Result<()> {
     ));
 
     // S2: maximum sustainable throughput, relay running.
-    let relay = InProcessRelay::start(relay_cfg.clone())?;
+    let relay = InProcessRelay::run(
+        outbox_relay::Relay::new(relay_cfg.clone())?.on_acknowledged(acks.listener()),
+    );
     let mut s2_one = 0.0;
     for per_tx in [1, 10] {
         let pb = spinner(&format!(
@@ -566,10 +568,8 @@ async fn main() -> Result<()> {
             "S4: commit-to-consume latency at {:.0}% of S2 ({target:.0} events/s)",
             frac * 100.0
         ));
-        let before = load::ack_buckets(&metrics);
-        let mut lat =
-            Load::paced_latency(&url, &bootstrap, t_s4, args.writers, target, window).await?;
-        lat.ack = load::ack_between(&before, &load::ack_buckets(&metrics));
+        let lat = Load::paced_latency(&url, &bootstrap, t_s4, args.writers, target, window, &acks)
+            .await?;
         pb.finish_and_clear();
         let name = format!(
             "S4 latency at {:.0}% of S2 ({:.0} ev/s)",
@@ -598,10 +598,16 @@ async fn main() -> Result<()> {
     let held = load::hold_open(&url, t_s5, args.long_tx).await?;
     let hold = Duration::from_secs(args.long_tx);
     let flat = Load::flat_out(&url, Some(t_s5), args.writers, 1, hold * 2 / 3).await?;
-    let before = load::ack_buckets(&metrics);
-    let mut lat =
-        Load::paced_latency(&url, &bootstrap, t_s5, args.writers, s2_one * 0.5, hold / 3).await?;
-    lat.ack = load::ack_between(&before, &load::ack_buckets(&metrics));
+    let lat = Load::paced_latency(
+        &url,
+        &bootstrap,
+        t_s5,
+        args.writers,
+        s2_one * 0.5,
+        hold / 3,
+        &acks,
+    )
+    .await?;
     let held_for = held.commit().await?;
     pb.finish_and_clear();
     relay.stop().await?;
@@ -651,7 +657,15 @@ async fn main() -> Result<()> {
         "rows/s",
     ));
     report.push(Row::ratio(
-        "S6 inbox consumer: dedup + business write",
+        "S6 inbox consumer: dedup + business write, batch handler",
+        inbox.runner_batch,
+        "msg/s",
+        inbox.raw.min(inbox.p_ins),
+        "min(raw consume, P_ins inbox)",
+        0.7,
+    ));
+    report.push(Row::ratio(
+        "S6 inbox consumer, per-message handler (a statement per message)",
         inbox.runner,
         "msg/s",
         inbox.raw.min(inbox.p_ins),

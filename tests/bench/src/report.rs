@@ -90,11 +90,15 @@ impl Row {
             Some(a) => Self {
                 latency: Some(lat.clone()),
                 note: format!(
-                    "ack p99 {:.1} / p99.9 {:.1} ms, {:.0}% within 5 ms, {:.0}% within 25 ms; {consume}",
+                    "ack p99 {:.1} / p99.9 {:.1} ms, {:.0}% within 5 ms, {:.0}% within 25 ms; {}{consume}",
                     a.p99_ms,
                     a.p999_ms,
                     a.within_5ms * 100.0,
-                    a.within_25ms * 100.0
+                    a.within_25ms * 100.0,
+                    a.stages.as_ref().map_or(String::new(), |s| format!(
+                        "commit to fetched p50 {:.1} / p99 {:.1} ms, fetched to ack p50 {:.1} / p99 {:.1} ms; ",
+                        s.capture_p50_ms, s.capture_p99_ms, s.send_ack_p50_ms, s.send_ack_p99_ms
+                    )),
                 ),
                 ..Self::new(scenario, a.p50_ms, "ms p50 to ack")
             },
