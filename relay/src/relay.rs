@@ -20,6 +20,10 @@ use crate::{metrics as m, Error, Result};
 
 const TARGET: &str = "outbox::relay";
 
+/// How often, at most, the position (the batch snapshots) is written to the state row while
+/// batches are delivered; see [`store::advance_batch`].
+const SAVE_BATCH_EVERY: Duration = Duration::from_secs(1);
+
 /// One database connection, used from blocking threads (diesel is synchronous).
 struct Db {
     url: Arc<str>,
@@ -348,27 +352,38 @@ impl Relay {
         let idle_max = Duration::from_millis(self.cfg.idle_poll_max_ms);
         let mut idle = Duration::from_millis(1);
         let mut retry = backoff_policy();
-        // Whether the previous batch is done: then one statement closes it and opens the next
-        // (its snapshot becomes the next one's lower bound); otherwise the open batch (ours,
-        // or a previous leader's) is resumed.
-        let mut previous_done = false;
+        // The batch just delivered in full: its snapshot is the next one's lower bound. `None`
+        // at the start of the term: the saved batch (a previous leader's, or ours) is resumed.
+        let mut done: Option<Batch> = None;
+        // A batch to deliver again (some of its rows failed).
+        let mut again: Option<Batch> = None;
+        let mut saved = Instant::now();
         loop {
             if term.shutdown.is_cancelled() {
+                if let Some(d) = done {
+                    self.save_batch(term, d, true).await;
+                }
                 return Ok(());
             }
             self.renew_if_due(term).await?;
-            let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
-            let batch = term
-                .db
-                .call(move |c| {
-                    if previous_done {
-                        store::advance_batch(c, &sql, &lease)
-                    } else {
-                        store::open_batch(c, &sql, &lease)
+            let batch = match (again.take(), done.take()) {
+                (Some(b), _) => b,
+                (None, previous) => {
+                    let save = previous.is_none() || saved.elapsed() >= SAVE_BATCH_EVERY;
+                    let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
+                    let b = term
+                        .db
+                        .call(move |c| match &previous {
+                            Some(d) => store::advance_batch(c, &sql, &lease, d, save),
+                            None => store::open_batch(c, &sql, &lease),
+                        })
+                        .await?;
+                    if save {
+                        saved = Instant::now();
                     }
-                })
-                .await?;
-            previous_done = false;
+                    b
+                }
+            };
             if self.cfg.poison_policy == PoisonPolicy::HoldKey {
                 let sql = Arc::clone(&self.sql);
                 term.held = term
@@ -381,7 +396,7 @@ impl Relay {
             term.blocked.clear();
             match self.deliver_batch(term, &batch).await? {
                 BatchEnd::Done { rows } => {
-                    previous_done = true;
+                    done = Some(batch);
                     retry.reset();
                     if rows == 0 {
                         // idle_poll_max_ms < lease / 4 (validated): the lease cannot lapse here.
@@ -392,14 +407,31 @@ impl Relay {
                     }
                 }
                 BatchEnd::Retry => {
+                    again = Some(batch);
                     if let Some((code, reason)) = term.producer.client().fatal_error() {
                         tracing::error!(target: TARGET, %reason, "producer fatal error; starting a new term");
                         return Err(Error::Kafka(KafkaError::MessageProduction(code)));
                     }
                     self.sleep_renewing(term, next(&mut retry)).await?;
                 }
-                BatchEnd::Shutdown => return Ok(()),
+                BatchEnd::Shutdown => {
+                    self.save_batch(term, batch, false).await;
+                    return Ok(());
+                }
             }
+        }
+    }
+
+    /// Records the position at the end of a term (best effort: if it fails, the next leader
+    /// resumes an older saved batch, which only re-reads what is still in the outbox).
+    async fn save_batch(&self, term: &mut Term<'_>, batch: Batch, done: bool) {
+        let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
+        if let Err(e) = term
+            .db
+            .call(move |c| store::save_batch(c, &sql, &lease, &batch, done))
+            .await
+        {
+            tracing::debug!(target: TARGET, error = %e, "could not save the batch position");
         }
     }
 

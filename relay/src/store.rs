@@ -73,6 +73,8 @@ pub struct Sql {
     open_batch: String,
     close_batch: String,
     advance_batch: String,
+    advance_in_memory: String,
+    save_batch: String,
     fetch: String,
     delete: String,
     move_delivered: String,
@@ -143,9 +145,21 @@ impl Sql {
                  updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
             ),
             advance_batch: format!(
-                "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = pg_current_snapshot(), \
-                 updated_at = clock_timestamp() WHERE {lease_cond} \
+                "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, \
+                 cur_snapshot = pg_current_snapshot(), updated_at = clock_timestamp() \
+                 WHERE {lease_cond} \
                  RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}"
+            ),
+            // The same next batch without writing the state row (see `advance_batch`).
+            advance_in_memory: format!(
+                "SELECT prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after} \
+                 FROM (SELECT $4::pg_snapshot AS prev_snapshot, \
+                       pg_current_snapshot() AS cur_snapshot) b0 \
+                 WHERE {guard}"
+            ),
+            save_batch: format!(
+                "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
+                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
             ),
             fetch: format!(
                 "SELECT {STORED_EVENT_COLUMNS} FROM {t} \
@@ -312,7 +326,7 @@ pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<B
     batch_statement(conn, sql, &sql.open_batch, lease)
 }
 
-/// Runs a fenced statement that returns the batch (`open_batch`, `advance_batch`).
+/// Runs a fenced statement that returns the batch.
 fn batch_statement(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -343,13 +357,67 @@ pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<
         .ok_or_else(|| lost(sql))
 }
 
-/// Marks the batch done and opens the next one, in one statement: the done batch's snapshot
-/// becomes the lower bound, the current snapshot the upper bound.
+/// The batch after `done` (delivered in full): `done`'s snapshot becomes the lower bound, the
+/// current snapshot the upper bound. With `save`, one statement also records it in the state
+/// row (closing `done`); without, nothing is written.
+///
+/// Saving is what lets a new leader resume; the relay saves at most about once a second. A new
+/// leader that resumes an older saved batch loses nothing: the batches finished since were
+/// removed from the outbox, and whatever of them is left falls into the next batch. Writing the
+/// state row once per batch instead would, while a long transaction holds the xmin horizon,
+/// leave a chain of dead row versions that every lease check walks.
 ///
 /// # Errors
 /// [`Error::LostLeadership`], [`Error::Database`].
-pub fn advance_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
-    batch_statement(conn, sql, &sql.advance_batch, lease)
+pub fn advance_batch(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    done: &Batch,
+    save: bool,
+) -> Result<Batch> {
+    let statement = if save {
+        &sql.advance_batch
+    } else {
+        &sql.advance_in_memory
+    };
+    diesel::sql_query(statement)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Text, _>(&done.cur)
+        .get_result::<Batch>(conn)
+        .optional()?
+        .ok_or_else(|| lost(sql))
+}
+
+/// Records the relay's position in the state row: `batch` still open, or (with `done`) closed,
+/// so the next leader starts after it.
+///
+/// # Errors
+/// [`Error::LostLeadership`], [`Error::Database`].
+pub fn save_batch(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    batch: &Batch,
+    done: bool,
+) -> Result<()> {
+    let (prev, cur) = if done {
+        (Some(batch.cur.as_str()), None)
+    } else {
+        (batch.prev.as_deref(), Some(batch.cur.as_str()))
+    };
+    diesel::sql_query(&sql.save_batch)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Nullable<Text>, _>(prev)
+        .bind::<Nullable<Text>, _>(cur)
+        .get_result::<Epoch>(conn)
+        .optional()?
+        .map(|_| ())
+        .ok_or_else(|| lost(sql))
 }
 
 /// Sets `synchronous_commit` for the session (the relay's own commits).
