@@ -233,6 +233,8 @@ pub struct Stages {
     /// Writer's COMMIT returned -> the relay fetched the event's page (capture).
     pub capture_p50_ms: f64,
     pub capture_p99_ms: f64,
+    /// Of that, the relay opening the batch and fetching the page (its statements).
+    pub open_fetch_p50_ms: f64,
     /// Page fetched -> the broker's acknowledgement seen (send, broker, ack).
     pub send_ack_p50_ms: f64,
     pub send_ack_p99_ms: f64,
@@ -243,7 +245,7 @@ pub struct Stages {
 #[derive(Clone, Default)]
 pub struct AckLog {
     recording: Arc<AtomicBool>,
-    acks: Arc<Mutex<HashMap<i64, (Instant, Instant)>>>,
+    acks: Arc<Mutex<HashMap<i64, outbox_relay::Acknowledged>>>,
 }
 
 impl AckLog {
@@ -254,7 +256,7 @@ impl AckLog {
         Arc::new(move |a: outbox_relay::Acknowledged| {
             if recording.load(Ordering::Relaxed) {
                 if let Ok(mut m) = acks.lock() {
-                    m.insert(a.id, (a.fetched, a.acknowledged));
+                    m.insert(a.id, a);
                 }
             }
         })
@@ -267,7 +269,7 @@ impl AckLog {
         self.recording.store(true, Ordering::Relaxed);
     }
 
-    fn stop(&self) -> HashMap<i64, (Instant, Instant)> {
+    fn stop(&self) -> HashMap<i64, outbox_relay::Acknowledged> {
         self.recording.store(false, Ordering::Relaxed);
         self.acks
             .lock()
@@ -281,23 +283,25 @@ impl AckLog {
 #[allow(clippy::cast_precision_loss)]
 fn commit_to_ack(
     committed: &HashMap<i64, Instant>,
-    acks: &HashMap<i64, (Instant, Instant)>,
+    acks: &HashMap<i64, outbox_relay::Acknowledged>,
 ) -> Option<AckLatency> {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let mut total = Vec::with_capacity(committed.len());
     let mut capture = Vec::with_capacity(committed.len());
+    let mut open = Vec::with_capacity(committed.len());
     let mut send = Vec::with_capacity(committed.len());
     for (id, c) in committed {
-        if let Some((f, a)) = acks.get(id) {
-            total.push(ms(a.saturating_duration_since(*c)));
-            capture.push(ms(f.saturating_duration_since(*c)));
-            send.push(ms(a.saturating_duration_since(*f)));
+        if let Some(a) = acks.get(id) {
+            total.push(ms(a.acknowledged.saturating_duration_since(*c)));
+            capture.push(ms(a.fetched.saturating_duration_since(*c)));
+            open.push(ms(a.fetched.saturating_duration_since(a.batch_started)));
+            send.push(ms(a.acknowledged.saturating_duration_since(a.fetched)));
         }
     }
     if total.is_empty() {
         return None;
     }
-    for v in [&mut total, &mut capture, &mut send] {
+    for v in [&mut total, &mut capture, &mut open, &mut send] {
         v.sort_by(f64::total_cmp);
     }
     let share =
@@ -312,6 +316,7 @@ fn commit_to_ack(
         stages: Some(Stages {
             capture_p50_ms: quantile(&capture, 0.5),
             capture_p99_ms: quantile(&capture, 0.99),
+            open_fetch_p50_ms: quantile(&open, 0.5),
             send_ack_p50_ms: quantile(&send, 0.5),
             send_ack_p99_ms: quantile(&send, 0.99),
         }),
