@@ -55,9 +55,12 @@ pub const DEFAULTS: &[(&str, &str)] = &[
     // would reorder its key. Outages are waited out; poison is detected by its error code.
     ("message.timeout.ms", "0"),
     ("socket.nagle.disable", "true"),
-    // Pages are handed to the producer whole, so they batch without waiting; a short linger
-    // keeps commit-to-ack latency low when events trickle in.
-    ("linger.ms", "1"),
+    // Pages are handed to the producer whole, and while requests are in flight the next
+    // messages queue up, so a backlog batches without any linger. Measured (outbox-bench, same
+    // run conditions): linger 1 ms -> 0 cut commit-to-ack p50 at 50% load from 9.8 to 5.6 ms and
+    // the broker-alone send-to-ack from 2.0 to 0.5 ms, with the backlog drain unchanged (0.39 of
+    // min(K, P_del) both).
+    ("linger.ms", "0"),
     ("batch.num.messages", "10000"),
     ("batch.size", "1000000"),
     ("queue.buffering.max.messages", "500000"),

@@ -74,6 +74,9 @@ struct Args {
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     synchronous_commit: String,
     /// Where to write the JSON results.
+    /// A librdkafka option for the relay's producer (and K), `key=value`; repeatable.
+    #[arg(long = "relay-kafka", value_name = "KEY=VALUE")]
+    relay_kafka: Vec<String>,
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
 }
@@ -384,7 +387,13 @@ async fn main() -> Result<()> {
         args.synchronous_commit,
         if args.smoke { " (smoke: no thresholds)" } else { "" }
     );
-    let relay_cfg = RelayConfig::new(&url, &bootstrap).allow_superuser(true);
+    let mut relay_cfg = RelayConfig::new(&url, &bootstrap).allow_superuser(true);
+    for kv in &args.relay_kafka {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--relay-kafka {kv}: expected KEY=VALUE"))?;
+        relay_cfg = relay_cfg.kafka_option(k, v);
+    }
     let topic = |name: &str| unique_name(&format!("bench-{name}"));
     let topics: Vec<String> = ["k", "s1", "s2", "s4", "s5", "naive"]
         .iter()
