@@ -6,7 +6,7 @@
 //! partitions are revoked or the runner stops. Messages of one partition are handled in order,
 //! partitions in parallel (one worker and one database connection per assigned partition).
 //!
-//! Batching: when several messages of a partition are already waiting, up to 256 of them are
+//! Batching: when several messages of a partition are already waiting, up to 1,024 of them are
 //! applied in ONE transaction, their inbox rows recorded by one statement
 //! ([`Inbox::record_batch`]), so a backlog costs one commit and one dedup statement per batch
 //! instead of per message; the handler gets the batch's new messages at once through
@@ -315,7 +315,7 @@ impl ConsumerConfig {
             max_attempts: 5,
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(5),
-            queue_per_partition: 256,
+            queue_per_partition: 1024,
             retention: None,
             kafka: BTreeMap::new(),
         }
@@ -563,7 +563,7 @@ impl std::fmt::Debug for ConsumerRunner {
 }
 
 /// Most messages of one partition applied in one transaction.
-const BATCH_MAX: usize = 256;
+const BATCH_MAX: usize = 1024;
 
 struct Job {
     message: IncomingMessage,
