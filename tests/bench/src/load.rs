@@ -227,6 +227,25 @@ pub struct AckLatency {
     pub stages: Option<Stages>,
 }
 
+impl AckLatency {
+    /// Quantiles and shares of `sorted` (milliseconds, ascending).
+    #[allow(clippy::cast_precision_loss)]
+    fn from_sorted(sorted: &[f64], stages: Option<Stages>) -> Self {
+        let share = |bound: f64| {
+            sorted.iter().filter(|a| **a <= bound).count() as f64 / sorted.len().max(1) as f64
+        };
+        Self {
+            count: sorted.len() as f64,
+            p50_ms: quantile(sorted, 0.5),
+            p99_ms: quantile(sorted, 0.99),
+            p999_ms: quantile(sorted, 0.999),
+            within_5ms: share(5.0),
+            within_25ms: share(25.0),
+            stages,
+        }
+    }
+}
+
 /// The relay's commit-to-ack split in two stages, milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Stages {
@@ -304,23 +323,16 @@ fn commit_to_ack(
     for v in [&mut total, &mut capture, &mut open, &mut send] {
         v.sort_by(f64::total_cmp);
     }
-    let share =
-        |bound: f64| total.iter().filter(|a| **a <= bound).count() as f64 / total.len() as f64;
-    Some(AckLatency {
-        count: total.len() as f64,
-        p50_ms: quantile(&total, 0.5),
-        p99_ms: quantile(&total, 0.99),
-        p999_ms: quantile(&total, 0.999),
-        within_5ms: share(5.0),
-        within_25ms: share(25.0),
-        stages: Some(Stages {
+    Some(AckLatency::from_sorted(
+        &total,
+        Some(Stages {
             capture_p50_ms: quantile(&capture, 0.5),
             capture_p99_ms: quantile(&capture, 0.99),
             open_fetch_p50_ms: quantile(&open, 0.5),
             send_ack_p50_ms: quantile(&send, 0.5),
             send_ack_p99_ms: quantile(&send, 0.99),
         }),
-    })
+    ))
 }
 
 #[allow(
@@ -603,19 +615,7 @@ pub async fn broker_latency(
         })
         .collect();
     ms.sort_by(f64::total_cmp);
-    #[allow(clippy::cast_precision_loss)]
-    let share =
-        |bound: f64| acks.iter().filter(|a| **a <= bound).count() as f64 / acks.len().max(1) as f64;
-    #[allow(clippy::cast_precision_loss)]
-    let ack = AckLatency {
-        count: acks.len() as f64,
-        p50_ms: quantile(&acks, 0.5),
-        p99_ms: quantile(&acks, 0.99),
-        p999_ms: quantile(&acks, 0.999),
-        within_5ms: share(5.0),
-        within_25ms: share(25.0),
-        stages: None,
-    };
+    let ack = AckLatency::from_sorted(&acks, None);
     Ok(Latencies {
         rate: crate::rate(sent.len(), offered_for),
         count: ms.len(),
