@@ -468,6 +468,97 @@ fn a_fenced_out_leader_can_neither_fetch_nor_delete() {
     assert_eq!(store::delete(&mut conn, &sql, &new, &ids).unwrap(), 1);
 }
 
+/// One leader's capture cycle through the store API: fetch the batch's rows, optionally remove
+/// them, then open the next batch (saving the position or not). Returns the rows' event ids.
+fn capture_cycle(
+    conn: &mut PgConnection,
+    sql: &outbox_relay::store::Sql,
+    lease: &outbox_relay::store::Lease,
+    batch: &outbox_relay::store::Batch,
+    remove: bool,
+) -> Vec<String> {
+    use outbox_relay::store;
+    if batch.start_after == i64::MAX {
+        return Vec::new();
+    }
+    let rows = store::fetch(conn, sql, lease, batch, batch.start_after, 1000).unwrap();
+    if remove {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        if !ids.is_empty() {
+            store::delete(conn, sql, lease, &ids).unwrap();
+        }
+    }
+    rows.iter().map(|r| r.event_id.to_string()).collect()
+}
+
+/// The old leader delivers three batches with its position kept in memory (only the first is
+/// saved); its second batch was acknowledged but not yet removed when it died. `save_early`: the
+/// broken variant saves the position past that batch before removing its rows. Returns what the
+/// new leader, resuming from the saved position, delivers, and the event ids written.
+fn resume_after_unsaved_batches(save_early: bool) -> (Vec<String>, Vec<String>) {
+    use outbox_relay::store::{self, Sql};
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    let sql = Sql::new(&outbox::TableRef::default());
+    let old = store::try_acquire(&mut conn, &sql, "old", 60_000)
+        .unwrap()
+        .unwrap();
+    let r1 = insert_sql(&mut conn, "t", "k", 1);
+    let b1 = store::open_batch(&mut conn, &sql, &old).unwrap();
+    assert_eq!(
+        capture_cycle(&mut conn, &sql, &old, &b1, true),
+        std::slice::from_ref(&r1)
+    );
+    let r2 = insert_sql(&mut conn, "t", "k", 2);
+    let b2 = store::advance_batch(&mut conn, &sql, &old, &b1, false).unwrap();
+    // acknowledged, not removed: the process dies before the next call removes it
+    assert_eq!(
+        capture_cycle(&mut conn, &sql, &old, &b2, false),
+        std::slice::from_ref(&r2)
+    );
+    let r3 = insert_sql(&mut conn, "t", "k", 3);
+    let b3 = store::advance_batch(&mut conn, &sql, &old, &b2, save_early).unwrap();
+    assert_eq!(
+        capture_cycle(&mut conn, &sql, &old, &b3, true),
+        std::slice::from_ref(&r3)
+    );
+    let r4 = insert_sql(&mut conn, "t", "k", 4);
+    // The old leader stops past its lease; a new one takes over from the saved position.
+    diesel::sql_query(
+        "UPDATE outbox_relay_state SET lease_expires_at = clock_timestamp() - interval '1 second'",
+    )
+    .execute(&mut conn)
+    .unwrap();
+    let new = store::try_acquire(&mut conn, &sql, "new", 60_000)
+        .unwrap()
+        .unwrap();
+    let mut delivered = Vec::new();
+    let mut batch = store::open_batch(&mut conn, &sql, &new).unwrap();
+    for _ in 0..3 {
+        delivered.extend(capture_cycle(&mut conn, &sql, &new, &batch, true));
+        batch = store::advance_batch(&mut conn, &sql, &new, &batch, true).unwrap();
+    }
+    (delivered, vec![r1, r2, r3, r4])
+}
+
+#[test]
+fn a_new_leader_resuming_an_older_saved_batch_skips_nothing() {
+    let (delivered, written) = resume_after_unsaved_batches(false);
+    // r2 (acknowledged, never removed) is sent again, r4 (never captured) for the first time;
+    // r1 and r3 were removed and are not.
+    assert_eq!(delivered, [written[1].clone(), written[3].clone()]);
+}
+
+#[test]
+fn broken_variant_saving_the_position_before_removing_a_batch_loses_its_rows() {
+    let (delivered, written) = resume_after_unsaved_batches(true);
+    assert!(
+        !delivered.contains(&written[1]),
+        "the same check catches it: r2 stays in the outbox, behind the saved position"
+    );
+    assert_eq!(delivered, [written[3].clone()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_during_a_broker_outage_ends_within_the_timeout_and_removes_nothing() {
     let mut s = setup(3).await;
