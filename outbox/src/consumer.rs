@@ -840,6 +840,7 @@ impl ConsumerRunner {
                         }
                     }
                 }
+                let mut stopped = false;
                 for message in messages {
                     let mut backoff = backoff::ExponentialBackoff {
                         initial_interval: initial,
@@ -906,12 +907,19 @@ impl ConsumerRunner {
                             written
                         }
                     };
-                    if done {
-                        if let Err(e) =
-                            consumer.store_offset(&message.topic, message.partition, message.offset)
-                        {
-                            tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
-                        }
+                    if !done {
+                        // Neither applied nor dead-lettered (shutdown came during its retries
+                        // or while its dead letter could not be written): no later message of
+                        // the partition may be applied or stored, or the committed offset
+                        // would pass this one and it would never be delivered again.
+                        tracing::info!(target: TARGET, topic = %message.topic, partition = message.partition, offset = message.offset, "stopping: message left for redelivery");
+                        stopped = true;
+                        break;
+                    }
+                    if let Err(e) =
+                        consumer.store_offset(&message.topic, message.partition, message.offset)
+                    {
+                        tracing::debug!(target: TARGET, error = %e, "store offset (partition revoked?)");
                     }
                 }
                 {
@@ -924,6 +932,9 @@ impl ConsumerRunner {
                     }
                 }
                 shared.idle.notify_all();
+                if stopped {
+                    break;
+                }
             }
         }
     }

@@ -449,7 +449,7 @@ fn run_dead_letters(
             } else {
                 tracing::info!(target: TARGET, count = ids.len(), filter = ?f, "dead letters retried");
                 println!(
-                    "{} dead letters moved back to the outbox (new ids {:?})",
+                    "{} dead letters moved back to the outbox under their original ids {:?}",
                     ids.len(),
                     ids
                 );

@@ -386,6 +386,16 @@ impl RelayConfig {
         self
     }
 
+    /// The largest event the producer accepts: `message.max.bytes` when set (librdkafka's
+    /// default otherwise). Larger rows are dead-lettered without being loaded.
+    pub(crate) fn max_event_bytes(&self) -> i64 {
+        self.kafka
+            .iter()
+            .find(|(k, _)| canonical_key(k) == "message.max.bytes")
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(crate::store::DEFAULT_MAX_EVENT_BYTES)
+    }
+
     /// The database URL (contains secrets: never log it; use [`scrub_url`]).
     #[must_use]
     pub fn database_url(&self) -> &str {
@@ -598,9 +608,9 @@ fn check_kafka_option(key: &str, value: &str) -> Result<()> {
             refuse("host name verification must stay on (https)")
         }
         "transactional.id" => refuse("transactions are not supported by this relay mode"),
-        "enable.gapless.guarantee" => {
-            refuse("the relay manages ordering itself; this setting turns broker errors into fatal producer errors")
-        }
+        "enable.gapless.guarantee" if parse_bool(&v) != Some(true) => refuse(
+            "must stay on: without it a failed produce request lets the requests behind it (later events of the same keys) be written first",
+        ),
         _ => Ok(()),
     }
 }
@@ -632,6 +642,11 @@ mod tests {
             ("enable.ssl.certificate.verification", "F", "verification"),
             ("metadata.broker.list", "x:1", "the relay sets it"),
             ("partitioner", "consistent_random", "Java clients"),
+            (
+                "enable.gapless.guarantee",
+                "false",
+                "later events of the same keys",
+            ),
             (
                 "enable.ssl.certificate.verification",
                 "false",

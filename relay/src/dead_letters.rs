@@ -148,9 +148,14 @@ pub fn show(conn: &mut PgConnection, tables: &outbox::TableRef, id: i64) -> Resu
     .ok_or_else(|| Error::Config(format!("no dead letter with id {id}")))
 }
 
-/// Moves matching dead letters back into the outbox, in id order, keeping their event ids and
-/// creation times (one transaction). Returns the new outbox ids. With `dry_run`, changes nothing
-/// and returns the ids that would move.
+/// Moves matching dead letters back into the outbox under their original ids, keeping their
+/// event ids and creation times (one transaction). Returns the ids moved. With `dry_run`,
+/// changes nothing and returns the ids that would move.
+///
+/// The original id is the event's place in its key's order: the retried events go out before
+/// any later event of their key still in the outbox (committed while the key was held), as
+/// they were first committed. New ids would put them behind those (and a later hold would
+/// dead-letter events below them, so the next retry would reorder them again).
 ///
 /// # Errors
 /// [`Error::Database`] (for instance when an event id is pending in the outbox again).
@@ -173,9 +178,9 @@ pub fn retry(
     }
     let q = diesel::sql_query(format!(
         "WITH moved AS (DELETE FROM {d} WHERE {w} RETURNING *) \
-         INSERT INTO {o} (event_id, topic, partition_key, event_type, payload, headers, \
-           content_type, traceparent, created_at) \
-         SELECT event_id, topic, partition_key, event_type, payload, headers, content_type, \
+         INSERT INTO {o} (id, event_id, topic, partition_key, event_type, payload, headers, \
+           content_type, traceparent, created_at) OVERRIDING SYSTEM VALUE \
+         SELECT id, event_id, topic, partition_key, event_type, payload, headers, content_type, \
            traceparent, created_at FROM moved ORDER BY id RETURNING id",
         d = tables.qualify("outbox_dead_letters"),
         o = tables.qualify("outbox"),

@@ -47,6 +47,12 @@ pub const ENFORCED: &[(&str, &str)] = &[
     ("acks", "all"),
     ("max.in.flight.requests.per.connection", "5"),
     ("partitioner", "murmur2_random"),
+    // A produce request that fails for good (not authorised, unknown server error, too large)
+    // stops the producer instead of letting librdkafka bump the epoch and write the requests
+    // queued behind it: those hold later events of the same keys, which would then overtake
+    // the failed ones when the relay sends them again. The relay counts the failure, starts a
+    // new producer and sends everything unacknowledged again, in order.
+    ("enable.gapless.guarantee", "true"),
 ];
 
 /// Defaults that the user may override.

@@ -8,14 +8,13 @@ use backoff::backoff::Backoff;
 use backoff::ExponentialBackoff;
 use chrono::Utc;
 use diesel::PgConnection;
-use outbox::StoredEvent;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _, PurgeConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{PoisonPolicy, RelayConfig};
 use crate::producer::{self, Failure, Producer};
-use crate::store::{self, Batch, DeadLetter, Lease, Sql};
+use crate::store::{self, Batch, DeadLetter, Fetched, Lease, Sql};
 use crate::{metrics as m, Error, Result};
 
 const TARGET: &str = "outbox::relay";
@@ -165,7 +164,10 @@ struct Term<'a> {
     /// When shutdown gives up waiting for acknowledgements (set when shutdown is first seen).
     deadline: Option<tokio::time::Instant>,
     last_renew: Instant,
-    attempts: HashMap<i64, u32>,
+    /// Failed delivery attempts per row id. Kept across terms: a failure that ends the term
+    /// (the producer's gap-less guarantee turns every failed produce request into a fatal
+    /// producer error) must still count towards `max_attempts`.
+    attempts: &'a mut HashMap<i64, u32>,
     /// Keys with dead letters (`hold-key` only).
     held: HashSet<TopicKey>,
     /// Keys with a failed event in this batch: their later events wait for the batch's retry.
@@ -192,7 +194,11 @@ impl Relay {
             )
         });
         Ok(Self {
-            sql: Arc::new(Sql::new(&tables).keep_delivered(cfg.keeps_delivered())),
+            sql: Arc::new(
+                Sql::new(&tables)
+                    .keep_delivered(cfg.keeps_delivered())
+                    .byte_limits(cfg.max_event_bytes(), store::DEFAULT_PAGE_BYTES),
+            ),
             cfg,
             instance,
             source: source.into(),
@@ -232,6 +238,7 @@ impl Relay {
         );
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
+        let mut attempts = HashMap::new();
         tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), "relay started");
         loop {
             if shutdown.is_cancelled() {
@@ -248,7 +255,9 @@ impl Relay {
                     backoff.reset();
                     tracing::info!(target: TARGET, instance = %lease.instance, epoch = lease.epoch, "leadership acquired");
                     m::leader(true);
-                    let result = self.lead(&mut db, lease.clone(), &shutdown).await;
+                    let result = self
+                        .lead(&mut db, &mut attempts, lease.clone(), &shutdown)
+                        .await;
                     m::leader(false);
                     match result {
                         Ok(()) => {
@@ -322,7 +331,13 @@ impl Relay {
         }
     }
 
-    async fn lead(&self, db: &mut Db, lease: Lease, shutdown: &CancellationToken) -> Result<()> {
+    async fn lead(
+        &self,
+        db: &mut Db,
+        attempts: &mut HashMap<i64, u32>,
+        lease: Lease,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let producer = producer::create(&self.cfg)?;
         let mut term = Term {
             db,
@@ -331,7 +346,7 @@ impl Relay {
             shutdown: shutdown.clone(),
             deadline: None,
             last_renew: Instant::now(),
-            attempts: HashMap::new(),
+            attempts,
             held: HashSet::new(),
             blocked: HashSet::new(),
             unremoved: Vec::new(),
@@ -438,7 +453,15 @@ impl Relay {
                 BatchEnd::Retry => {
                     again = Some(batch);
                     if let Some((code, reason)) = term.producer.client().fatal_error() {
-                        tracing::error!(target: TARGET, %reason, "producer fatal error; starting a new term");
+                        // Under the gap-less guarantee a failed produce request stops the
+                        // producer: nothing after it in its partition was written. The failed
+                        // events were counted (and dead-lettered when due) like any failure;
+                        // what was acknowledged is removed; the rest goes again, in order,
+                        // with a new producer.
+                        tracing::warn!(target: TARGET, %reason, "producer stopped (gap-less guarantee or fatal error); starting a new term");
+                        if let Err(e) = self.call_removing(term, |_| Ok(())).await {
+                            tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
+                        }
                         return Err(Error::Kafka(KafkaError::MessageProduction(code)));
                     }
                     self.sleep_renewing(term, next(&mut retry)).await?;
@@ -520,7 +543,7 @@ impl Relay {
         term: &mut Term<'_>,
         batch: &Batch,
         batch_started: Instant,
-        mut first_page: Option<Vec<StoredEvent>>,
+        mut first_page: Option<Vec<Fetched>>,
     ) -> Result<BatchEnd> {
         let page_size = self.cfg.page_size;
         let mut after_id = batch.start_after;
@@ -545,8 +568,16 @@ impl Relay {
                         .await?
                     }
                 };
+                let mut rows = rows;
                 let fetched = Instant::now();
-                if i64::try_from(rows.len()).unwrap_or(i64::MAX) < page_size {
+                let returned = rows.len();
+                // Rows past the page's byte budget are not part of it: the next page starts
+                // at the first of them.
+                let cut = rows.iter().position(|r| r.over_budget);
+                if let Some(cut) = cut {
+                    rows.truncate(cut);
+                }
+                if cut.is_none() && i64::try_from(returned).unwrap_or(i64::MAX) < page_size {
                     // A fenced fetch returns nothing, so a lapsed lease looks like the end of the
                     // batch here; that is safe because closing the batch is fenced by the same
                     // lease (a lapsed lease never comes back: renewal requires it unexpired), so
@@ -592,19 +623,27 @@ impl Relay {
     async fn send_page(
         &self,
         term: &mut Term<'_>,
-        rows: Vec<StoredEvent>,
+        rows: Vec<Fetched>,
         (batch_started, fetched): (Instant, Instant),
     ) -> Result<Vec<Entry>> {
         let mut page = Vec::with_capacity(rows.len());
         let hold = self.cfg.poison_policy == PoisonPolicy::HoldKey;
-        for row in rows {
+        for Fetched {
+            event: row, defect, ..
+        } in rows
+        {
             let key = (row.topic.clone(), row.partition_key.clone());
             let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
             } else if term.blocked.contains(&key) {
                 Outcome::NotSent
             } else {
-                let outcome = self.send_one(term, &row).await?;
+                let outcome = match defect {
+                    // A row the table accepts but Kafka never will: dead-lettered (in SQL, by
+                    // id: its payload was never loaded), never retried.
+                    Some(defect) => Outcome::Failed(Failure::Permanent(defect)),
+                    None => self.send_one(term, &row).await?,
+                };
                 match &outcome {
                     Outcome::Failed(Failure::Permanent(_)) if hold => {
                         term.held.insert(key);
@@ -630,7 +669,7 @@ impl Relay {
         Ok(page)
     }
 
-    async fn send_one(&self, term: &mut Term<'_>, row: &StoredEvent) -> Result<Outcome> {
+    async fn send_one(&self, term: &mut Term<'_>, row: &outbox::StoredEvent) -> Result<Outcome> {
         loop {
             let record = FutureRecord::to(&row.topic)
                 .key(row.partition_key.as_bytes())
@@ -769,11 +808,8 @@ impl Relay {
         // Removed by the next database call (see `Term::unremoved`).
         term.unremoved.extend(delivered);
         if !dead.is_empty() {
-            if let Some((code, reason)) = term.producer.client().fatal_error() {
-                // The producer broke, not the events: keep them and start a new term.
-                tracing::error!(target: TARGET, %reason, "producer fatal error; not dead-lettering");
-                return Err(Error::Kafka(KafkaError::MessageProduction(code)));
-            }
+            // Only events that failed with an error of their own get here: what a fatal
+            // producer error fails is a `Failure::Client` and is sent again.
             for d in &dead {
                 term.attempts.remove(&d.id);
             }

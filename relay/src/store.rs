@@ -8,7 +8,7 @@
 
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel::{Connection, OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
-use outbox::{StoredEvent, TableRef, STORED_EVENT_COLUMNS};
+use outbox::{StoredEvent, TableRef};
 
 use crate::error::{scrub_text, scrub_url, Error, Result};
 
@@ -36,6 +36,35 @@ pub struct Batch {
     #[diesel(sql_type = BigInt)]
     pub start_after: i64,
 }
+
+/// One row of a page, as [`fetch`] returns it.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct Fetched {
+    /// The row (a small stand-in when `defect` is set).
+    #[diesel(embed)]
+    pub event: StoredEvent,
+    /// Why the row can never be sent (a `created_at` outside what a Kafka timestamp carries,
+    /// larger than `message.max.bytes`): the relay dead-letters it at once.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub defect: Option<String>,
+    /// Past the page's byte budget: returned without its payload, not part of this page. The
+    /// next page starts at it.
+    #[diesel(sql_type = Bool)]
+    pub over_budget: bool,
+}
+
+impl std::ops::Deref for Fetched {
+    type Target = StoredEvent;
+    fn deref(&self) -> &StoredEvent {
+        &self.event
+    }
+}
+
+/// Default largest event the relay loads (librdkafka's `message.max.bytes` default).
+pub const DEFAULT_MAX_EVENT_BYTES: i64 = 1_000_000;
+/// Default byte budget of one page: with the default pages in flight, at most 64 MiB of
+/// payload is held by the relay at once, whatever the rows hold.
+pub const DEFAULT_PAGE_BYTES: i64 = 16 << 20;
 
 /// An event to move to the dead letters.
 #[derive(Clone, Debug)]
@@ -79,6 +108,8 @@ pub struct Sql {
     delete: String,
     move_delivered: String,
     keep_delivered: bool,
+    max_event_bytes: i64,
+    page_bytes: i64,
     dead_letter: String,
     held_keys: String,
     /// The hot statements split at their placeholders, run as cached prepared statements.
@@ -173,11 +204,39 @@ impl Sql {
                 "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
                  updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
             ),
+            // Every row the table accepts comes back readable: a `created_at` no Kafka
+            // timestamp can carry, or an event over `message.max.bytes` ($8), is returned as a
+            // small stand-in with its defect named (it is dead-lettered in SQL, by id, so its
+            // payload never enters the relay). Rows past the page's byte budget ($9) come back
+            // without their payload, marked, and are fetched again by the next page.
             fetch: format!(
-                "SELECT {STORED_EVENT_COLUMNS} FROM {t} \
-                 WHERE id > $4 AND pg_visible_in_snapshot(tx_id, $5::pg_snapshot) \
-                 AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(tx_id, $6::pg_snapshot)) \
-                 AND {guard} ORDER BY id LIMIT $7"
+                "SELECT id, event_id, topic, \
+                   CASE WHEN fits THEN partition_key ELSE left(partition_key, 200) END AS partition_key, \
+                   CASE WHEN fits THEN event_type ELSE left(event_type, 200) END AS event_type, \
+                   CASE WHEN fits AND NOT over_budget THEN payload ELSE ''::bytea END AS payload, \
+                   CASE WHEN fits THEN headers ELSE '{{}}'::jsonb END AS headers, \
+                   CASE WHEN fits THEN content_type ELSE left(content_type, 200) END AS content_type, \
+                   traceparent, tx_id, \
+                   CASE WHEN time_ok THEN created_at ELSE 'epoch'::timestamptz END AS created_at, \
+                   CASE WHEN NOT time_ok THEN 'created_at ' || created_at::text \
+                          || ' is outside what a Kafka timestamp and ce_time carry (1970 to 9999)' \
+                        WHEN NOT fits THEN 'the event is too large: ' || size::text \
+                          || ' bytes, over message.max.bytes (' || $8::text || ')' END AS defect, \
+                   over_budget \
+                 FROM (SELECT *, fits AND loaded - size >= $9 AS over_budget \
+                       FROM (SELECT *, sum(CASE WHEN fits THEN size ELSE 0 END) \
+                               OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS loaded \
+                             FROM (SELECT *, size <= $8 AS fits FROM \
+                                   (SELECT o.*, octet_length(payload)::bigint \
+                                       + octet_length(partition_key) + octet_length(event_type) \
+                                       + octet_length(content_type) + pg_column_size(headers) AS size, \
+                                     (isfinite(created_at) AND created_at >= 'epoch' \
+                                      AND created_at < '10000-01-01') AS time_ok \
+                                    FROM {t} o \
+                                    WHERE id > $4 AND pg_visible_in_snapshot(tx_id, $5::pg_snapshot) \
+                                    AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(tx_id, $6::pg_snapshot)) \
+                                    AND {guard} ORDER BY id LIMIT $7) s0) s1) s2) s3 \
+                 ORDER BY id"
             ),
             delete: format!(
                 "WITH lease AS ({locked_lease}), \
@@ -202,6 +261,8 @@ impl Sql {
                  (SELECT count(*) FROM del) AS affected"
             ),
             keep_delivered: false,
+            max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
+            page_bytes: DEFAULT_PAGE_BYTES,
             dead_letter: format!(
                 "WITH lease AS ({locked_lease}), \
                  f AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::int[]) \
@@ -243,6 +304,16 @@ impl Sql {
     #[must_use]
     pub fn keep_delivered(mut self, keep: bool) -> Self {
         self.keep_delivered = keep;
+        self
+    }
+
+    /// Events larger than `max_event_bytes` (payload, key, type, content type and headers)
+    /// are dead-lettered without being loaded; a page loads at most `page_bytes` (and at
+    /// least one event). Default to [`DEFAULT_MAX_EVENT_BYTES`] and [`DEFAULT_PAGE_BYTES`].
+    #[must_use]
+    pub fn byte_limits(mut self, max_event_bytes: i64, page_bytes: i64) -> Self {
+        self.max_event_bytes = max_event_bytes;
+        self.page_bytes = page_bytes;
         self
     }
 
@@ -460,7 +531,9 @@ pub fn set_synchronous_commit(conn: &mut PgConnection, value: &str) -> Result<()
     Ok(())
 }
 
-/// The next page of the batch after `after_id`, in id order. Empty when the lease is gone.
+/// The next page of the batch after `after_id`, in id order: up to `limit` rows, the page
+/// ending before the first row marked [`Fetched::over_budget`] (rows after it are marked too).
+/// Empty when the lease is gone.
 ///
 /// # Errors
 /// [`Error::Database`].
@@ -471,7 +544,7 @@ pub fn fetch(
     batch: &Batch,
     after_id: i64,
     limit: i64,
-) -> Result<Vec<StoredEvent>> {
+) -> Result<Vec<Fetched>> {
     let binds = [
         Value::Text(&sql.key),
         Value::Text(&lease.instance),
@@ -480,6 +553,8 @@ pub fn fetch(
         Value::Text(&batch.cur),
         Value::NullableText(batch.prev.as_deref()),
         Value::BigInt(limit),
+        Value::BigInt(sql.max_event_bytes),
+        Value::BigInt(sql.page_bytes),
     ];
     Ok(Prepared::new(&sql.hot.fetch, &binds).load(conn)?)
 }

@@ -658,3 +658,108 @@ async fn a_consumer_stuck_past_max_poll_interval_loses_its_partition_and_nothing
         "none skipped, none twice"
     );
 }
+
+/// C3: shutdown comes while a message is being retried (a transient failure). The message is
+/// neither applied nor dead-lettered, so no later message of its partition may be applied or
+/// have its offset stored: after a restart it is delivered again and applied, and the
+/// messages after it too. Run `broken` (a consumer that stores each offset as it reads the
+/// message, the classic "offsets before the effect"): the checker sees the message lost.
+async fn shutdown_during_retries(broken: bool) -> (i64, i64, i64) {
+    let e = env(1).await;
+    produce(&e.broker.bootstrap(), &e.topic, &messages(3, 1)).await;
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (f, t) = (Arc::clone(&failing), Arc::clone(&tries));
+    let handler = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        if m.message_id == "m-1" && f.load(std::sync::atomic::Ordering::SeqCst) {
+            t.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Err(HandlerError::Transient("database busy".into()));
+        }
+        effect_handler(conn, m)
+    };
+    let cfg = || {
+        ConsumerConfig::new(e.broker.bootstrap(), &e.group, &[&e.topic], e.db.url())
+            .max_attempts(1000)
+            .retry_backoff(Duration::from_millis(20), Duration::from_millis(50))
+    };
+    let mut conn = e.db.conn().unwrap();
+    if broken {
+        // Reads all three, stores each offset at once, applies what it can, stops.
+        let (b, topic, group, url) = (
+            e.broker.bootstrap(),
+            e.topic.clone(),
+            e.group.clone(),
+            e.db.url().to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+            use rdkafka::Message;
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &b)
+                .set("group.id", &group)
+                .set("auto.offset.reset", "earliest")
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            c.subscribe(&[topic.as_str()]).unwrap();
+            let mut conn = PgConnection::establish(&url).unwrap();
+            let mut read = 0;
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while read < 3 && std::time::Instant::now() < deadline {
+                let Some(m) = c.poll(Duration::from_millis(200)) else {
+                    continue;
+                };
+                let m = m.unwrap();
+                read += 1;
+                let id = header(&m.detach(), "ce_id").unwrap();
+                if id != "m-1" {
+                    effects::apply(&mut conn, &id, "k-0").unwrap();
+                }
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                tpl.add_partition_offset(
+                    m.topic(),
+                    m.partition(),
+                    rdkafka::Offset::Offset(m.offset() + 1),
+                )
+                .unwrap();
+                c.commit(&tpl, CommitMode::Sync).unwrap();
+            }
+        })
+        .await
+        .unwrap();
+    } else {
+        let (stop, handle) = start(cfg(), handler.clone());
+        wait_until(Duration::from_secs(60), "m-1 retried", || {
+            Ok(tries.load(std::sync::atomic::Ordering::SeqCst) >= 3)
+        })
+        .await
+        .unwrap();
+        stop.cancel();
+        handle.await.unwrap().unwrap();
+    }
+    // The cause is gone; a new runner in the same group picks up from the committed offset.
+    failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (stop, handle) = start(cfg(), handler);
+    let _ = wait_until(Duration::from_secs(20), "3 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 3)
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap().unwrap();
+    effects::summary(&mut conn).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_a_messages_retries_skips_nothing() {
+    assert_eq!(
+        shutdown_during_retries(false).await,
+        (3, 0, 3),
+        "m-0, m-1 and m-2 each applied once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_offsets_stored_before_the_effect_lose_the_message_in_retry() {
+    let (distinct, _, _) = shutdown_during_retries(true).await;
+    assert_eq!(distinct, 2, "the checker must see m-1 lost");
+}

@@ -1,0 +1,482 @@
+//! Message-level faults (docs/GUARANTEES.md "Message-level faults"): one produce request failing
+//! asynchronously, rows at the edges of what the outbox table accepts, dead-letter retries
+//! under `hold-key`. Each guarantee has a broken variant the same checker catches.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use outbox::StoredEvent;
+use outbox_tests::check::{check, read_topic, Report, Seen};
+use outbox_tests::relay::{backlog, wait_until};
+use outbox_tests::workload::Expected;
+use outbox_tests::{relay_config, unique_name, InProcessRelay, TestDb};
+use rdkafka::producer::FutureRecord;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    event_id: uuid::Uuid,
+    #[diesel(sql_type = Text)]
+    partition_key: String,
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+}
+
+/// `per_key` events for each of `keys` keys, interleaved, in one transaction (so id order is
+/// commit order). Returns event id -> (key, sequence).
+fn insert_sequence(conn: &mut PgConnection, topic: &str, keys: i64, per_key: i64) -> Expected {
+    let rows: Vec<Inserted> = diesel::sql_query(
+        "INSERT INTO outbox (topic, partition_key, event_type, payload) \
+         SELECT $1, 'key-' || (g % $2), 'Test', convert_to((g / $2)::text, 'UTF8') \
+         FROM generate_series(0, $2 * $3 - 1) g ORDER BY g \
+         RETURNING event_id, partition_key, convert_from(payload, 'UTF8')::bigint AS seq",
+    )
+    .bind::<Text, _>(topic)
+    .bind::<BigInt, _>(keys)
+    .bind::<BigInt, _>(per_key)
+    .load(conn)
+    .unwrap();
+    rows.into_iter()
+        .map(|r| {
+            (
+                r.event_id.to_string(),
+                (r.partition_key, u64::try_from(r.seq).unwrap()),
+            )
+        })
+        .collect()
+}
+
+async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<Seen> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        read_topic(&b, &t, min, Duration::from_secs(2), Duration::from_secs(60))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+fn summary(r: &Report) -> String {
+    format!(
+        "read {}, missing {}, unexpected {}, duplicates {}, order violations {:?}",
+        r.read,
+        r.missing.len(),
+        r.unexpected.len(),
+        r.duplicates,
+        r.order_violations.iter().take(5).collect::<Vec<_>>()
+    )
+}
+
+/// The broken variant of C1: what the relay did before the gap-less guarantee. It hands every
+/// row to an idempotent producer without `enable.gapless.guarantee` (pipelined, as the relay
+/// does), then sends what failed again, in id order.
+async fn pipelined_resend_without_gapless(conn: &mut PgConnection, bootstrap: &str) {
+    // Small requests sent at once, several in flight, as under load.
+    let producer = outbox_tests::naive::producer_with(
+        bootstrap,
+        &[("linger.ms", "0"), ("batch.num.messages", "10")],
+    )
+    .unwrap();
+    let rows: Vec<StoredEvent> = diesel::sql_query(format!(
+        "SELECT {} FROM outbox ORDER BY id",
+        outbox::STORED_EVENT_COLUMNS
+    ))
+    .load(conn)
+    .unwrap();
+    let futures: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            producer
+                .send_result(
+                    FutureRecord::to(&r.topic)
+                        .key(r.partition_key.as_bytes())
+                        .payload(r.payload.as_slice())
+                        .headers(rdkafka::message::OwnedHeaders::new().insert(
+                            rdkafka::message::Header {
+                                key: "ce_id",
+                                value: Some(&r.event_id.to_string()),
+                            },
+                        )),
+                )
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for (row, f) in rows.iter().zip(futures) {
+        if !matches!(f.await, Ok(Ok(_))) {
+            failed.push(row);
+        }
+    }
+    assert!(!failed.is_empty(), "the injected error failed nothing");
+    for row in failed {
+        // The failed topic stays marked as failed until the next metadata refresh.
+        let mut tries = 0;
+        while let Err(e) = outbox_tests::naive::publish(&producer, row).await {
+            tries += 1;
+            assert!(tries < 60, "resend: {e}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// C1: one produce request fails for good, asynchronously (the mock broker answers it with
+/// `err`), while the requests behind it hold later events of the same keys. Every event must
+/// arrive once at least, and each key in order.
+async fn one_failed_produce_request(err: RDKafkaRespErr, broken: bool) -> Report {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let topic = unique_name("c1");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    let expected = insert_sequence(&mut conn, &topic, 3, 100);
+    // The second produce request fails; small requests (10 messages) keep several in flight
+    // behind it, as under load.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, err],
+    );
+    if broken {
+        pipelined_resend_without_gapless(&mut conn, &bootstrap).await;
+    } else {
+        let relay = InProcessRelay::start(
+            relay_config(db.url(), &bootstrap)
+                .page_size(50)
+                .max_pages_in_flight(4)
+                .kafka_option("batch.num.messages", "10"),
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(60), "outbox empty", || {
+            Ok(backlog(&mut conn)? == 0)
+        })
+        .await
+        .unwrap();
+        relay.stop().await.unwrap();
+        let dead: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+            "(SELECT count(*) FROM outbox_dead_letters)",
+        ))
+        .get_result(&mut conn)
+        .unwrap();
+        assert_eq!(dead, 0, "one failed request must not dead-letter anything");
+    }
+    check(&read(&bootstrap, &topic, expected.len()).await, &expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_produce_request_failing_asynchronously_does_not_let_later_events_of_its_key_overtake()
+{
+    for err in [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN,
+    ] {
+        let report = one_failed_produce_request(err, false).await;
+        assert!(report.is_consistent(), "{err:?}: {}", summary(&report));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_resending_a_failed_request_without_the_gapless_guarantee_reorders_its_key()
+{
+    let report = one_failed_produce_request(
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        true,
+    )
+    .await;
+    assert!(report.missing.is_empty(), "{}", summary(&report));
+    assert!(
+        !report.order_violations.is_empty(),
+        "the checker must see the reorder: {}",
+        summary(&report)
+    );
+}
+
+/// The dead-letter retry of the old releases: copies with new, higher ids.
+fn retry_with_new_ids(conn: &mut PgConnection, key: &str) {
+    diesel::sql_query(
+        "WITH moved AS (DELETE FROM outbox_dead_letters WHERE partition_key = $1 RETURNING *) \
+         INSERT INTO outbox (event_id, topic, partition_key, event_type, payload, headers, \
+           content_type, traceparent, created_at) \
+         SELECT event_id, topic, partition_key, event_type, payload, headers, content_type, \
+           traceparent, created_at FROM moved ORDER BY id",
+    )
+    .bind::<Text, _>(key)
+    .execute(conn)
+    .unwrap();
+}
+
+fn insert_one(conn: &mut PgConnection, topic: &str, key: &str, payload: &str) -> String {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::Uuid)]
+        event_id: uuid::Uuid,
+    }
+    diesel::sql_query(
+        "INSERT INTO outbox (topic, partition_key, event_type, payload) \
+         VALUES ($1, $2, 'Test', convert_to($3, 'UTF8')) RETURNING event_id",
+    )
+    .bind::<Text, _>(topic)
+    .bind::<Text, _>(key)
+    .bind::<Text, _>(payload)
+    .get_result::<Id>(conn)
+    .unwrap()
+    .event_id
+    .to_string()
+}
+
+fn count(conn: &mut PgConnection, table: &str) -> i64 {
+    diesel::select(diesel::dsl::sql::<BigInt>(&format!(
+        "(SELECT count(*) FROM {table})"
+    )))
+    .get_result(conn)
+    .unwrap()
+}
+
+/// C2: under `hold-key`, K@0 is poison (too large for the first relay), K@1 and K@2 are held
+/// behind it; the relay stops; K@3 is committed; an operator retries the key's dead letters and
+/// a relay that can send K@0 starts. K must arrive as 0, 1, 2, 3.
+async fn retry_under_hold_key(broken: bool) -> Report {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let topic = unique_name("c2");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    let mut expected = Expected::new();
+    for seq in 0..3_u64 {
+        let payload = if seq == 0 {
+            "x".repeat(50_000)
+        } else {
+            seq.to_string()
+        };
+        let id = insert_one(&mut conn, &topic, "K", &payload);
+        expected.insert(id, ("K".to_owned(), seq));
+    }
+    let hold =
+        |cfg: outbox_relay::RelayConfig| cfg.poison_policy(outbox_relay::PoisonPolicy::HoldKey);
+    let first = InProcessRelay::start(
+        hold(relay_config(db.url(), &bootstrap)).kafka_option("message.max.bytes", "20000"),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(30), "three dead letters", || {
+        Ok(backlog(&mut conn)? == 0 && count(&mut conn, "outbox_dead_letters") == 3)
+    })
+    .await
+    .unwrap();
+    first.stop().await.unwrap();
+    let id = insert_one(&mut conn, &topic, "K", "3");
+    expected.insert(id, ("K".to_owned(), 3));
+    if broken {
+        retry_with_new_ids(&mut conn, "K");
+    } else {
+        let filter = outbox_relay::dead_letters::Filter {
+            key: Some("K".into()),
+            ..Default::default()
+        };
+        let moved = outbox_relay::dead_letters::retry(
+            &mut conn,
+            &outbox::TableRef::default(),
+            &filter,
+            false,
+        )
+        .unwrap();
+        assert_eq!(moved.len(), 3);
+    }
+    let second = InProcessRelay::start(hold(relay_config(db.url(), &bootstrap))).unwrap();
+    wait_until(Duration::from_secs(30), "everything delivered", || {
+        Ok(backlog(&mut conn)? == 0 && count(&mut conn, "outbox_dead_letters") == 0)
+    })
+    .await
+    .unwrap();
+    second.stop().await.unwrap();
+    check(&read(&bootstrap, &topic, 4).await, &expected)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_retry_under_hold_key_keeps_the_keys_commit_order() {
+    let report = retry_under_hold_key(false).await;
+    assert!(report.is_consistent(), "{}", summary(&report));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_retry_with_new_ids_lets_a_later_event_of_the_key_go_first() {
+    let report = retry_under_hold_key(true).await;
+    assert!(
+        !report.order_violations.is_empty(),
+        "the checker must see K@3 before K@0: {}",
+        summary(&report)
+    );
+}
+
+#[derive(QueryableByName, Debug)]
+struct DeadRow {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    event_type: String,
+    #[diesel(sql_type = Text)]
+    last_error: String,
+}
+
+/// Rows at the edges of what the table accepts, each written by a plain-SQL writer between
+/// good events of the same key: `(event_type, INSERT columns and values)`.
+const EDGE_ROWS: &[(&str, &str)] = &[
+    (
+        "InfiniteTime",
+        "created_at, payload) VALUES ($1, 'K', 'InfiniteTime', 'infinity', '\\x00'",
+    ),
+    (
+        "MinusInfiniteTime",
+        "created_at, payload) VALUES ($1, 'K', 'MinusInfiniteTime', '-infinity', '\\x00'",
+    ),
+    (
+        "FarFuture",
+        "created_at, payload) VALUES ($1, 'K', 'FarFuture', '294000-01-01', '\\x00'",
+    ),
+    (
+        "BeforeEpoch",
+        "created_at, payload) VALUES ($1, 'K', 'BeforeEpoch', '1960-01-01', '\\x00'",
+    ),
+    (
+        "HugePayload",
+        "payload) VALUES ($1, 'K', 'HugePayload', convert_to(repeat('x', 3000000), 'UTF8')",
+    ),
+    (
+        "HugeKey",
+        "payload) VALUES ($1, repeat('k', 2000000), 'HugeKey', '\\x00'",
+    ),
+];
+
+/// C5: one unreadable or oversized row must not stop the outbox. Every edge row is
+/// dead-lettered with an error naming its defect; every good event is delivered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_at_the_edges_of_what_the_table_accepts_are_dead_lettered_and_nothing_stalls() {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let topic = unique_name("c5");
+    cluster.create_topic(&topic, 3, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    let mut expected = Expected::new();
+    let mut seq = 0_u64;
+    for (_, insert) in EDGE_ROWS {
+        for key in ["K", "other"] {
+            let id = insert_one(&mut conn, &topic, key, &seq.to_string());
+            expected.insert(id, (key.to_owned(), seq));
+        }
+        seq += 1;
+        diesel::sql_query(format!(
+            "INSERT INTO outbox (topic, partition_key, event_type, {insert})"
+        ))
+        .bind::<Text, _>(&topic)
+        .execute(&mut conn)
+        .unwrap();
+    }
+    let id = insert_one(&mut conn, &topic, "K", &seq.to_string());
+    expected.insert(id, ("K".to_owned(), seq));
+    let relay = InProcessRelay::start(relay_config(db.url(), &bootstrap)).unwrap();
+    wait_until(Duration::from_secs(60), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let dead: Vec<DeadRow> =
+        diesel::sql_query("SELECT id, event_type, last_error FROM outbox_dead_letters ORDER BY id")
+            .load(&mut conn)
+            .unwrap();
+    let types: Vec<&str> = dead.iter().map(|d| d.event_type.as_str()).collect();
+    let want: Vec<&str> = EDGE_ROWS.iter().map(|(t, _)| *t).collect();
+    assert_eq!(types, want, "{dead:?}");
+    for d in &dead {
+        let named = if d.event_type.ends_with("Time")
+            || d.event_type == "FarFuture"
+            || d.event_type == "BeforeEpoch"
+        {
+            "created_at"
+        } else {
+            "too large"
+        };
+        assert!(d.last_error.contains(named), "{d:?}");
+        assert!(d.id > 0);
+    }
+    // The stand-in never replaced the stored row: the dead letter holds the real values.
+    let huge: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
+        "(SELECT octet_length(payload)::bigint FROM outbox_dead_letters WHERE event_type = 'HugePayload')",
+    ))
+    .get_result(&mut conn)
+    .unwrap();
+    assert_eq!(huge, 3_000_000);
+    let report = check(&read(&bootstrap, &topic, expected.len()).await, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+}
+
+/// The broken variant of C5: the page fetch of the old releases (every column decoded as
+/// stored) fails on the row with `created_at = 'infinity'`, every time: the relay retried the
+/// same page forever and nothing behind it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_decoding_every_row_as_stored_fails_on_an_infinite_created_at() {
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    insert_one(&mut conn, "t", "K", "0");
+    diesel::sql_query(format!(
+        "INSERT INTO outbox (topic, partition_key, event_type, {})",
+        EDGE_ROWS[0].1
+    ))
+    .bind::<Text, _>("t")
+    .execute(&mut conn)
+    .unwrap();
+    for _ in 0..3 {
+        let r: Result<Vec<StoredEvent>, _> = diesel::sql_query(format!(
+            "SELECT {} FROM outbox ORDER BY id",
+            outbox::STORED_EVENT_COLUMNS
+        ))
+        .load(&mut conn);
+        assert!(r.is_err(), "the old fetch must fail on the row");
+    }
+}
+
+/// A page holds at most its byte budget (and at least one row); the rows past it are marked
+/// and fetched by the next page, so none is skipped.
+#[test]
+fn a_page_stops_at_its_byte_budget_and_the_next_page_starts_at_the_first_row_left_out() {
+    use outbox_relay::store;
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    for i in 0..10 {
+        diesel::sql_query(
+            "INSERT INTO outbox (topic, partition_key, event_type, payload) \
+             VALUES ('t', 'K', 'Big', convert_to(repeat('x', 400000), 'UTF8'))",
+        )
+        .execute(&mut conn)
+        .unwrap();
+        let _ = i;
+    }
+    let sql = store::Sql::new(&outbox::TableRef::default()).byte_limits(1_000_000, 1_000_000);
+    let lease = store::try_acquire(&mut conn, &sql, "me", 60_000)
+        .unwrap()
+        .unwrap();
+    let batch = store::open_batch(&mut conn, &sql, &lease).unwrap();
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let rows = store::fetch(&mut conn, &sql, &lease, &batch, after, 100).unwrap();
+        let page: Vec<_> = rows.iter().take_while(|r| !r.over_budget).collect();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page
+            .iter()
+            .all(|r| r.payload.len() == 400_000 && r.defect.is_none()));
+        assert!(rows[page.len()..]
+            .iter()
+            .all(|r| r.over_budget && r.payload.is_empty()));
+        after = page.last().unwrap().id;
+        pages.push(page.len());
+    }
+    assert_eq!(pages, [3, 3, 3, 1], "400 kB rows under a 1 MB budget");
+}
