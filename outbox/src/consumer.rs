@@ -357,6 +357,18 @@ impl ConsumerConfig {
         self
     }
 
+    /// Messages of one partition queued for its worker. When a partition's queue is full (its
+    /// handler is slow, retrying or waiting on a lock), that partition alone is paused in the
+    /// Kafka client until its worker has worked off half of it; the other partitions keep
+    /// flowing. Each resume costs a fetch (a pause drops what the client fetched ahead), so a
+    /// small queue under a steady stream makes that partition slow. Defaults to 1,024 (one
+    /// full batch, see the module docs).
+    #[must_use]
+    pub fn queue_per_partition(mut self, n: usize) -> Self {
+        self.queue_per_partition = n;
+        self
+    }
+
     /// Purge this consumer's inbox rows older than `keep` every `every` (batches of 10,000).
     /// Defaults to off: call [`Inbox::purge`] yourself, or set this. Keep rows longer than any
     /// message can be redelivered (docs/TABLES.md#inbox-retention).
@@ -396,6 +408,9 @@ impl ConsumerConfig {
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be positive".into());
+        }
+        if self.queue_per_partition == 0 {
+            return bad("queue_per_partition must be positive".into());
         }
         if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
             return bad("retry backoff must be positive with max >= initial".into());
@@ -648,11 +663,20 @@ impl ConsumerRunner {
         let workers_done = CancellationToken::new();
         let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
             HashMap::new();
+        // Messages of partitions whose worker queue is full, in order; those partitions are
+        // paused in the client until the queue has room (see `queue_per_partition`).
+        let mut waiting: HashMap<PartitionKey, std::collections::VecDeque<Job>> = HashMap::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(target: TARGET, group = %self.cfg.group_id, topics = ?self.cfg.topics, "consumer runner started");
         loop {
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
                 m = consumer.recv() => m,
+                _ = tick.tick(), if !waiting.is_empty() => {
+                    self.hand_over_waiting(&mut waiting, &workers, &consumer, &shared);
+                    continue;
+                }
             };
             let msg = match msg {
                 Ok(m) => m,
@@ -688,8 +712,24 @@ impl ConsumerRunner {
                 ));
                 workers.insert(key.clone(), (tx, handle));
             }
-            if let Some((tx, _)) = workers.get(&key) {
-                let _ = tx.send(job).await;
+            if let Some(queue) = waiting.get_mut(&key) {
+                // Behind the partition's earlier messages (the client may hand over a few
+                // fetched before the pause took effect).
+                queue.push_back(job);
+                continue;
+            }
+            let Some((tx, _)) = workers.get(&key) else {
+                continue;
+            };
+            match tx.try_send(job) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    // Never wait here: every other partition would wait too, and a consumer
+                    // that stops polling is evicted from the group.
+                    pause_partition(&consumer, &key, true);
+                    tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "partition paused: its worker is behind");
+                    waiting.entry(key).or_default().push_back(job);
+                }
             }
         }
         // Shutdown: workers finish the message in hand (queued ones are left for redelivery).
@@ -706,6 +746,48 @@ impl ConsumerRunner {
         }
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())
+    }
+
+    /// Moves waiting messages to their workers' queues as room frees up, and resumes each
+    /// partition whose waiting messages are all handed over. Messages of a partition revoked
+    /// since are dropped (Kafka delivers them again to whoever owns the partition now).
+    fn hand_over_waiting(
+        &self,
+        waiting: &mut HashMap<PartitionKey, std::collections::VecDeque<Job>>,
+        workers: &HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
+        consumer: &StreamConsumer<RunnerContext>,
+        shared: &Shared,
+    ) {
+        waiting.retain(|key, queue| {
+            let generation = shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(key)
+                .map(|s| s.generation);
+            queue.retain(|j| Some(j.generation) == generation);
+            let tx = workers.get(key).map(|(tx, _)| tx);
+            while let Some(job) = queue.pop_front() {
+                match tx.map(|tx| tx.try_send(job)) {
+                    Some(Ok(())) => {}
+                    Some(Err(mpsc::error::TrySendError::Full(job))) => {
+                        queue.push_front(job);
+                        return true;
+                    }
+                    // The worker ended (shutdown): nothing more to hand over.
+                    Some(Err(mpsc::error::TrySendError::Closed(_))) | None => queue.clear(),
+                }
+            }
+            // Resume once the worker has worked off half its queue, not at the first free
+            // place: a pause drops what the client had fetched ahead, so every resume costs a
+            // fetch.
+            if tx.is_some_and(|tx| tx.capacity() * 2 < tx.max_capacity()) {
+                return true;
+            }
+            pause_partition(consumer, key, false);
+            tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "partition resumed");
+            false
+        });
     }
 
     fn incoming(&self, msg: &BorrowedMessage<'_>) -> IncomingMessage {
@@ -937,6 +1019,21 @@ impl ConsumerRunner {
                 }
             }
         }
+    }
+}
+
+/// Pauses (or resumes) fetching one partition. A pause drops what the client had fetched for
+/// it beyond the last message handed to the runner; a resume fetches from there.
+fn pause_partition(consumer: &StreamConsumer<RunnerContext>, key: &PartitionKey, pause: bool) {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(&key.0, key.1);
+    let r = if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    };
+    if let Err(e) = r {
+        tracing::debug!(target: TARGET, error = %e, topic = %key.0, partition = key.1, pause, "pause/resume (partition revoked?)");
     }
 }
 

@@ -614,14 +614,15 @@ async fn the_writers_trace_reaches_the_handler_through_the_relay() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_stuck_past_max_poll_interval_loses_its_partition_and_nothing_is_applied_twice()
-{
+async fn a_handler_stuck_past_max_poll_interval_skips_nothing_and_applies_nothing_twice() {
     let e = env(1).await;
     produce(&e.broker.bootstrap(), &e.topic, &messages(400, 4)).await;
     let stuck_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = Arc::clone(&stuck_once);
-    // Runner A hangs on message m-10 for longer than max.poll.interval.ms: its queue fills, it
-    // stops polling, the group evicts it, B takes the partition from the committed offset.
+    // Runner A hangs on message m-10 for longer than max.poll.interval.ms. Its queue fills and
+    // the partition is paused, but A keeps polling, so whether the group keeps A (it finishes
+    // the partition) or evicts it (B takes over from the committed offset), nothing may be
+    // skipped or applied twice.
     let slow = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
         if m.message_id == "m-10" && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::thread::sleep(Duration::from_secs(12));
@@ -762,4 +763,182 @@ async fn shutdown_during_a_messages_retries_skips_nothing() {
 async fn broken_variant_offsets_stored_before_the_effect_lose_the_message_in_retry() {
     let (distinct, _, _) = shutdown_during_retries(true).await;
     assert_eq!(distinct, 2, "the checker must see m-1 lost");
+}
+
+/// Produces `n` messages `<prefix>-<i>` to one partition.
+async fn produce_to(bootstrap: &str, topic: &str, partition: i32, prefix: &str, n: usize) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let futures: Vec<_> = (0..n)
+        .map(|i| {
+            let id = format!("{prefix}-{i}");
+            let h = OwnedHeaders::new().insert(Header {
+                key: "ce_id",
+                value: Some(id.as_str()),
+            });
+            p.send(
+                FutureRecord::to(topic)
+                    .partition(partition)
+                    .key(prefix)
+                    .payload("{}")
+                    .headers(h),
+                Duration::from_secs(30),
+            )
+        })
+        .collect();
+    for f in futures {
+        f.await.map_err(|(e, _)| e).unwrap();
+    }
+}
+
+const SLOW_FOR: Duration = Duration::from_secs(20);
+
+/// C4: partition 0's handler waits 20 s on one message (a lock, a slow dependency) with 2,000
+/// more messages of partition 0 behind it (more than its queue of 1,024 holds); then 300
+/// messages arrive on partition 1. Partition
+/// 1 must not wait for partition 0. Returns how many of partition 1's messages were applied
+/// while partition 0 was stuck. `broken`: the old dispatch (one loop awaiting each
+/// partition's full queue).
+async fn one_slow_partition(broken: bool) -> i64 {
+    let e = env(2).await;
+    let b = e.broker.bootstrap();
+    produce_to(&b, &e.topic, 0, "p0", 2000).await;
+    let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = Arc::clone(&stuck);
+    let handler = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        if m.message_id == "p0-1" && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(SLOW_FOR);
+        }
+        effect_handler(conn, m)
+    };
+    let mut conn = e.db.conn().unwrap();
+    let p1_applied = |conn: &mut PgConnection| -> i64 {
+        diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "(SELECT count(*) FROM effects WHERE key = 'p1')",
+        ))
+        .get_result(conn)
+        .unwrap()
+    };
+    let stop = CancellationToken::new();
+    let task = if broken {
+        tokio::spawn(old_dispatch(
+            b.clone(),
+            e.group.clone(),
+            e.topic.clone(),
+            e.db.url().to_owned(),
+            handler,
+            stop.clone(),
+        ))
+    } else {
+        let cfg = ConsumerConfig::new(b.clone(), &e.group, &[&e.topic], e.db.url());
+        let runner = ConsumerRunner::new(cfg, handler).unwrap();
+        let t = stop.clone();
+        tokio::spawn(async move { runner.run(t).await.unwrap() })
+    };
+    wait_until(Duration::from_secs(60), "partition 0 stuck", || {
+        Ok(stuck.load(std::sync::atomic::Ordering::SeqCst))
+    })
+    .await
+    .unwrap();
+    let stuck_at = std::time::Instant::now();
+    // Partition 0's queue (1,024) is full by now: 2,000 messages were waiting behind the stuck
+    // one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce_to(&b, &e.topic, 1, "p1", 300).await;
+    let _ = wait_until(Duration::from_secs(8), "partition 1 done", || {
+        Ok(p1_applied(&mut conn) == 300)
+    })
+    .await;
+    let during = p1_applied(&mut conn);
+    assert!(
+        stuck_at.elapsed() < SLOW_FOR,
+        "measured while partition 0 was stuck"
+    );
+    wait_until(Duration::from_secs(120), "all 2,300 effects", || {
+        Ok(effects::summary(&mut conn)?.0 == 2300)
+    })
+    .await
+    .unwrap();
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(effects::summary(&mut conn).unwrap(), (2300, 0, 2300));
+    during
+}
+
+/// The dispatch loop of the old releases: one loop hands each message to its partition's
+/// bounded queue and waits when that queue is full.
+async fn old_dispatch(
+    bootstrap: String,
+    group: String,
+    topic: String,
+    url: String,
+    handler: impl Fn(&mut PgConnection, &IncomingMessage) -> Result<(), HandlerError>
+        + Send
+        + Sync
+        + Clone
+        + 'static,
+    stop: CancellationToken,
+) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic.as_str()]).unwrap();
+    let mut queues: HashMap<i32, tokio::sync::mpsc::Sender<IncomingMessage>> = HashMap::new();
+    loop {
+        let m = tokio::select! {
+            () = stop.cancelled() => break,
+            m = consumer.recv() => m.unwrap(),
+        };
+        let incoming = IncomingMessage {
+            message_id: header(&m.detach(), "ce_id").unwrap(),
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: Vec::new(),
+        };
+        let tx = queues.entry(m.partition()).or_insert_with(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<IncomingMessage>(1024);
+            let (url, handler) = (url.clone(), handler.clone());
+            tokio::spawn(async move {
+                let mut conn = PgConnection::establish(&url).unwrap();
+                while let Some(m) = rx.recv().await {
+                    let h = handler.clone();
+                    conn = tokio::task::spawn_blocking(move || {
+                        conn.transaction::<_, HandlerError, _>(|c| h(c, &m))
+                            .unwrap();
+                        conn
+                    })
+                    .await
+                    .unwrap();
+                }
+            });
+            tx
+        });
+        let _ = tx.send(incoming).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_partition_does_not_hold_up_the_others() {
+    let during = one_slow_partition(false).await;
+    assert_eq!(during, 300, "partition 1 flowed while partition 0 waited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_dispatch_that_waits_on_a_full_queue_stalls_every_partition() {
+    let during = one_slow_partition(true).await;
+    assert!(
+        during < 300,
+        "the checker must see partition 1 wait: {during} applied"
+    );
 }
