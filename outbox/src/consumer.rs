@@ -768,14 +768,18 @@ impl ConsumerRunner {
             queue.retain(|j| Some(j.generation) == generation);
             let tx = workers.get(key).map(|(tx, _)| tx);
             while let Some(job) = queue.pop_front() {
-                match tx.map(|tx| tx.try_send(job)) {
-                    Some(Ok(())) => {}
-                    Some(Err(mpsc::error::TrySendError::Full(job))) => {
+                let Some(tx) = tx else {
+                    queue.clear();
+                    break;
+                };
+                match tx.try_send(job) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(job)) => {
                         queue.push_front(job);
                         return true;
                     }
                     // The worker ended (shutdown): nothing more to hand over.
-                    Some(Err(mpsc::error::TrySendError::Closed(_))) | None => queue.clear(),
+                    Err(mpsc::error::TrySendError::Closed(_)) => queue.clear(),
                 }
             }
             // Resume once the worker has worked off half its queue, not at the first free

@@ -212,6 +212,10 @@ struct RunArgs {
     /// Shutdown wait for acknowledgements in ms (default 10000).
     #[arg(long)]
     shutdown_timeout_ms: Option<u64>,
+    /// An event unacknowledged this many ms is set aside with its key's later events; other
+    /// keys go on (default 10000).
+    #[arg(long)]
+    ack_overdue_ms: Option<u64>,
     /// Keep delivered events this many hours for `replay` (default 0: delete at once).
     #[arg(long)]
     keep_delivered_hours: Option<u64>,
@@ -291,6 +295,9 @@ impl RunArgs {
         }
         if let Some(v) = self.shutdown_timeout_ms {
             cfg.shutdown_timeout_ms = v;
+        }
+        if let Some(v) = self.ack_overdue_ms {
+            cfg.ack_overdue_ms = v;
         }
         if let Some(v) = self.keep_delivered_hours {
             cfg.keep_delivered_hours = v;

@@ -68,6 +68,8 @@ pub struct RelayConfig {
     pub(crate) poison_policy: PoisonPolicy,
     #[serde(default = "defaults::shutdown_timeout_ms")]
     pub(crate) shutdown_timeout_ms: u64,
+    #[serde(default = "defaults::ack_overdue_ms")]
+    pub(crate) ack_overdue_ms: u64,
     #[serde(default)]
     pub(crate) metrics_addr: Option<SocketAddr>,
     #[serde(default)]
@@ -114,6 +116,13 @@ mod defaults {
     pub fn shutdown_timeout_ms() -> u64 {
         10_000
     }
+    /// An event unacknowledged for this long is set aside with the later events of its key:
+    /// an unavailable partition (no leader, too few in-sync replicas) holds up only its own
+    /// keys. Long enough that a broker's ordinary hiccup (leader election, a retry) is waited
+    /// out in line.
+    pub fn ack_overdue_ms() -> u64 {
+        10_000
+    }
     /// The relay's own session: its commits (lease, batch snapshots, removals) need not wait
     /// for the WAL flush. Losing the last of them in a database crash moves the relay's state
     /// back (WAL is replayed in order), which re-sends events (duplicates) and never skips one.
@@ -158,6 +167,7 @@ impl fmt::Debug for RelayConfig {
             .field("max_attempts", &self.max_attempts)
             .field("poison_policy", &self.poison_policy)
             .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
+            .field("ack_overdue_ms", &self.ack_overdue_ms)
             .field("metrics_addr", &self.metrics_addr)
             .field("allow_superuser", &self.allow_superuser)
             .field("synchronous_commit", &self.synchronous_commit)
@@ -234,6 +244,7 @@ impl RelayConfig {
             max_attempts: defaults::max_attempts(),
             poison_policy: PoisonPolicy::default(),
             shutdown_timeout_ms: defaults::shutdown_timeout_ms(),
+            ack_overdue_ms: defaults::ack_overdue_ms(),
             metrics_addr: None,
             allow_superuser: false,
             synchronous_commit: defaults::synchronous_commit(),
@@ -327,6 +338,16 @@ impl RelayConfig {
     #[must_use]
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout_ms = millis(d);
+        self
+    }
+
+    /// An event whose acknowledgement is overdue by this long is set aside, still in flight,
+    /// and the later events of its key wait for it (they stay in the outbox); every other key
+    /// keeps flowing. So a partition that is unavailable (its leader down, too few in-sync
+    /// replicas) holds up only the keys on it. Defaults to 10 s.
+    #[must_use]
+    pub fn ack_overdue(mut self, d: Duration) -> Self {
+        self.ack_overdue_ms = millis(d);
         self
     }
 
@@ -459,6 +480,7 @@ impl RelayConfig {
             ("standby_poll_ms", self.standby_poll_ms),
             ("max_attempts", u64::from(self.max_attempts)),
             ("shutdown_timeout_ms", self.shutdown_timeout_ms),
+            ("ack_overdue_ms", self.ack_overdue_ms),
             ("purge_interval_ms", self.purge_interval_ms),
         ] {
             if v == 0 {

@@ -11,6 +11,8 @@
 //! | `outbox_relay_commit_to_ack_seconds` | histogram | writer transaction start to Kafka acknowledgement |
 //! | `outbox_relay_oldest_transaction_age_seconds` | gauge | age of the oldest open transaction holding an xid (0 when none) |
 //! | `outbox_relay_leader` | gauge | 1 while this process is the active relay |
+//! | `outbox_relay_waiting_keys` | gauge | keys whose events wait behind an overdue acknowledgement (an unavailable partition) |
+//! | `outbox_relay_overdue_events` | gauge | events sent but not acknowledged within `ack_overdue_ms` |
 //!
 //! The counters, `outbox_relay_leader` and the histogram are registered at zero when the
 //! recorder is installed, so every name exists from the first scrape (alerts and `rate()` need
@@ -44,6 +46,13 @@ pub(crate) fn delivered(commit_to_ack: Duration) {
 
 pub(crate) fn failed(kind: &'static str) {
     metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(1);
+}
+
+/// Keys whose later events wait behind an overdue acknowledgement, and the overdue events.
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn waiting(keys: usize, overdue: usize) {
+    metrics::gauge!("outbox_relay_waiting_keys").set(keys as f64);
+    metrics::gauge!("outbox_relay_overdue_events").set(overdue as f64);
 }
 
 pub(crate) fn dead_lettered(n: usize) {

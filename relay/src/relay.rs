@@ -133,6 +133,9 @@ enum Outcome {
     /// Not produced (an earlier event of its key failed in this batch, or shutdown came while the
     /// producer queue was full): it stays in the outbox for the batch's next attempt.
     NotSent,
+    /// Not produced: an earlier event of its key is overdue (see [`Term::overdue`]). It stays in
+    /// the outbox and goes out after the rewind that follows.
+    Waiting,
 }
 
 struct Entry {
@@ -144,7 +147,19 @@ struct Entry {
     batch_started: Instant,
     /// When the page was read from the outbox.
     fetched: Instant,
+    /// When it was handed to the producer (an acknowledgement is overdue `ack_overdue` later).
+    sent: tokio::time::Instant,
     outcome: Outcome,
+}
+
+/// What waiting for one delivery report gave.
+enum Report {
+    /// Acknowledged (`None`) or failed.
+    Done(Option<Failure>),
+    /// Not acknowledged within `ack_overdue`: set it aside.
+    Overdue,
+    /// Shutdown's deadline passed.
+    ShutdownTimeout,
 }
 
 #[derive(Default)]
@@ -176,6 +191,15 @@ struct Term<'a> {
     /// same blocking call (one round of thread hand-offs less per page). Always removed before
     /// a batch position is saved or the term ends normally.
     unremoved: Vec<i64>,
+    /// Events whose acknowledgement is overdue (an unavailable partition), still in flight in
+    /// the producer. They no longer hold up their page or batch: capture goes on with every
+    /// other key, and these are settled as their reports arrive.
+    overdue: Vec<Entry>,
+    /// Keys with an overdue event: their later events are not sent (they stay in the outbox)
+    /// until nothing is overdue; then capture rewinds to the saved position, which sends them
+    /// in order. The position is not saved while any key waits, so a new leader resumes
+    /// before every row left behind.
+    waiting: HashSet<TopicKey>,
 }
 
 impl Relay {
@@ -350,6 +374,8 @@ impl Relay {
             held: HashSet::new(),
             blocked: HashSet::new(),
             unremoved: Vec::new(),
+            overdue: Vec::new(),
+            waiting: HashSet::new(),
         };
         // Retention purges run beside delivery, on their own short-lived connection.
         let purge_stop = shutdown.child_token();
@@ -359,6 +385,7 @@ impl Relay {
             purge_stop.clone(),
         );
         let result = self.lead_term(&mut term).await;
+        m::waiting(0, 0);
         purge_stop.cancel();
         if result.is_err() {
             // Nothing more may leave this process under a term that is over.
@@ -385,24 +412,43 @@ impl Relay {
         loop {
             if term.shutdown.is_cancelled() {
                 match done {
-                    Some(d) => self.save_batch(term, d, true).await,
-                    None if !term.unremoved.is_empty() => {
+                    Some(d) if term.waiting.is_empty() => self.save_batch(term, d, true).await,
+                    _ if !term.unremoved.is_empty() => {
                         if let Err(e) = self.call_removing(term, |_| Ok(())).await {
                             tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
                         }
                     }
-                    None => {}
+                    _ => {}
                 }
                 return Ok(());
             }
             self.renew_if_due(term).await?;
+            self.settle_overdue(term).await?;
+            let overdue_keys: HashSet<TopicKey> = term
+                .overdue
+                .iter()
+                .map(|e| (e.topic.clone(), e.key.clone()))
+                .collect();
+            if term.waiting.len() > overdue_keys.len() {
+                // Some waiting keys have nothing overdue any more: resume from the saved
+                // position (older than every row left behind), which sends their events in
+                // order; keys still overdue go on waiting. Nothing else is in flight here, and
+                // what was delivered since that position was removed.
+                let before = term.waiting.len();
+                term.waiting.retain(|k| overdue_keys.contains(k));
+                tracing::info!(target: TARGET, resumed = before - term.waiting.len(), still_waiting = term.waiting.len(), "overdue events settled; resuming their keys from the saved position");
+                m::waiting(term.waiting.len(), term.overdue.len());
+                again = None;
+                done = None;
+            }
             let batch_started = Instant::now();
             let (batch, first_page) = match (again.take(), done.take()) {
                 (Some(b), _) => (b, None),
                 (None, previous) => {
                     // One blocking call: remove the previous batch's last acknowledged rows,
                     // open the next batch, fetch its first page.
-                    let save = previous.is_none() || saved.elapsed() >= SAVE_BATCH_EVERY;
+                    let save = (previous.is_none() || saved.elapsed() >= SAVE_BATCH_EVERY)
+                        && term.waiting.is_empty();
                     let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
                     let page_size = self.cfg.page_size;
                     let (b, rows) = self
@@ -467,7 +513,11 @@ impl Relay {
                     self.sleep_renewing(term, next(&mut retry)).await?;
                 }
                 BatchEnd::Shutdown => {
-                    self.save_batch(term, batch, false).await;
+                    if term.waiting.is_empty() {
+                        self.save_batch(term, batch, false).await;
+                    } else if let Err(e) = self.call_removing(term, |_| Ok(())).await {
+                        tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
+                    }
                     return Ok(());
                 }
             }
@@ -635,6 +685,8 @@ impl Relay {
             let key = (row.topic.clone(), row.partition_key.clone());
             let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
+            } else if term.waiting.contains(&key) {
+                Outcome::Waiting
             } else if term.blocked.contains(&key) {
                 Outcome::NotSent
             } else {
@@ -663,6 +715,7 @@ impl Relay {
                 created_at: row.created_at,
                 batch_started,
                 fetched,
+                sent: tokio::time::Instant::now(),
                 outcome,
             });
         }
@@ -692,24 +745,22 @@ impl Relay {
         }
     }
 
-    /// Waits for one delivery report, renewing the lease meanwhile; `None` when shutdown's
-    /// deadline passed first.
+    /// Waits for one delivery report, renewing the lease meanwhile, until `overdue_at` (then
+    /// [`Report::Overdue`]) or shutdown's deadline.
     async fn await_report(
         &self,
         term: &mut Term<'_>,
         future: &mut DeliveryFuture,
-    ) -> Result<Option<Option<Failure>>> {
+        overdue_at: tokio::time::Instant,
+    ) -> Result<Report> {
         loop {
             let renew_in = (self.cfg.lease_duration() / 4)
                 .saturating_sub(term.last_renew.elapsed())
                 .max(Duration::from_millis(10));
             let deadline = term.deadline;
             tokio::select! {
-                r = &mut *future => return Ok(Some(match r {
-                    Ok(Ok(_delivery)) => None,
-                    Ok(Err((e, _))) => Some(producer::classify(&e)),
-                    Err(_canceled) => Some(Failure::Client("delivery report lost (producer purged)".into())),
-                })),
+                r = &mut *future => return Ok(Report::Done(report_failure(r))),
+                () = tokio::time::sleep_until(overdue_at) => return Ok(Report::Overdue),
                 () = tokio::time::sleep(renew_in) => self.renew_if_due(term).await?,
                 () = term.shutdown.cancelled(), if deadline.is_none() => {
                     term.deadline = Some(
@@ -720,34 +771,50 @@ impl Relay {
                     if let Some(d) = deadline {
                         tokio::time::sleep_until(d).await;
                     }
-                }, if deadline.is_some() => return Ok(None),
+                }, if deadline.is_some() => return Ok(Report::ShutdownTimeout),
             }
         }
     }
 
     /// Waits for a page's acknowledgements, removes what was delivered and dead-letters what
-    /// must be.
+    /// must be. An event not acknowledged within `ack_overdue` is set aside (see
+    /// [`Term::overdue`]), so one unavailable partition holds up its own keys only.
     async fn complete_page(&self, term: &mut Term<'_>, page: Vec<Entry>) -> Result<PageEnd> {
-        let mut delivered = Vec::with_capacity(page.len());
-        let mut dead = Vec::new();
+        let mut settled = Settled::default();
         let mut end = PageEnd::default();
-        let hold = self.cfg.poison_policy == PoisonPolicy::HoldKey;
-        for entry in page {
-            let failure = match entry.outcome {
-                Outcome::Pending(mut future) => match self.await_report(term, &mut future).await? {
-                    Some(f) => f,
-                    None => {
-                        end.timed_out = true;
-                        break;
+        let overdue_after = Duration::from_millis(self.cfg.ack_overdue_ms);
+        for mut entry in page {
+            let failure = match std::mem::replace(&mut entry.outcome, Outcome::NotSent) {
+                Outcome::Pending(mut future) => {
+                    match self
+                        .await_report(term, &mut future, entry.sent + overdue_after)
+                        .await?
+                    {
+                        Report::Done(f) => f,
+                        Report::Overdue => {
+                            tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, key = %entry.key, overdue_secs = overdue_after.as_secs_f64(), "acknowledgement overdue: the key's later events wait, other keys go on");
+                            term.waiting
+                                .insert((entry.topic.clone(), entry.key.clone()));
+                            entry.outcome = Outcome::Pending(future);
+                            term.overdue.push(entry);
+                            m::waiting(term.waiting.len(), term.overdue.len());
+                            continue;
+                        }
+                        Report::ShutdownTimeout => {
+                            end.timed_out = true;
+                            break;
+                        }
                     }
-                },
+                }
                 Outcome::Failed(f) => Some(f),
                 Outcome::NotSent => {
                     end.retry = true;
                     continue;
                 }
+                // Sent after the rewind that follows the overdue events (see `Term::waiting`).
+                Outcome::Waiting => continue,
                 Outcome::Held => {
-                    dead.push(DeadLetter {
+                    settled.dead.push(DeadLetter {
                         id: entry.id,
                         error: "held: an earlier event of this key is dead-lettered (poison_policy = hold-key)".into(),
                         attempts: 0,
@@ -755,73 +822,141 @@ impl Relay {
                     continue;
                 }
             };
-            let key = (entry.topic, entry.key);
-            let Some(f) = failure else {
-                let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
-                m::delivered(age);
-                if let Some(listener) = &self.ack_listener {
-                    listener(Acknowledged {
-                        id: entry.id,
-                        batch_started: entry.batch_started,
-                        fetched: entry.fetched,
-                        acknowledged: Instant::now(),
-                    });
-                }
-                term.attempts.remove(&entry.id);
-                delivered.push(entry.id);
-                continue;
-            };
-            let kind = match f {
-                Failure::Permanent(_) => "permanent",
-                Failure::Transient(_) => "transient",
-                Failure::Client(_) => "client",
-            };
-            m::failed(kind);
-            let attempts = match f {
-                Failure::Client(_) => term.attempts.get(&entry.id).copied().unwrap_or(0),
-                _ => {
-                    let a = term.attempts.entry(entry.id).or_insert(0);
-                    *a += 1;
-                    *a
-                }
-            };
-            tracing::warn!(target: TARGET, id = entry.id, topic = %key.0, key = %key.1, attempt = attempts, error = f.message(), kind, "delivery failed");
-            let dead_now = match f {
-                Failure::Permanent(_) => true,
-                Failure::Transient(_) => attempts >= self.cfg.max_attempts,
-                Failure::Client(_) => false,
-            };
-            if dead_now {
-                dead.push(DeadLetter {
-                    id: entry.id,
-                    error: f.message().to_owned(),
-                    attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
-                });
-                if hold {
-                    term.held.insert(key);
-                }
-            } else {
+            if let Some(key) = self.settle(term, entry, failure, &mut settled) {
                 end.retry = true;
                 term.blocked.insert(key);
             }
         }
+        self.apply_settled(term, settled).await?;
+        Ok(end)
+    }
+
+    /// Settles the overdue events whose reports have arrived (without waiting for the others).
+    /// One that failed and is to be tried again keeps its key waiting: the rewind sends it.
+    async fn settle_overdue(&self, term: &mut Term<'_>) -> Result<()> {
+        if term.overdue.is_empty() {
+            return Ok(());
+        }
+        let mut settled = Settled::default();
+        for mut entry in std::mem::take(&mut term.overdue) {
+            let Outcome::Pending(future) = &mut entry.outcome else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::ZERO, &mut *future).await {
+                Ok(r) => {
+                    let failure = report_failure(r);
+                    self.settle(term, entry, failure, &mut settled);
+                }
+                Err(_still_waiting) => term.overdue.push(entry),
+            }
+        }
+        m::waiting(term.waiting.len(), term.overdue.len());
+        self.apply_settled(term, settled).await
+    }
+
+    /// Records one event's report: delivered, to be dead-lettered, or to be tried again (then
+    /// its key is returned).
+    fn settle(
+        &self,
+        term: &mut Term<'_>,
+        entry: Entry,
+        failure: Option<Failure>,
+        settled: &mut Settled,
+    ) -> Option<TopicKey> {
+        let key = (entry.topic, entry.key);
+        let Some(f) = failure else {
+            let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
+            m::delivered(age);
+            if let Some(listener) = &self.ack_listener {
+                listener(Acknowledged {
+                    id: entry.id,
+                    batch_started: entry.batch_started,
+                    fetched: entry.fetched,
+                    acknowledged: Instant::now(),
+                });
+            }
+            term.attempts.remove(&entry.id);
+            settled.delivered.push(entry.id);
+            return None;
+        };
+        let kind = match f {
+            Failure::Permanent(_) => "permanent",
+            Failure::Transient(_) => "transient",
+            Failure::Client(_) => "client",
+        };
+        m::failed(kind);
+        let attempts = match f {
+            Failure::Client(_) => term.attempts.get(&entry.id).copied().unwrap_or(0),
+            _ => {
+                let a = term.attempts.entry(entry.id).or_insert(0);
+                *a += 1;
+                *a
+            }
+        };
+        tracing::warn!(target: TARGET, id = entry.id, topic = %key.0, key = %key.1, attempt = attempts, error = f.message(), kind, "delivery failed");
+        let dead_now = match f {
+            Failure::Permanent(_) => true,
+            Failure::Transient(_) => attempts >= self.cfg.max_attempts,
+            Failure::Client(_) => false,
+        };
+        if !dead_now {
+            return Some(key);
+        }
+        settled.dead.push(DeadLetter {
+            id: entry.id,
+            error: f.message().to_owned(),
+            attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+        });
+        if self.cfg.poison_policy == PoisonPolicy::HoldKey {
+            term.held.insert(key);
+        }
+        None
+    }
+
+    /// Queues the delivered rows for removal and dead-letters what must be.
+    async fn apply_settled(&self, term: &mut Term<'_>, settled: Settled) -> Result<()> {
+        let Settled { delivered, dead } = settled;
         // Removed by the next database call (see `Term::unremoved`).
         term.unremoved.extend(delivered);
-        if !dead.is_empty() {
-            // Only events that failed with an error of their own get here: what a fatal
-            // producer error fails is a `Failure::Client` and is sent again.
-            for d in &dead {
-                term.attempts.remove(&d.id);
-            }
-            let n = dead.len();
-            let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
-            term.db
-                .call(move |c| store::dead_letter(c, &sql, &lease, &dead))
-                .await?;
-            m::dead_lettered(n);
-            tracing::warn!(target: TARGET, count = n, "events dead-lettered");
+        if dead.is_empty() {
+            return Ok(());
         }
-        Ok(end)
+        // Only events that failed with an error of their own get here: what a fatal producer
+        // error fails is a `Failure::Client` and is sent again.
+        for d in &dead {
+            term.attempts.remove(&d.id);
+        }
+        let n = dead.len();
+        let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
+        term.db
+            .call(move |c| store::dead_letter(c, &sql, &lease, &dead))
+            .await?;
+        m::dead_lettered(n);
+        tracing::warn!(target: TARGET, count = n, "events dead-lettered");
+        Ok(())
+    }
+}
+
+/// Events settled by their reports, applied together (one removal, one dead-letter statement).
+#[derive(Default)]
+struct Settled {
+    delivered: Vec<i64>,
+    dead: Vec<DeadLetter>,
+}
+
+/// The failure a delivery report carries, if any.
+fn report_failure(
+    r: Result<
+        rdkafka::producer::future_producer::OwnedDeliveryResult,
+        futures::channel::oneshot::Canceled,
+    >,
+) -> Option<Failure> {
+    match r {
+        Ok(Ok(_delivery)) => None,
+        Ok(Err((e, _))) => Some(producer::classify(&e)),
+        Err(_canceled) => Some(Failure::Client(
+            "delivery report lost (producer purged)".into(),
+        )),
     }
 }
 

@@ -480,3 +480,132 @@ fn a_page_stops_at_its_byte_budget_and_the_next_page_starts_at_the_first_row_lef
     }
     assert_eq!(pages, [3, 3, 3, 1], "400 kB rows under a 1 MB budget");
 }
+
+#[derive(QueryableByName)]
+struct Pending {
+    #[diesel(sql_type = Text)]
+    topic: String,
+    #[diesel(sql_type = Text)]
+    partition_key: String,
+}
+
+fn pending(conn: &mut PgConnection) -> Vec<(String, String)> {
+    diesel::sql_query("SELECT topic, partition_key FROM outbox ORDER BY id")
+        .load::<Pending>(conn)
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.topic, p.partition_key))
+        .collect()
+}
+
+/// Waits until the backlog has not changed for `quiet` (at most `timeout`).
+async fn backlog_settled(conn: &mut PgConnection, quiet: Duration, timeout: Duration) -> i64 {
+    let deadline = std::time::Instant::now() + timeout;
+    let (mut last, mut since) = (backlog(conn).unwrap(), std::time::Instant::now());
+    while std::time::Instant::now() < deadline && since.elapsed() < quiet {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = backlog(conn).unwrap();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+    }
+    last
+}
+
+/// C6: partition 0 of topic A has no leader (offline) while events go to A's three
+/// partitions and to topic B. Only the keys on A/0 may wait: everything else is delivered
+/// during the outage. When the partition is back, everything arrives, each key in order.
+/// Returns the events left in the outbox during the outage (topic, key), the reports for A
+/// and B after it, and what was read from A.
+async fn one_partition_offline(
+    ack_overdue: Duration,
+) -> (Vec<(String, String)>, Report, Report, Vec<Seen>) {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let (a, b) = (unique_name("c6a"), unique_name("c6b"));
+    cluster.create_topic(&a, 3, 1).unwrap();
+    cluster.create_topic(&b, 1, 1).unwrap();
+    cluster.partition_leader(&a, 0, None).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    let mut expected_a = insert_sequence(&mut conn, &a, 24, 5);
+    let mut expected_b = insert_sequence(&mut conn, &b, 4, 5);
+    let relay = InProcessRelay::start(
+        relay_config(db.url(), &bootstrap)
+            .page_size(20)
+            .ack_overdue(ack_overdue),
+    )
+    .unwrap();
+    backlog_settled(&mut conn, Duration::from_secs(4), Duration::from_secs(40)).await;
+    // More events while the partition is still offline: the other keys keep flowing.
+    expected_a.extend(insert_sequence_from(&mut conn, &a, 24, 5, 5));
+    expected_b.extend(insert_sequence_from(&mut conn, &b, 4, 5, 5));
+    backlog_settled(&mut conn, Duration::from_secs(4), Duration::from_secs(40)).await;
+    let left = pending(&mut conn);
+    cluster.partition_leader(&a, 0, Some(1)).unwrap();
+    wait_until(Duration::from_secs(60), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let seen_a = read(&bootstrap, &a, expected_a.len()).await;
+    let seen_b = read(&bootstrap, &b, expected_b.len()).await;
+    (
+        left,
+        check(&seen_a, &expected_a),
+        check(&seen_b, &expected_b),
+        seen_a,
+    )
+}
+
+/// Like [`insert_sequence`], sequence numbers starting at `from`.
+fn insert_sequence_from(
+    conn: &mut PgConnection,
+    topic: &str,
+    keys: i64,
+    per_key: i64,
+    from: u64,
+) -> Expected {
+    insert_sequence(conn, topic, keys, per_key)
+        .into_iter()
+        .map(|(id, (k, seq))| (id, (k, seq + from)))
+        .collect()
+}
+
+/// The keys of `topic` that landed on `partition`.
+fn keys_on(seen: &[Seen], partition: i32) -> std::collections::HashSet<String> {
+    seen.iter()
+        .filter(|s| s.partition == partition)
+        .map(|s| s.key.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_partition_offline_holds_up_only_its_own_keys() {
+    let (left, report_a, report_b, seen_a) = one_partition_offline(Duration::from_secs(2)).await;
+    assert!(report_a.is_consistent(), "A: {}", summary(&report_a));
+    assert!(report_b.is_consistent(), "B: {}", summary(&report_b));
+    let offline = keys_on(&seen_a, 0);
+    assert!(!offline.is_empty() && !left.is_empty());
+    assert!(
+        left.iter()
+            .all(|(t, k)| t.starts_with("c6a") && offline.contains(k)),
+        "only A/0's keys may wait: {left:?}"
+    );
+    // Every event of every key on A/0 waited (10 each), nothing else did.
+    assert_eq!(left.len(), offline.len() * 10, "{left:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_waiting_in_line_for_every_acknowledgement_stalls_every_topic() {
+    let (left, report_a, report_b, seen_a) = one_partition_offline(Duration::from_secs(3600)).await;
+    assert!(report_a.is_consistent(), "A: {}", summary(&report_a));
+    assert!(report_b.is_consistent(), "B: {}", summary(&report_b));
+    let offline = keys_on(&seen_a, 0);
+    assert!(
+        left.iter()
+            .any(|(t, k)| t.starts_with("c6b") || !offline.contains(k)),
+        "the checker must see other keys wait too: {left:?}"
+    );
+}
