@@ -103,8 +103,10 @@ pub enum Error {
 impl Error {
     /// Whether running the same transaction again may succeed.
     ///
-    /// Retriable: serialization failures (SQLSTATE 40001), deadlocks and lock timeouts,
-    /// closed connections and a broken transaction manager. Everything else (validation,
+    /// Retriable: serialization failures (SQLSTATE 40001), deadlocks, lock and statement
+    /// timeouts and cancels, a read-only server (a switchover), a server shutting down or
+    /// recovering, disk full, out of memory, too many connections, closed connections and a
+    /// broken transaction manager. Everything else (validation,
     /// constraint violations, duplicates, schema mismatches) fails the same way every time.
     /// diesel 2.3 has no kind for deadlocks and lock timeouts, so those are recognised by the
     /// server's (English) message.
@@ -122,18 +124,37 @@ impl Error {
 pub fn is_retriable_db(error: &diesel::result::Error) -> bool {
     use diesel::result::Error as D;
     match error {
+        // 40001, a closed connection, a command that could not be sent, and 25006 (a
+        // read-only transaction: the server is a standby during a switchover).
         D::DatabaseError(
-            DatabaseErrorKind::SerializationFailure | DatabaseErrorKind::ClosedConnection,
+            DatabaseErrorKind::SerializationFailure
+            | DatabaseErrorKind::ClosedConnection
+            | DatabaseErrorKind::UnableToSendCommand
+            | DatabaseErrorKind::ReadOnlyTransaction,
             _,
         ) => true,
-        // diesel has no kind for these SQLSTATEs (40P01 deadlock_detected, 55P03
-        // lock_not_available, 57014 on lock_timeout): recognised by the server's message
+        // diesel has no kind for these SQLSTATEs: 40P01 deadlock_detected, 55P03
+        // lock_not_available, 57014 query_canceled (lock or statement timeout, a cancel),
+        // 57P01-57P03 (the server shutting down, restarting or in recovery), 53100 disk_full,
+        // 53200 out_of_memory, 53300 too_many_connections. Recognised by the server's message
         // (English, the default lc_messages).
         D::DatabaseError(_, info) => {
             let m = info.message();
-            m.contains("deadlock detected")
-                || m.contains("lock timeout")
-                || m.contains("could not obtain lock")
+            [
+                "deadlock detected",
+                "lock timeout",
+                "could not obtain lock",
+                "canceling statement due to",
+                "terminating connection due to administrator command",
+                "the database system is",
+                "could not extend file",
+                "No space left on device",
+                "out of memory",
+                "too many clients",
+                "remaining connection slots are reserved",
+            ]
+            .iter()
+            .any(|s| m.contains(s))
         }
         D::BrokenTransactionManager => true,
         _ => false,

@@ -35,6 +35,13 @@ pub struct Batch {
     /// not walk rows removed since a long transaction began.
     #[diesel(sql_type = BigInt)]
     pub start_after: i64,
+    /// The database server the snapshots come from: system identifier and WAL timeline. A
+    /// snapshot is meaningful only on its server: after a failover (a promoted standby that
+    /// lagged reuses transaction ids below the old snapshot's xmax), rows of new transactions
+    /// would look already captured. Statements that advance or save a position from a
+    /// snapshot held in memory run only on the same server (see [`Sql::new`]).
+    #[diesel(sql_type = Text)]
+    pub server: String,
 }
 
 /// One row of a page, as [`fetch`] returns it.
@@ -154,6 +161,10 @@ impl Sql {
              AND NOT pg_visible_in_snapshot(b.tx_id, prev_snapshot)), \
              9223372036854775807) END AS start_after"
         );
+        // Which server this is (see `Batch::server`): a promoted standby keeps the system
+        // identifier but starts a new timeline; a restored backup too.
+        let server = "(SELECT system_identifier::text FROM pg_control_system()) || '/' || \
+                      substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
         let mut sql = Self {
             hot: Hot::default(),
             key,
@@ -181,7 +192,8 @@ impl Sql {
             open_batch: format!(
                 "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
                  updated_at = clock_timestamp() WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}"
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+                 {server} AS server"
             ),
             close_batch: format!(
                 "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
@@ -190,19 +202,22 @@ impl Sql {
             advance_batch: format!(
                 "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, \
                  cur_snapshot = pg_current_snapshot(), updated_at = clock_timestamp() \
-                 WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}"
+                 WHERE {lease_cond} AND {server} = $5 \
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+                 {server} AS server"
             ),
             // The same next batch without writing the state row (see `advance_batch`).
             advance_in_memory: format!(
-                "SELECT prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after} \
+                "SELECT prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+                 {server} AS server \
                  FROM (SELECT $4::pg_snapshot AS prev_snapshot, \
                        pg_current_snapshot() AS cur_snapshot) b0 \
-                 WHERE {guard}"
+                 WHERE {guard} AND {server} = $5"
             ),
             save_batch: format!(
                 "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
-                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+                 updated_at = clock_timestamp() WHERE {lease_cond} AND {server} = $6 \
+                 RETURNING leader_epoch"
             ),
             // Every row the table accepts comes back readable: a `created_at` no Kafka
             // timestamp can carry, or an event over `message.max.bytes` ($8), is returned as a
@@ -458,6 +473,10 @@ pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<
 /// state row once per batch instead would, while a long transaction holds the xmin horizon,
 /// leave a chain of dead row versions that every lease check walks.
 ///
+/// Runs only on the server `done` came from ([`Batch::server`]): on another one (a failover
+/// behind a pooler that kept the connection) it returns [`Error::LostLeadership`] and writes
+/// nothing, so the next term starts from the state row of the server it now talks to.
+///
 /// # Errors
 /// [`Error::LostLeadership`], [`Error::Database`].
 pub fn advance_batch(
@@ -477,6 +496,7 @@ pub fn advance_batch(
         Value::Text(&lease.instance),
         Value::BigInt(lease.epoch),
         Value::Text(&done.cur),
+        Value::Text(&done.server),
     ];
     Prepared::new(statement, &binds)
         .get_result::<Batch>(conn)
@@ -507,6 +527,7 @@ pub fn save_batch(
         .bind::<BigInt, _>(lease.epoch)
         .bind::<Nullable<Text>, _>(prev)
         .bind::<Nullable<Text>, _>(cur)
+        .bind::<Text, _>(&batch.server)
         .get_result::<Epoch>(conn)
         .optional()?
         .map(|_| ())

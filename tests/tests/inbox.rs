@@ -323,3 +323,44 @@ fn a_deadlock_is_classified_as_retriable() {
     assert!(err.to_string().contains("deadlock"), "{err}");
     assert!(outbox::is_retriable_db(&err), "{err}");
 }
+
+/// S4: a statement timeout, a read-only server (a standby during a switchover) and a cancel
+/// may go away when the transaction runs again: retriable, so the consumer retries them
+/// (bounded) instead of dead-lettering at once. A constraint violation is not.
+#[test]
+fn timeouts_cancels_and_a_read_only_server_are_retriable() {
+    let db = stock_db();
+    let mut c = db.conn().unwrap();
+    let timeout = c
+        .batch_execute("SET statement_timeout = 10; SELECT pg_sleep(1)")
+        .unwrap_err();
+    c.batch_execute("RESET statement_timeout").unwrap();
+    assert!(timeout.to_string().contains("statement timeout"), "{timeout}");
+    assert!(outbox::is_retriable_db(&timeout), "{timeout}");
+    let read_only = c
+        .batch_execute("BEGIN READ ONLY; CREATE TABLE ro (id int)")
+        .unwrap_err();
+    c.batch_execute("ROLLBACK").unwrap();
+    assert!(outbox::is_retriable_db(&read_only), "{read_only}");
+    let mut other = db.conn().unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        pid: i32,
+    }
+    let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+        .get_result::<Pid>(&mut other)
+        .unwrap()
+        .pid;
+    let t = std::thread::spawn(move || other.batch_execute("SELECT pg_sleep(5)"));
+    std::thread::sleep(Duration::from_millis(300));
+    diesel::sql_query(format!("SELECT pg_cancel_backend({pid})"))
+        .execute(&mut c)
+        .unwrap();
+    let cancelled = t.join().unwrap().unwrap_err();
+    assert!(outbox::is_retriable_db(&cancelled), "{cancelled}");
+    c.batch_execute("CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1)")
+        .unwrap();
+    let dup = c.batch_execute("INSERT INTO u VALUES (1)").unwrap_err();
+    assert!(!outbox::is_retriable_db(&dup), "{dup}");
+}

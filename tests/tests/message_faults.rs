@@ -609,3 +609,46 @@ async fn broken_variant_waiting_in_line_for_every_acknowledgement_stalls_every_t
         "the checker must see other keys wait too: {left:?}"
     );
 }
+
+/// S1: a snapshot held in memory is meaningful only on the server it came from. After a
+/// failover that the relay's connection did not see (a transparent pooler), the promoted
+/// standby may reuse transaction ids below the old snapshot's xmax: advancing or saving from
+/// that snapshot would skip new rows. Those statements run only on the same server (system
+/// identifier and timeline); elsewhere they end the term and write nothing.
+#[test]
+fn a_position_from_another_server_is_neither_advanced_nor_saved() {
+    use outbox_relay::store;
+    let db = TestDb::migrated().unwrap();
+    let mut conn = db.conn().unwrap();
+    let sql = store::Sql::new(&outbox::TableRef::default());
+    let lease = store::try_acquire(&mut conn, &sql, "me", 60_000).unwrap().unwrap();
+    let batch = store::open_batch(&mut conn, &sql, &lease).unwrap();
+    let (system, timeline) = batch.server.split_once('/').unwrap();
+    assert!(system.parse::<u64>().is_ok() && timeline.len() == 8, "{}", batch.server);
+    // Same server: advances.
+    let next = store::advance_batch(&mut conn, &sql, &lease, &batch, true).unwrap();
+    assert_eq!(next.server, batch.server);
+    // The same snapshot as if it came from a promoted standby (next timeline).
+    let elsewhere = store::Batch {
+        server: format!("{system}/{:08X}", u32::from_str_radix(timeline, 16).unwrap() + 1),
+        ..next.clone()
+    };
+    let state = |c: &mut PgConnection| -> String {
+        diesel::select(diesel::dsl::sql::<Text>(
+            "(SELECT coalesce(prev_snapshot::text, '') || '|' || coalesce(cur_snapshot::text, '') \
+             FROM outbox_relay_state)",
+        ))
+        .get_result(c)
+        .unwrap()
+    };
+    let before = state(&mut conn);
+    for save in [true, false] {
+        let e = store::advance_batch(&mut conn, &sql, &lease, &elsewhere, save).unwrap_err();
+        assert!(matches!(e, outbox_relay::Error::LostLeadership(_)), "{e}");
+    }
+    for done in [true, false] {
+        let e = store::save_batch(&mut conn, &sql, &lease, &elsewhere, done).unwrap_err();
+        assert!(matches!(e, outbox_relay::Error::LostLeadership(_)), "{e}");
+    }
+    assert_eq!(state(&mut conn), before, "nothing written from the other server's snapshot");
+}
