@@ -18,6 +18,11 @@ pub struct RelayContext;
 
 impl ClientContext for RelayContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if fac == "CONFWARN" && message.contains("enable.gapless.guarantee") {
+            // librdkafka calls the setting experimental; the relay requires it (see ENFORCED).
+            tracing::debug!(target: "outbox::relay::kafka", facility = fac, "{message}");
+            return;
+        }
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert

@@ -179,10 +179,11 @@ struct Term<'a> {
     /// When shutdown gives up waiting for acknowledgements (set when shutdown is first seen).
     deadline: Option<tokio::time::Instant>,
     last_renew: Instant,
-    /// Failed delivery attempts per row id. Kept across terms: a failure that ends the term
-    /// (the producer's gap-less guarantee turns every failed produce request into a fatal
-    /// producer error) must still count towards `max_attempts`.
-    attempts: &'a mut HashMap<i64, u32>,
+    /// Failed delivery attempts per row id, and when the next may be made. Kept across terms:
+    /// a failure that ends the term (the producer's gap-less guarantee turns every failed
+    /// produce request into a fatal producer error) must still count towards `max_attempts`
+    /// and wait its backoff.
+    attempts: &'a mut HashMap<i64, Attempts>,
     /// Keys with dead letters (`hold-key` only).
     held: HashSet<TopicKey>,
     /// Keys with a failed event in this batch: their later events wait for the batch's retry.
@@ -195,11 +196,31 @@ struct Term<'a> {
     /// the producer. They no longer hold up their page or batch: capture goes on with every
     /// other key, and these are settled as their reports arrive.
     overdue: Vec<Entry>,
-    /// Keys with an overdue event: their later events are not sent (they stay in the outbox)
-    /// until nothing is overdue; then capture rewinds to the saved position, which sends them
-    /// in order. The position is not saved while any key waits, so a new leader resumes
-    /// before every row left behind.
-    waiting: HashSet<TopicKey>,
+    /// Keys whose events are not sent for now (they stay in the outbox): an event of theirs
+    /// is overdue (`None`), or failed and is to be tried again at the given time. When a key
+    /// has nothing overdue and its time has come, capture rewinds to the saved position, which
+    /// sends its events in order. The position is not saved while any key waits, so a new
+    /// leader resumes before every row left behind.
+    waiting: HashMap<TopicKey, Option<tokio::time::Instant>>,
+}
+
+/// Failed attempts of one event.
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    count: u32,
+    /// Not sent again before this (exponential backoff from the last failure).
+    retry_at: tokio::time::Instant,
+}
+
+/// Wait after the first failed attempt of an event; doubled after each further one.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest wait between two attempts of an event.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+fn retry_delay(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(RETRY_MAX)
 }
 
 impl Relay {
@@ -262,7 +283,7 @@ impl Relay {
         );
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
-        let mut attempts = HashMap::new();
+        let mut attempts: HashMap<i64, Attempts> = HashMap::new();
         tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), "relay started");
         loop {
             if shutdown.is_cancelled() {
@@ -358,7 +379,7 @@ impl Relay {
     async fn lead(
         &self,
         db: &mut Db,
-        attempts: &mut HashMap<i64, u32>,
+        attempts: &mut HashMap<i64, Attempts>,
         lease: Lease,
         shutdown: &CancellationToken,
     ) -> Result<()> {
@@ -375,7 +396,7 @@ impl Relay {
             blocked: HashSet::new(),
             unremoved: Vec::new(),
             overdue: Vec::new(),
-            waiting: HashSet::new(),
+            waiting: HashMap::new(),
         };
         // Retention purges run beside delivery, on their own short-lived connection.
         let purge_stop = shutdown.child_token();
@@ -429,14 +450,18 @@ impl Relay {
                 .iter()
                 .map(|e| (e.topic.clone(), e.key.clone()))
                 .collect();
-            if term.waiting.len() > overdue_keys.len() {
-                // Some waiting keys have nothing overdue any more: resume from the saved
-                // position (older than every row left behind), which sends their events in
-                // order; keys still overdue go on waiting. Nothing else is in flight here, and
-                // what was delivered since that position was removed.
+            let now = tokio::time::Instant::now();
+            let still_waits = |k: &TopicKey, at: &Option<tokio::time::Instant>| {
+                overdue_keys.contains(k) || at.is_some_and(|t| t > now)
+            };
+            if term.waiting.iter().any(|(k, at)| !still_waits(k, at)) {
+                // Some waiting keys have nothing overdue any more and their retry is due:
+                // resume from the saved position (older than every row left behind), which
+                // sends their events in order; the other keys go on waiting. Nothing else is
+                // in flight here, and what was delivered since that position was removed.
                 let before = term.waiting.len();
-                term.waiting.retain(|k| overdue_keys.contains(k));
-                tracing::info!(target: TARGET, resumed = before - term.waiting.len(), still_waiting = term.waiting.len(), "overdue events settled; resuming their keys from the saved position");
+                term.waiting.retain(|k, at| still_waits(k, at));
+                tracing::info!(target: TARGET, resumed = before - term.waiting.len(), still_waiting = term.waiting.len(), "waiting keys are due again; resuming them from the saved position");
                 m::waiting(term.waiting.len(), term.overdue.len());
                 again = None;
                 done = None;
@@ -481,10 +506,25 @@ impl Relay {
                     .collect();
             }
             term.blocked.clear();
-            match self
+            let end = self
                 .deliver_batch(term, &batch, batch_started, first_page)
-                .await?
-            {
+                .await?;
+            if let (false, Some((code, reason))) = (
+                matches!(end, BatchEnd::Shutdown),
+                term.producer.client().fatal_error(),
+            ) {
+                // Under the gap-less guarantee a failed produce request stops the producer:
+                // nothing after it in its partition was written. The failed events were
+                // counted (and dead-lettered when due) like any failure; what was acknowledged
+                // is removed; the rest goes again, in order, with a new producer (failed
+                // events after their backoff, which the attempts kept across terms remember).
+                tracing::warn!(target: TARGET, %reason, "producer stopped (gap-less guarantee or fatal error); starting a new term");
+                if let Err(e) = self.call_removing(term, |_| Ok(())).await {
+                    tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
+                }
+                return Err(Error::Kafka(KafkaError::MessageProduction(code)));
+            }
+            match end {
                 BatchEnd::Done { rows } => {
                     done = Some(batch);
                     retry.reset();
@@ -498,18 +538,6 @@ impl Relay {
                 }
                 BatchEnd::Retry => {
                     again = Some(batch);
-                    if let Some((code, reason)) = term.producer.client().fatal_error() {
-                        // Under the gap-less guarantee a failed produce request stops the
-                        // producer: nothing after it in its partition was written. The failed
-                        // events were counted (and dead-lettered when due) like any failure;
-                        // what was acknowledged is removed; the rest goes again, in order,
-                        // with a new producer.
-                        tracing::warn!(target: TARGET, %reason, "producer stopped (gap-less guarantee or fatal error); starting a new term");
-                        if let Err(e) = self.call_removing(term, |_| Ok(())).await {
-                            tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
-                        }
-                        return Err(Error::Kafka(KafkaError::MessageProduction(code)));
-                    }
                     self.sleep_renewing(term, next(&mut retry)).await?;
                 }
                 BatchEnd::Shutdown => {
@@ -685,7 +713,17 @@ impl Relay {
             let key = (row.topic.clone(), row.partition_key.clone());
             let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
-            } else if term.waiting.contains(&key) {
+            } else if term.waiting.contains_key(&key) {
+                Outcome::Waiting
+            } else if let Some(at) = term
+                .attempts
+                .get(&row.id)
+                .map(|a| a.retry_at)
+                .filter(|at| *at > tokio::time::Instant::now())
+            {
+                // It failed before (in this term or an earlier one): it and its key's later
+                // events wait for its backoff, other keys go on.
+                term.waiting.insert(key.clone(), Some(at));
                 Outcome::Waiting
             } else if term.blocked.contains(&key) {
                 Outcome::NotSent
@@ -700,8 +738,11 @@ impl Relay {
                     Outcome::Failed(Failure::Permanent(_)) if hold => {
                         term.held.insert(key);
                     }
-                    Outcome::Failed(Failure::Transient(_) | Failure::Client(_))
-                    | Outcome::NotSent => {
+                    // Its later events wait; `complete_page` sets when it is tried again.
+                    Outcome::Failed(Failure::Transient(_) | Failure::Client(_)) => {
+                        term.waiting.entry(key).or_insert(None);
+                    }
+                    Outcome::NotSent => {
                         term.blocked.insert(key);
                     }
                     _ => {}
@@ -794,7 +835,7 @@ impl Relay {
                         Report::Overdue => {
                             tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, key = %entry.key, overdue_secs = overdue_after.as_secs_f64(), "acknowledgement overdue: the key's later events wait, other keys go on");
                             term.waiting
-                                .insert((entry.topic.clone(), entry.key.clone()));
+                                .insert((entry.topic.clone(), entry.key.clone()), None);
                             entry.outcome = Outcome::Pending(future);
                             term.overdue.push(entry);
                             m::waiting(term.waiting.len(), term.overdue.len());
@@ -822,9 +863,10 @@ impl Relay {
                     continue;
                 }
             };
-            if let Some(key) = self.settle(term, entry, failure, &mut settled) {
-                end.retry = true;
-                term.blocked.insert(key);
+            if let Some((key, retry_at)) = self.settle(term, entry, failure, &mut settled) {
+                // Its later events wait (they stay in the outbox); other keys go on.
+                let at = term.waiting.entry(key).or_insert(None);
+                *at = Some(at.map_or(retry_at, |t| t.max(retry_at)));
             }
         }
         self.apply_settled(term, settled).await?;
@@ -845,7 +887,11 @@ impl Relay {
             match tokio::time::timeout(Duration::ZERO, &mut *future).await {
                 Ok(r) => {
                     let failure = report_failure(r);
-                    self.settle(term, entry, failure, &mut settled);
+                    let key = (entry.topic.clone(), entry.key.clone());
+                    if let Some((_, retry_at)) = self.settle(term, entry, failure, &mut settled) {
+                        // Still waiting (it was, being overdue); now for its retry.
+                        term.waiting.insert(key, Some(retry_at));
+                    }
                 }
                 Err(_still_waiting) => term.overdue.push(entry),
             }
@@ -855,14 +901,14 @@ impl Relay {
     }
 
     /// Records one event's report: delivered, to be dead-lettered, or to be tried again (then
-    /// its key is returned).
+    /// its key and when are returned).
     fn settle(
         &self,
         term: &mut Term<'_>,
         entry: Entry,
         failure: Option<Failure>,
         settled: &mut Settled,
-    ) -> Option<TopicKey> {
+    ) -> Option<(TopicKey, tokio::time::Instant)> {
         let key = (entry.topic, entry.key);
         let Some(f) = failure else {
             let age = (Utc::now() - entry.created_at).to_std().unwrap_or_default();
@@ -885,12 +931,21 @@ impl Relay {
             Failure::Client(_) => "client",
         };
         m::failed(kind);
-        let attempts = match f {
-            Failure::Client(_) => term.attempts.get(&entry.id).copied().unwrap_or(0),
+        let now = tokio::time::Instant::now();
+        let (attempts, retry_at) = match f {
+            // Not the event's fault: no attempt counted, sent again soon.
+            Failure::Client(_) => (
+                term.attempts.get(&entry.id).map_or(0, |a| a.count),
+                now + Duration::from_millis(100),
+            ),
             _ => {
-                let a = term.attempts.entry(entry.id).or_insert(0);
-                *a += 1;
-                *a
+                let a = term.attempts.entry(entry.id).or_insert(Attempts {
+                    count: 0,
+                    retry_at: now,
+                });
+                a.count += 1;
+                a.retry_at = now + retry_delay(a.count);
+                (a.count, a.retry_at)
             }
         };
         tracing::warn!(target: TARGET, id = entry.id, topic = %key.0, key = %key.1, attempt = attempts, error = f.message(), kind, "delivery failed");
@@ -900,7 +955,7 @@ impl Relay {
             Failure::Client(_) => false,
         };
         if !dead_now {
-            return Some(key);
+            return Some((key, retry_at));
         }
         settled.dead.push(DeadLetter {
             id: entry.id,

@@ -335,7 +335,10 @@ fn timeouts_cancels_and_a_read_only_server_are_retriable() {
         .batch_execute("SET statement_timeout = 10; SELECT pg_sleep(1)")
         .unwrap_err();
     c.batch_execute("RESET statement_timeout").unwrap();
-    assert!(timeout.to_string().contains("statement timeout"), "{timeout}");
+    assert!(
+        timeout.to_string().contains("statement timeout"),
+        "{timeout}"
+    );
     assert!(outbox::is_retriable_db(&timeout), "{timeout}");
     let read_only = c
         .batch_execute("BEGIN READ ONLY; CREATE TABLE ro (id int)")

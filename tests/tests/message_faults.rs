@@ -621,16 +621,25 @@ fn a_position_from_another_server_is_neither_advanced_nor_saved() {
     let db = TestDb::migrated().unwrap();
     let mut conn = db.conn().unwrap();
     let sql = store::Sql::new(&outbox::TableRef::default());
-    let lease = store::try_acquire(&mut conn, &sql, "me", 60_000).unwrap().unwrap();
+    let lease = store::try_acquire(&mut conn, &sql, "me", 60_000)
+        .unwrap()
+        .unwrap();
     let batch = store::open_batch(&mut conn, &sql, &lease).unwrap();
     let (system, timeline) = batch.server.split_once('/').unwrap();
-    assert!(system.parse::<u64>().is_ok() && timeline.len() == 8, "{}", batch.server);
+    assert!(
+        system.parse::<u64>().is_ok() && timeline.len() == 8,
+        "{}",
+        batch.server
+    );
     // Same server: advances.
     let next = store::advance_batch(&mut conn, &sql, &lease, &batch, true).unwrap();
     assert_eq!(next.server, batch.server);
     // The same snapshot as if it came from a promoted standby (next timeline).
     let elsewhere = store::Batch {
-        server: format!("{system}/{:08X}", u32::from_str_radix(timeline, 16).unwrap() + 1),
+        server: format!(
+            "{system}/{:08X}",
+            u32::from_str_radix(timeline, 16).unwrap() + 1
+        ),
         ..next.clone()
     };
     let state = |c: &mut PgConnection| -> String {
@@ -650,5 +659,65 @@ fn a_position_from_another_server_is_neither_advanced_nor_saved() {
         let e = store::save_batch(&mut conn, &sql, &lease, &elsewhere, done).unwrap_err();
         assert!(matches!(e, outbox_relay::Error::LostLeadership(_)), "{e}");
     }
-    assert_eq!(state(&mut conn), before, "nothing written from the other server's snapshot");
+    assert_eq!(
+        state(&mut conn),
+        before,
+        "nothing written from the other server's snapshot"
+    );
+}
+
+/// S3: topic A answers "not authorised" for a few seconds (an ACL or a topic being created).
+/// Its events wait with a backoff that outlasts the delay (1 s, doubling, up to 60 s, five
+/// attempts: about 15 s) instead of being dead-lettered within a second, and topic B is
+/// delivered meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_authorisation_failure_is_waited_out_and_other_topics_flow() {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let (a, b) = (unique_name("s3a"), unique_name("s3b"));
+    cluster.create_topic(&a, 1, 1).unwrap();
+    cluster.create_topic(&b, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    let expected_a = insert_sequence(&mut conn, &a, 3, 10);
+    let expected_b = insert_sequence(&mut conn, &b, 3, 10);
+    // Every produce request fails for a while: A's first, then (after the topic's failure
+    // marks it) A's produce calls fail at once too.
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3],
+    );
+    cluster
+        .topic_error(
+            &a,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+    let relay = InProcessRelay::start(relay_config(db.url(), &bootstrap)).unwrap();
+    let b_done = wait_until(Duration::from_secs(20), "B delivered while A waits", || {
+        Ok(pending(&mut conn).iter().all(|(t, _)| t == &a))
+    })
+    .await;
+    let a_left = pending(&mut conn).len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster
+        .topic_error(&a, RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR)
+        .unwrap();
+    wait_until(Duration::from_secs(60), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    b_done.unwrap();
+    assert!(a_left > 0, "A waited");
+    assert_eq!(
+        count(&mut conn, "outbox_dead_letters"),
+        0,
+        "nothing dead-lettered"
+    );
+    let ra = check(&read(&bootstrap, &a, expected_a.len()).await, &expected_a);
+    let rb = check(&read(&bootstrap, &b, expected_b.len()).await, &expected_b);
+    assert!(ra.is_consistent(), "A: {}", summary(&ra));
+    assert!(rb.is_consistent(), "B: {}", summary(&rb));
 }
