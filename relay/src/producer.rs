@@ -181,6 +181,10 @@ pub enum Failure {
     /// Not the event's fault (producer fatal error, purge, lost report): send it again, without
     /// counting an attempt.
     Client(String),
+    /// The broker refused a produce request as too large. The request may have held many
+    /// events (librdkafka does not split a batch the broker refuses), so this says nothing yet
+    /// about the event itself: it is sent again alone, and dead-lettered only if refused alone.
+    TooLargeInBatch(String),
 }
 
 impl Failure {
@@ -188,8 +192,25 @@ impl Failure {
     #[must_use]
     pub fn message(&self) -> &str {
         match self {
-            Failure::Permanent(m) | Failure::Transient(m) | Failure::Client(m) => m,
+            Failure::Permanent(m)
+            | Failure::Transient(m)
+            | Failure::Client(m)
+            | Failure::TooLargeInBatch(m) => m,
         }
+    }
+}
+
+/// Classifies an error of a delivery report (the broker's answer): like [`classify`], except
+/// that a request refused as too large says nothing yet about the event
+/// ([`Failure::TooLargeInBatch`]).
+#[must_use]
+pub fn classify_report(error: &KafkaError) -> Failure {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::MessageSizeTooLarge | C::MessageBatchTooLarge) => {
+            Failure::TooLargeInBatch(error.to_string())
+        }
+        _ => classify(error),
     }
 }
 

@@ -136,6 +136,8 @@ enum Outcome {
     /// Not produced: an earlier event of its key is overdue (see [`Term::overdue`]). It stays in
     /// the outbox and goes out after the rewind that follows.
     Waiting,
+    /// Sent alone and its report already awaited (see [`Relay::send_alone`]).
+    Reported(Option<Failure>),
 }
 
 struct Entry {
@@ -208,6 +210,8 @@ struct Term<'a> {
 #[derive(Debug, Clone, Copy)]
 struct Attempts {
     count: u32,
+    /// Its last request was refused as too large: the next attempt goes alone.
+    alone: bool,
     /// Not sent again before this (exponential backoff from the last failure).
     retry_at: tokio::time::Instant,
 }
@@ -728,10 +732,12 @@ impl Relay {
             } else if term.blocked.contains(&key) {
                 Outcome::NotSent
             } else {
+                let alone = term.attempts.get(&row.id).is_some_and(|a| a.alone);
                 let outcome = match defect {
                     // A row the table accepts but Kafka never will: dead-lettered (in SQL, by
                     // id: its payload was never loaded), never retried.
                     Some(defect) => Outcome::Failed(Failure::Permanent(defect)),
+                    None if alone => self.send_alone(term, &row).await?,
                     None => self.send_one(term, &row).await?,
                 };
                 match &outcome {
@@ -784,6 +790,37 @@ impl Relay {
                 Err((e, _)) => return Ok(Outcome::Failed(producer::classify(&e))),
             }
         }
+    }
+
+    /// Sends an event whose last request was refused as too large in a request of its own:
+    /// waits until nothing else is in the producer (at most `ack_overdue`), sends it, and
+    /// waits for its report before anything else is produced.
+    async fn send_alone(&self, term: &mut Term<'_>, row: &outbox::StoredEvent) -> Result<Outcome> {
+        let overdue_after = Duration::from_millis(self.cfg.ack_overdue_ms);
+        let until = tokio::time::Instant::now() + overdue_after;
+        while term.producer.in_flight_count() > 0
+            && tokio::time::Instant::now() < until
+            && !term.shutdown.is_cancelled()
+        {
+            self.renew_if_due(term).await?;
+            sleep_or_cancel(Duration::from_millis(5), &term.shutdown).await;
+        }
+        tracing::info!(target: TARGET, id = row.id, topic = %row.topic, key = %row.partition_key, "sending alone an event whose request was refused as too large");
+        let outcome = self.send_one(term, row).await?;
+        let Outcome::Pending(mut future) = outcome else {
+            return Ok(outcome);
+        };
+        let sent = tokio::time::Instant::now();
+        Ok(
+            match self
+                .await_report(term, &mut future, sent + overdue_after)
+                .await?
+            {
+                Report::Done(f) => Outcome::Reported(f),
+                // Waited for like any other (`complete_page` sets it aside).
+                Report::Overdue | Report::ShutdownTimeout => Outcome::Pending(future),
+            },
+        )
     }
 
     /// Waits for one delivery report, renewing the lease meanwhile, until `overdue_at` (then
@@ -847,7 +884,8 @@ impl Relay {
                         }
                     }
                 }
-                Outcome::Failed(f) => Some(f),
+                Outcome::Failed(f) | Outcome::Reported(Some(f)) => Some(f),
+                Outcome::Reported(None) => None,
                 Outcome::NotSent => {
                     end.retry = true;
                     continue;
@@ -925,9 +963,10 @@ impl Relay {
             settled.delivered.push(entry.id);
             return None;
         };
+        let alone = term.attempts.get(&entry.id).is_some_and(|a| a.alone);
         let kind = match f {
             Failure::Permanent(_) => "permanent",
-            Failure::Transient(_) => "transient",
+            Failure::Transient(_) | Failure::TooLargeInBatch(_) => "transient",
             Failure::Client(_) => "client",
         };
         m::failed(kind);
@@ -941,17 +980,28 @@ impl Relay {
             _ => {
                 let a = term.attempts.entry(entry.id).or_insert(Attempts {
                     count: 0,
+                    alone: false,
                     retry_at: now,
                 });
                 a.count += 1;
-                a.retry_at = now + retry_delay(a.count);
+                if matches!(f, Failure::TooLargeInBatch(_)) && !a.alone {
+                    // Sent again alone at once; refused alone, it is permanent (below).
+                    a.alone = true;
+                    a.retry_at = now;
+                } else {
+                    a.retry_at = now + retry_delay(a.count);
+                }
                 (a.count, a.retry_at)
             }
         };
         tracing::warn!(target: TARGET, id = entry.id, topic = %key.0, key = %key.1, attempt = attempts, error = f.message(), kind, "delivery failed");
         let dead_now = match f {
             Failure::Permanent(_) => true,
-            Failure::Transient(_) => attempts >= self.cfg.max_attempts,
+            // Refused although it was alone in its request: the event itself is too large.
+            Failure::TooLargeInBatch(_) if alone => true,
+            Failure::Transient(_) | Failure::TooLargeInBatch(_) => {
+                attempts >= self.cfg.max_attempts
+            }
             Failure::Client(_) => false,
         };
         if !dead_now {
@@ -1008,7 +1058,7 @@ fn report_failure(
 ) -> Option<Failure> {
     match r {
         Ok(Ok(_delivery)) => None,
-        Ok(Err((e, _))) => Some(producer::classify(&e)),
+        Ok(Err((e, _))) => Some(producer::classify_report(&e)),
         Err(_canceled) => Some(Failure::Client(
             "delivery report lost (producer purged)".into(),
         )),

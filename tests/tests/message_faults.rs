@@ -721,3 +721,58 @@ async fn a_short_authorisation_failure_is_waited_out_and_other_topics_flow() {
     assert!(ra.is_consistent(), "A: {}", summary(&ra));
     assert!(rb.is_consistent(), "B: {}", summary(&rb));
 }
+
+/// S2: the broker refuses one produce request as too large (a batch over a topic's
+/// `max.message.bytes`, while every event in it is small). librdkafka does not split the
+/// batch, so every event in the request fails with "too large": each is sent again alone,
+/// delivered, and nothing is dead-lettered. An event refused alone is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_refused_as_too_large_dead_letters_no_valid_event() {
+    // One refused request: its events go again alone and arrive. Two: the first event sent
+    // alone is refused too, and only it is dead-lettered.
+    for (refusals, dead) in [(1, 0), (2, 1)] {
+        let db = TestDb::migrated().unwrap();
+        let cluster = outbox_tests::mock_cluster(1).unwrap();
+        let topic = unique_name("s2");
+        cluster.create_topic(&topic, 1, 1).unwrap();
+        let bootstrap = cluster.bootstrap_servers();
+        let mut conn = db.conn().unwrap();
+        let mut expected = insert_sequence(&mut conn, &topic, 3, 40);
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; refusals],
+        );
+        let relay = InProcessRelay::start(
+            relay_config(db.url(), &bootstrap).kafka_option("batch.num.messages", "10"),
+        )
+        .unwrap();
+        wait_until(Duration::from_secs(60), "outbox empty", || {
+            Ok(backlog(&mut conn)? == 0)
+        })
+        .await
+        .unwrap();
+        relay.stop().await.unwrap();
+        let dead_rows: Vec<DeadRow> =
+            diesel::sql_query("SELECT id, event_type, last_error FROM outbox_dead_letters")
+                .load(&mut conn)
+                .unwrap();
+        assert_eq!(dead_rows.len(), dead, "{refusals} refusals: {dead_rows:?}");
+        #[derive(QueryableByName)]
+        struct Ev {
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            event_id: uuid::Uuid,
+        }
+        for ev in diesel::sql_query("SELECT event_id FROM outbox_dead_letters")
+            .load::<Ev>(&mut conn)
+            .unwrap()
+        {
+            expected.remove(&ev.event_id.to_string());
+        }
+        let report = check(&read(&bootstrap, &topic, expected.len()).await, &expected);
+        assert!(
+            report.is_consistent(),
+            "{refusals} refusals: {}",
+            summary(&report)
+        );
+    }
+}
