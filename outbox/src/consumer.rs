@@ -470,6 +470,39 @@ struct RunnerContext {
     shared: Arc<Shared>,
 }
 
+impl RunnerContext {
+    /// Stops the workers of `revoked` after their message in hand, waits for it (at most
+    /// 30 s), and commits the stored offsets.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: &[PartitionKey]) {
+        let mut parts = self
+            .shared
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for p in revoked {
+            if let Some(s) = parts.get_mut(p) {
+                s.generation += 1;
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while revoked.iter().any(|p| parts.get(p).is_some_and(|s| s.busy))
+            && std::time::Instant::now() < deadline
+        {
+            parts = self
+                .shared
+                .idle
+                .wait_timeout(parts, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        drop(parts);
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(target: TARGET, error = %e, "commit on revocation");
+        }
+        tracing::info!(target: TARGET, partitions = revoked.len(), "partitions revoked; offsets committed");
+    }
+}
+
 impl ClientContext for RunnerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
@@ -487,32 +520,15 @@ impl ConsumerContext for RunnerContext {
                 .map(|e| (e.topic().to_owned(), e.partition()))
                 .collect();
             // Stop the workers of revoked partitions after the message in hand, and wait for it.
-            let mut parts = self
-                .shared
-                .partitions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for p in &revoked {
-                if let Some(s) = parts.get_mut(p) {
-                    s.generation += 1;
+            // This runs inside the consumer's poll, on a runtime thread: tell a multi-threaded
+            // runtime so its other tasks (the workers finishing those messages among them) move
+            // to other threads meanwhile.
+            match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+                    tokio::task::block_in_place(|| self.revoke(consumer, &revoked));
                 }
+                _ => self.revoke(consumer, &revoked),
             }
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
-            while revoked.iter().any(|p| parts.get(p).is_some_and(|s| s.busy))
-                && std::time::Instant::now() < deadline
-            {
-                parts = self
-                    .shared
-                    .idle
-                    .wait_timeout(parts, Duration::from_millis(50))
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .0;
-            }
-            drop(parts);
-            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(target: TARGET, error = %e, "commit on revocation");
-            }
-            tracing::info!(target: TARGET, partitions = revoked.len(), "partitions revoked; offsets committed");
         }
     }
 

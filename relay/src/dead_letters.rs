@@ -149,8 +149,12 @@ pub fn show(conn: &mut PgConnection, tables: &outbox::TableRef, id: i64) -> Resu
 }
 
 /// Moves matching dead letters back into the outbox under their original ids, keeping their
-/// event ids and creation times (one transaction). Returns the ids moved. With `dry_run`,
-/// changes nothing and returns the ids that would move.
+/// event ids (one transaction). Returns the ids moved. With `dry_run`, changes nothing and
+/// returns the ids that would move.
+///
+/// `created_at` (the Kafka timestamp and `ce_time`) becomes the retry's time, as for a
+/// replay: a broker with `log.message.timestamp.before.max.ms` would refuse an old timestamp
+/// (INVALID_TIMESTAMP) and the event would be dead-lettered again.
 ///
 /// The original id is the event's place in its key's order: the retried events go out before
 /// any later event of their key still in the outbox (committed while the key was held), as
@@ -181,7 +185,7 @@ pub fn retry(
          INSERT INTO {o} (id, event_id, topic, partition_key, event_type, payload, headers, \
            content_type, traceparent, created_at) OVERRIDING SYSTEM VALUE \
          SELECT id, event_id, topic, partition_key, event_type, payload, headers, content_type, \
-           traceparent, created_at FROM moved ORDER BY id RETURNING id",
+           traceparent, now() FROM moved ORDER BY id RETURNING id",
         d = tables.qualify("outbox_dead_letters"),
         o = tables.qualify("outbox"),
         w = Filter::WHERE

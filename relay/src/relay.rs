@@ -188,6 +188,8 @@ struct Term<'a> {
     attempts: &'a mut HashMap<i64, Attempts>,
     /// Keys with dead letters (`hold-key` only).
     held: HashSet<TopicKey>,
+    /// `held` was read from the database during this batch.
+    held_fresh: bool,
     /// Keys with a failed event in this batch: their later events wait for the batch's retry.
     blocked: HashSet<TopicKey>,
     /// Acknowledged rows not yet removed: the next database call removes them first, in the
@@ -397,6 +399,7 @@ impl Relay {
             last_renew: Instant::now(),
             attempts,
             held: HashSet::new(),
+            held_fresh: false,
             blocked: HashSet::new(),
             unremoved: Vec::new(),
             overdue: Vec::new(),
@@ -434,6 +437,7 @@ impl Relay {
         // A batch to deliver again (some of its rows failed).
         let mut again: Option<Batch> = None;
         let mut saved = Instant::now();
+        let mut held_read = false;
         loop {
             if term.shutdown.is_cancelled() {
                 match done {
@@ -500,14 +504,15 @@ impl Relay {
                     (b, rows)
                 }
             };
-            if self.cfg.poison_policy == PoisonPolicy::HoldKey {
-                let sql = Arc::clone(&self.sql);
-                term.held = term
-                    .db
-                    .call(move |c| store::held_keys(c, &sql))
-                    .await?
-                    .into_iter()
-                    .collect();
+            // Which keys have dead letters: read when the term starts; after that only this
+            // leader adds any (it records them itself), and an operator's retry or purge can
+            // only remove some, which matters only when a batch holds a row of such a key
+            // (`send_page` reads them again then, once per batch).
+            if self.cfg.poison_policy == PoisonPolicy::HoldKey && !held_read {
+                self.read_held_keys(term).await?;
+                held_read = true;
+            } else {
+                term.held_fresh = false;
             }
             term.blocked.clear();
             let end = self
@@ -715,6 +720,10 @@ impl Relay {
         } in rows
         {
             let key = (row.topic.clone(), row.partition_key.clone());
+            if hold && !term.held_fresh && term.held.contains(&key) {
+                // The key's dead letters may have been retried or purged since they were read.
+                self.read_held_keys(term).await?;
+            }
             let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
             } else if term.waiting.contains_key(&key) {
@@ -790,6 +799,19 @@ impl Relay {
                 Err((e, _)) => return Ok(Outcome::Failed(producer::classify(&e))),
             }
         }
+    }
+
+    /// Reads which keys have dead letters (`hold-key`).
+    async fn read_held_keys(&self, term: &mut Term<'_>) -> Result<()> {
+        let sql = Arc::clone(&self.sql);
+        term.held = term
+            .db
+            .call(move |c| store::held_keys(c, &sql))
+            .await?
+            .into_iter()
+            .collect();
+        term.held_fresh = true;
+        Ok(())
     }
 
     /// Sends an event whose last request was refused as too large in a request of its own:

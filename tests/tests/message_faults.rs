@@ -228,6 +228,12 @@ fn insert_one(conn: &mut PgConnection, topic: &str, key: &str, payload: &str) ->
     .to_string()
 }
 
+#[derive(QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
 fn count(conn: &mut PgConnection, table: &str) -> i64 {
     diesel::select(diesel::dsl::sql::<BigInt>(&format!(
         "(SELECT count(*) FROM {table})"
@@ -277,6 +283,9 @@ async fn retry_under_hold_key(broken: bool) -> Report {
             key: Some("K".into()),
             ..Default::default()
         };
+        let before: String = diesel::select(diesel::dsl::sql::<Text>("clock_timestamp()::text"))
+            .get_result(&mut conn)
+            .unwrap();
         let moved = outbox_relay::dead_letters::retry(
             &mut conn,
             &outbox::TableRef::default(),
@@ -285,6 +294,16 @@ async fn retry_under_hold_key(broken: bool) -> Report {
         )
         .unwrap();
         assert_eq!(moved.len(), 3);
+        // S5: the retried events carry the retry's time (a broker may refuse old timestamps).
+        let fresh: i64 = diesel::sql_query(
+            "SELECT count(*) AS n FROM outbox WHERE id = ANY($1) AND created_at >= $2::timestamptz",
+        )
+        .bind::<diesel::sql_types::Array<BigInt>, _>(&moved)
+        .bind::<Text, _>(&before)
+        .get_result::<N>(&mut conn)
+        .unwrap()
+        .n;
+        assert_eq!(fresh, 3);
     }
     let second = InProcessRelay::start(hold(relay_config(db.url(), &bootstrap))).unwrap();
     wait_until(Duration::from_secs(30), "everything delivered", || {
