@@ -46,6 +46,9 @@ fn tansu_bin() -> Result<PathBuf> {
 pub struct Tansu {
     child: Option<Child>,
     port: u16,
+    /// The address clients are told to use (another process's, e.g. a TLS terminator's), or
+    /// the broker's own.
+    advertised: Option<String>,
     storage: String,
     dir: tempfile::TempDir,
 }
@@ -62,9 +65,14 @@ impl Tansu {
     }
 
     fn start_with_storage(storage: &str) -> Result<Self> {
+        Self::start_advertising(storage, None)
+    }
+
+    fn start_advertising(storage: &str, advertised: Option<String>) -> Result<Self> {
         let mut broker = Self {
             child: None,
             port: crate::free_port(),
+            advertised,
             storage: storage.to_owned(),
             dir: tempfile::Builder::new().prefix("outbox-tansu-").tempdir()?,
         };
@@ -74,6 +82,10 @@ impl Tansu {
 
     fn spawn(&mut self) -> Result<()> {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = match &self.advertised {
+            Some(a) => format!("tcp://{a}"),
+            None => url.clone(),
+        };
         let log = std::fs::File::create(self.dir.path().join("tansu.log"))?;
         let child = Command::new(tansu_bin()?)
             .current_dir(self.dir.path())
@@ -82,7 +94,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", &self.storage])
             .env("RUST_LOG", "warn")
@@ -92,6 +104,10 @@ impl Tansu {
             .spawn()
             .context("spawn tansu")?;
         self.child = Some(child);
+        if self.advertised.is_some() {
+            // Metadata would point at the terminator, which is not up yet: wait for the port.
+            return wait_for_port(self.port, Duration::from_secs(30));
+        }
         self.wait_ready()
     }
 
@@ -150,6 +166,188 @@ impl Tansu {
 impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// `tansu` behind a TLS terminator (`stunnel4`, from Debian): clients speak TLS to
+/// `localhost:<port>`, the terminator forwards plain TCP to tansu, and tansu advertises the
+/// terminator's address, so every connection a client makes is TLS. The server certificate is
+/// for `localhost` only (not `127.0.0.1`), signed by a CA made for this broker; a second CA
+/// that signed nothing is there for tests of a wrong CA. Both are killed when dropped.
+#[derive(Debug)]
+pub struct TlsTansu {
+    broker: Tansu,
+    stunnel: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsTansu {
+    /// Starts tansu (in memory) and the terminator.
+    pub fn start() -> Result<Self> {
+        let port = crate::free_port();
+        let broker =
+            Tansu::start_advertising("memory://tansu/", Some(format!("localhost:{port}")))?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-kafka-tls-")
+            .tempdir()?;
+        let d = dir.path();
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=DNS:localhost\n")?;
+        let sh = |args: &[&str]| -> Result<()> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .context("run openssl (install it: scripts/setup)")?;
+            if !out.status.success() {
+                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(())
+        };
+        for ca in ["ca", "other-ca"] {
+            sh(&[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=outbox test {ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ])?;
+        }
+        sh(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ])?;
+        sh(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "server.pem",
+        ])?;
+        std::fs::write(
+            d.join("stunnel.conf"),
+            format!(
+                "foreground = yes\npid =\noutput = {log}\n[kafka]\naccept = 127.0.0.1:{port}\n\
+                 connect = 127.0.0.1:{broker}\ncert = {cert}\nkey = {key}\n",
+                log = d.join("stunnel.log").display(),
+                broker = broker.port,
+                cert = d.join("server.pem").display(),
+                key = d.join("server.key").display(),
+            ),
+        )?;
+        let stunnel = Command::new("stunnel4")
+            .arg(d.join("stunnel.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn stunnel4 (install it: scripts/setup)")?;
+        let tls = Self {
+            broker,
+            stunnel: Some(stunnel),
+            port,
+            dir,
+        };
+        wait_for_port(port, Duration::from_secs(30))?;
+        Ok(tls)
+    }
+
+    /// `bootstrap.servers` through the terminator, by the certificate's name.
+    #[must_use]
+    pub fn bootstrap(&self) -> String {
+        format!("localhost:{}", self.port)
+    }
+
+    /// The same terminator by IP address, which the certificate does not name.
+    #[must_use]
+    pub fn bootstrap_by_ip(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The CA that signed the broker's certificate.
+    #[must_use]
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A CA that signed nothing the broker presents.
+    #[must_use]
+    pub fn other_ca(&self) -> PathBuf {
+        self.dir.path().join("other-ca.pem")
+    }
+
+    /// Client options for TLS with `ca` (IPv4: the terminator listens on 127.0.0.1 only).
+    #[must_use]
+    pub fn client_options(ca: &std::path::Path) -> Vec<(String, String)> {
+        vec![
+            ("security.protocol".into(), "ssl".into()),
+            ("ssl.ca.location".into(), ca.display().to_string()),
+            ("broker.address.family".into(), "v4".into()),
+        ]
+    }
+
+    /// A client configuration speaking TLS to this broker with the right CA.
+    #[must_use]
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap());
+        for (k, v) in Self::client_options(&self.ca()) {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// The terminator's log (handshake failures are named there too).
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stunnel.log")).unwrap_or_default()
+            + &self.broker.log()
+    }
+}
+
+impl Drop for TlsTansu {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.stunnel.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

@@ -23,7 +23,7 @@ pub mod pg;
 pub mod relay;
 pub mod workload;
 
-pub use kafka::{create_topic, mock_cluster, read_all, Tansu};
+pub use kafka::{create_topic, mock_cluster, read_all, Tansu, TlsTansu};
 pub use pg::{PgCluster, TestDb};
 pub use relay::{relay_config, InProcessRelay, RelayProcess};
 
