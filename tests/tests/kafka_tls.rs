@@ -180,7 +180,7 @@ async fn the_consumer_runner_with_a_wrong_ca_applies_nothing() {
     .unwrap();
     relay.stop().await.unwrap();
     let cfg = TlsTansu::client_options(&tls.other_ca()).into_iter().fold(
-        ConsumerConfig::new(tls.bootstrap(), &unique_name("g"), &[&topic], db.url()),
+        ConsumerConfig::new(tls.bootstrap(), unique_name("g"), &[&topic], db.url()),
         |c, (k, v)| c.kafka_option(k, v),
     );
     let handler = |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
