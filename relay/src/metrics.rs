@@ -14,7 +14,8 @@
 //! | `outbox_relay_waiting_keys` | gauge | keys whose events wait behind an overdue acknowledgement (an unavailable partition) |
 //! | `outbox_relay_overdue_events` | gauge | events sent but not acknowledged within `ack_overdue_ms` |
 //!
-//! The counters, `outbox_relay_leader` and the histogram are registered at zero when the
+//! The counters, `outbox_relay_leader`, the waiting gauges and the histogram are registered at
+//! zero when the
 //! recorder is installed, so every name exists from the first scrape (alerts and `rate()` need
 //! that). The dashboard and alerts in `docs/ops/` use these names; `tests/tests/ops.rs` checks
 //! them against a running relay's `/metrics`.
@@ -87,6 +88,7 @@ pub fn install() -> Result<PrometheusHandle> {
         metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(0);
     }
     metrics::counter!("outbox_relay_dead_lettered_total").increment(0);
+    waiting(0, 0);
     let _ = metrics::histogram!("outbox_relay_commit_to_ack_seconds");
     Ok(handle)
 }
