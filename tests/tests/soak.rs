@@ -22,7 +22,7 @@ fn soak(args: &[&str]) -> (bool, String) {
 
 #[test]
 fn soak_short_form_holds_every_invariant() {
-    let (ok, text) = soak(&["--seconds", "75", "--seed", "11"]);
+    let (ok, text) = soak(&["--seconds", "90", "--seed", "11"]);
     assert!(ok, "{text}");
     assert!(text.contains("SOAK PASSED"), "{text}");
     for fault in [
@@ -31,6 +31,8 @@ fn soak_short_form_holds_every_invariant() {
         "kill -9 of the broker",
         "Postgres crash",
         "a transaction held open",
+        "rows at the edges of what the outbox accepts",
+        "a failing, slow consumer handler, its runner restarted mid-retry",
     ] {
         assert!(text.contains(fault), "{fault} not injected:\n{text}");
     }

@@ -5,9 +5,12 @@
 //! writers (each transaction records its events in `written`, the source of truth after a
 //! crash), and a consumer runner applying every event to `effects` through the inbox. Every few
 //! seconds one fault: kill -9 of the leading relay, SIGSTOP of it past its lease (then SIGCONT),
-//! kill -9 of the broker, an immediate stop of Postgres, or a transaction that writes an event and
-//! stays open (`--long-tx-seconds`, minutes in release soaks) while the others keep writing; each
-//! is healed a few seconds later.
+//! kill -9 of the broker, an immediate stop of Postgres, a transaction that writes an event and
+//! stays open (`--long-tx-seconds`, minutes in release soaks) while the others keep writing; and
+//! message-level faults: rows at the edges of what the outbox accepts (a `created_at` of
+//! `infinity`, a payload over `message.max.bytes`), which must be dead-lettered without stalling
+//! anything, and a consumer handler failing and slow, its runner restarted in the middle of the
+//! retries. Each is healed a few seconds later.
 //! Afterwards: I1 every committed event in Kafka, I2 nothing uncommitted, I3 per-key order,
 //! I4 duplicates only from in-flight work, I5 every effect once, I6 lag back to zero after each
 //! heal within a bound, and the others' lag stays bounded while a transaction is held open.
@@ -192,15 +195,27 @@ async fn main() -> Result<()> {
     if args.broken_consumer {
         cfg = cfg.message_id(MessageId::TopicPartitionOffset);
     }
-    let handler = |c: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+    // While `failing` is set the handler fails every message (transiently) after a pause: a
+    // slow, failing dependency.
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = Arc::clone(&failing);
+    let handler = move |c: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
+        if f.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(50));
+            return Err(HandlerError::Transient("dependency down (soak)".into()));
+        }
         let id = m.header("ce_id").unwrap_or_default().to_owned();
         effects::apply(c, &id, m.key_str().unwrap_or_default())?;
         Ok(())
     };
-    let runner = ConsumerRunner::new(cfg, handler)?;
-    let consumer_stop = tokio_util::sync::CancellationToken::new();
-    let token = consumer_stop.clone();
-    let consumer = tokio::spawn(async move { runner.run(token).await });
+    let start_consumer = || -> Result<_> {
+        let runner = ConsumerRunner::new(cfg.clone(), handler.clone())?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        Ok((stop, tokio::spawn(async move { runner.run(token).await })))
+    };
+    let (mut consumer_stop, mut consumer) = start_consumer()?;
+    let mut edge_rows = 0_i64;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (u, t, s) = (url.clone(), topic.clone(), Arc::clone(&stop));
@@ -219,7 +234,7 @@ async fn main() -> Result<()> {
     while Instant::now() + Duration::from_secs(8) < deadline {
         // Every kind of fault once per round, in a random order.
         if kinds_left.is_empty() {
-            kinds_left = vec![0, 1, 2, 3, 4];
+            kinds_left = vec![0, 1, 2, 3, 4, 5, 6];
             rand::seq::SliceRandom::shuffle(kinds_left.as_mut_slice(), &mut rng);
         }
         let kind = kinds_left.pop().unwrap_or(0);
@@ -262,6 +277,35 @@ async fn main() -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
                 broker.restart()?;
                 "kill -9 of the broker".to_owned()
+            }
+            5 => {
+                // Plain-SQL writers storing what the table accepts but Kafka cannot carry. They
+                // are not in `written`: reaching Kafka would be I2; they must be dead-lettered.
+                let mut c = PgConnection::establish(&url)?;
+                for values in [
+                    "'edge', 'EdgeInfiniteTime', '\\x00', 'infinity'",
+                    "'edge', 'EdgeHugePayload', convert_to(repeat('x', 2000000), 'UTF8'), now()",
+                ] {
+                    diesel::sql_query(format!(
+                        "INSERT INTO outbox (topic, partition_key, event_type, payload, created_at) \
+                         VALUES ($1, {values})"
+                    ))
+                    .bind::<diesel::sql_types::Text, _>(&topic)
+                    .execute(&mut c)?;
+                    edge_rows += 1;
+                }
+                "rows at the edges of what the outbox accepts".to_owned()
+            }
+            6 => {
+                failing.store(true, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..2500))).await;
+                // Restarted in the middle of its retries: nothing may be skipped (C3).
+                consumer_stop.cancel();
+                consumer.await??;
+                (consumer_stop, consumer) = start_consumer()?;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1500))).await;
+                failing.store(false, Ordering::Relaxed);
+                "a failing, slow consumer handler, its runner restarted mid-retry".to_owned()
             }
             4 => {
                 let worst = hold_transaction_open(&url, &topic, faults.len(), args.long_tx).await?;
@@ -335,6 +379,16 @@ async fn main() -> Result<()> {
     .await??;
     let report = check(&seen, &expected);
     let (distinct, twice, _) = effects::summary(&mut consumer_conn)?;
+    #[derive(QueryableByName)]
+    struct Dead {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let edge_dead = diesel::sql_query(
+        "SELECT count(*) AS n FROM outbox_dead_letters WHERE event_type LIKE 'Edge%'",
+    )
+    .get_result::<Dead>(&mut conn)?
+    .n;
     let max_lag = faults.iter().map(|(_, l)| *l).max().unwrap_or_default();
     let invariants = [
         (
@@ -361,6 +415,11 @@ async fn main() -> Result<()> {
             "I5 each effect once",
             twice == 0 && usize::try_from(distinct)? == expected.len(),
             format!("{distinct} effects, {twice} applied twice"),
+        ),
+        (
+            "edge rows dead-lettered, nothing stalled",
+            edge_dead == edge_rows,
+            format!("{edge_dead} of {edge_rows} dead-lettered"),
         ),
         (
             "I6 others flow while a transaction is open",
