@@ -169,6 +169,46 @@ pub fn headers(event: &StoredEvent, source: &str) -> OwnedHeaders {
     h
 }
 
+/// The partition `murmur2_random` (the relay's partitioner, the Java client's default) picks
+/// for `key` among `partitions`.
+#[must_use]
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    let h = i32::try_from(murmur2(key) & 0x7fff_ffff).unwrap_or(0);
+    h % partitions.max(1)
+}
+
+/// Kafka's murmur2 (as librdkafka's `rd_murmur2` and the Java client's `Utils.murmur2`).
+#[must_use]
+pub fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    #[allow(clippy::cast_possible_truncation)]
+    let mut h: u32 = 0x9747_b28c ^ (data.len() as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h
+}
+
 /// How a failed delivery is treated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
@@ -231,6 +271,8 @@ pub fn classify(error: &KafkaError) -> Failure {
         ) => Failure::Permanent(error.to_string()),
         Some(
             C::Fatal
+            // A healthy record refused only because another record of its batch was invalid.
+            | C::InvalidDifferentRecord
             | C::PurgeQueue
             | C::PurgeInflight
             | C::OutOfOrderSequenceNumber
@@ -245,6 +287,27 @@ pub fn classify(error: &KafkaError) -> Failure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// librdkafka's own test vectors (`unittest_murmur2`, the Java client's results).
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        for (key, want) in [
+            ("kafka", 0xd067_cf64_u32),
+            ("giberish123456789", 0x8f55_2b0c),
+            ("1234", 0x9fc9_7b14),
+            ("234", 0xe7c0_09ca),
+            ("34", 0x8739_30da),
+            ("4", 0x5a4b_5ca1),
+            ("PreAmbleWillBeRemoved,ThePrePartThatIs", 0x7842_4f1c),
+            ("", 0x106e_08d9),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()), want, "{key:?}");
+        }
+        assert_eq!(
+            partition_for(b"kafka", 3),
+            (0xd067_cf64_u32 & 0x7fff_ffff) as i32 % 3
+        );
+    }
 
     fn cfg(options: &[(&str, &str)]) -> RelayConfig {
         options.iter().fold(

@@ -151,6 +151,8 @@ struct Entry {
     fetched: Instant,
     /// When it was handed to the producer (an acknowledgement is overdue `ack_overdue` later).
     sent: tokio::time::Instant,
+    /// Its partition, once known (set when it becomes overdue).
+    partition: Option<i32>,
     outcome: Outcome,
 }
 
@@ -188,8 +190,6 @@ struct Term<'a> {
     attempts: &'a mut HashMap<i64, Attempts>,
     /// Keys with dead letters (`hold-key` only).
     held: HashSet<TopicKey>,
-    /// `held` was read from the database during this batch.
-    held_fresh: bool,
     /// Keys with a failed event in this batch: their later events wait for the batch's retry.
     blocked: HashSet<TopicKey>,
     /// Acknowledged rows not yet removed: the next database call removes them first, in the
@@ -206,6 +206,11 @@ struct Term<'a> {
     /// sends its events in order. The position is not saved while any key waits, so a new
     /// leader resumes before every row left behind.
     waiting: HashMap<TopicKey, Option<tokio::time::Instant>>,
+    /// Partition counts of topics that had an overdue event (from the producer's metadata).
+    partitions: HashMap<String, i32>,
+    /// Partitions with an overdue event: every key on them waits too (it would only queue up
+    /// behind the overdue ones; many distinct keys would each hold a page for `ack_overdue`).
+    overdue_partitions: HashSet<(String, i32)>,
 }
 
 /// Failed attempts of one event.
@@ -399,11 +404,12 @@ impl Relay {
             last_renew: Instant::now(),
             attempts,
             held: HashSet::new(),
-            held_fresh: false,
             blocked: HashSet::new(),
             unremoved: Vec::new(),
             overdue: Vec::new(),
             waiting: HashMap::new(),
+            partitions: HashMap::new(),
+            overdue_partitions: HashSet::new(),
         };
         // Retention purges run beside delivery, on their own short-lived connection.
         let purge_stop = shutdown.child_token();
@@ -459,8 +465,11 @@ impl Relay {
                 .map(|e| (e.topic.clone(), e.key.clone()))
                 .collect();
             let now = tokio::time::Instant::now();
+            let (partitions, overdue_partitions) = (&term.partitions, &term.overdue_partitions);
             let still_waits = |k: &TopicKey, at: &Option<tokio::time::Instant>| {
-                overdue_keys.contains(k) || at.is_some_and(|t| t > now)
+                overdue_keys.contains(k)
+                    || at.is_some_and(|t| t > now)
+                    || on_overdue_partition(partitions, overdue_partitions, k)
             };
             if term.waiting.iter().any(|(k, at)| !still_waits(k, at)) {
                 // Some waiting keys have nothing overdue any more and their retry is due:
@@ -484,8 +493,23 @@ impl Relay {
                         && term.waiting.is_empty();
                     let (sql, lease) = (Arc::clone(&self.sql), term.lease.clone());
                     let page_size = self.cfg.page_size;
-                    let (b, rows) = self
+                    // Which keys have dead letters (`hold-key`): read when the term starts;
+                    // after that only this leader adds any (and records them itself), so they
+                    // are read again only while some key is held, to see an operator's retry
+                    // or purge. Always BEFORE the batch's snapshot: a retry committed after
+                    // the read is then either in this batch with its key still held (its
+                    // events held again, in order) or in a later one; read after the
+                    // snapshot, a freed key's later event in this batch would leave before
+                    // the retried ones.
+                    let read_held = self.cfg.poison_policy == PoisonPolicy::HoldKey
+                        && (!held_read || !term.held.is_empty());
+                    let (b, rows, held) = self
                         .call_removing(term, move |c| {
+                            let held = if read_held {
+                                Some(store::held_keys(c, &sql)?)
+                            } else {
+                                None
+                            };
                             let b = match &previous {
                                 Some(d) => store::advance_batch(c, &sql, &lease, d, save)?,
                                 None => store::open_batch(c, &sql, &lease)?,
@@ -495,25 +519,19 @@ impl Relay {
                             } else {
                                 Some(store::fetch(c, &sql, &lease, &b, b.start_after, page_size)?)
                             };
-                            Ok((b, rows))
+                            Ok((b, rows, held))
                         })
                         .await?;
                     if save {
                         saved = Instant::now();
                     }
+                    if let Some(held) = held {
+                        term.held = held.into_iter().collect();
+                        held_read = true;
+                    }
                     (b, rows)
                 }
             };
-            // Which keys have dead letters: read when the term starts; after that only this
-            // leader adds any (it records them itself), and an operator's retry or purge can
-            // only remove some, which matters only when a batch holds a row of such a key
-            // (`send_page` reads them again then, once per batch).
-            if self.cfg.poison_policy == PoisonPolicy::HoldKey && !held_read {
-                self.read_held_keys(term).await?;
-                held_read = true;
-            } else {
-                term.held_fresh = false;
-            }
             term.blocked.clear();
             let end = self
                 .deliver_batch(term, &batch, batch_started, first_page)
@@ -720,13 +738,12 @@ impl Relay {
         } in rows
         {
             let key = (row.topic.clone(), row.partition_key.clone());
-            if hold && !term.held_fresh && term.held.contains(&key) {
-                // The key's dead letters may have been retried or purged since they were read.
-                self.read_held_keys(term).await?;
-            }
             let outcome = if hold && term.held.contains(&key) {
                 Outcome::Held
             } else if term.waiting.contains_key(&key) {
+                Outcome::Waiting
+            } else if on_overdue_partition(&term.partitions, &term.overdue_partitions, &key) {
+                term.waiting.insert(key.clone(), None);
                 Outcome::Waiting
             } else if let Some(at) = term
                 .attempts
@@ -772,6 +789,7 @@ impl Relay {
                 batch_started,
                 fetched,
                 sent: tokio::time::Instant::now(),
+                partition: None,
                 outcome,
             });
         }
@@ -801,17 +819,27 @@ impl Relay {
         }
     }
 
-    /// Reads which keys have dead letters (`hold-key`).
-    async fn read_held_keys(&self, term: &mut Term<'_>) -> Result<()> {
-        let sql = Arc::clone(&self.sql);
-        term.held = term
-            .db
-            .call(move |c| store::held_keys(c, &sql))
-            .await?
-            .into_iter()
-            .collect();
-        term.held_fresh = true;
-        Ok(())
+    /// The partition of `key` in `topic` (the producer's metadata for the partition count,
+    /// read once per topic and term); `None` when the metadata cannot be had.
+    async fn partition_of(&self, term: &mut Term<'_>, topic: &str, key: &str) -> Option<i32> {
+        if !term.partitions.contains_key(topic) {
+            let (producer, t) = (term.producer.clone(), topic.to_owned());
+            let count = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_metadata(Some(&t), Duration::from_secs(2))
+                    .ok()
+                    .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+                    .and_then(|n| i32::try_from(n).ok())
+                    .filter(|n| *n > 0)
+            })
+            .await
+            .ok()
+            .flatten()?;
+            term.partitions.insert(topic.to_owned(), count);
+        }
+        let count = *term.partitions.get(topic)?;
+        Some(producer::partition_for(key.as_bytes(), count))
     }
 
     /// Sends an event whose last request was refused as too large in a request of its own:
@@ -859,6 +887,8 @@ impl Relay {
                 .max(Duration::from_millis(10));
             let deadline = term.deadline;
             tokio::select! {
+                // A report that is already there wins over any deadline that has also passed.
+                biased;
                 r = &mut *future => return Ok(Report::Done(report_failure(r))),
                 () = tokio::time::sleep_until(overdue_at) => return Ok(Report::Overdue),
                 () = tokio::time::sleep(renew_in) => self.renew_if_due(term).await?,
@@ -892,7 +922,12 @@ impl Relay {
                     {
                         Report::Done(f) => f,
                         Report::Overdue => {
-                            tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, key = %entry.key, overdue_secs = overdue_after.as_secs_f64(), "acknowledgement overdue: the key's later events wait, other keys go on");
+                            entry.partition =
+                                self.partition_of(term, &entry.topic, &entry.key).await;
+                            if let Some(p) = entry.partition {
+                                term.overdue_partitions.insert((entry.topic.clone(), p));
+                            }
+                            tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, partition = ?entry.partition, key = %entry.key, overdue_secs = overdue_after.as_secs_f64(), "acknowledgement overdue: the key's later events (and other keys on its partition) wait, other partitions go on");
                             term.waiting
                                 .insert((entry.topic.clone(), entry.key.clone()), None);
                             entry.outcome = Outcome::Pending(future);
@@ -956,6 +991,11 @@ impl Relay {
                 Err(_still_waiting) => term.overdue.push(entry),
             }
         }
+        term.overdue_partitions = term
+            .overdue
+            .iter()
+            .filter_map(|e| e.partition.map(|p| (e.topic.clone(), p)))
+            .collect();
         m::waiting(term.waiting.len(), term.overdue.len());
         self.apply_settled(term, settled).await
     }
@@ -1062,6 +1102,18 @@ impl Relay {
         tracing::warn!(target: TARGET, count = n, "events dead-lettered");
         Ok(())
     }
+}
+
+/// Whether `key` is on a partition with an overdue event.
+fn on_overdue_partition(
+    partitions: &HashMap<String, i32>,
+    overdue: &HashSet<(String, i32)>,
+    key: &TopicKey,
+) -> bool {
+    !overdue.is_empty()
+        && partitions.get(&key.0).is_some_and(|n| {
+            overdue.contains(&(key.0.clone(), producer::partition_for(key.1.as_bytes(), *n)))
+        })
 }
 
 /// Events settled by their reports, applied together (one removal, one dead-letter statement).

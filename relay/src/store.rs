@@ -19,6 +19,10 @@ pub struct Lease {
     pub instance: String,
     /// The fencing epoch (incremented by every takeover).
     pub epoch: i64,
+    /// The database server the lease was taken on (see [`Batch::server`]). Removals by id run
+    /// only there: on a promoted standby that lagged, the identity may hand the same ids to
+    /// new events, which a removal of what was acknowledged before would delete unsent.
+    pub server: String,
 }
 
 /// The snapshot pair of the capture batch in progress (text form of `pg_snapshot`).
@@ -94,8 +98,18 @@ struct Fenced {
 
 #[derive(QueryableByName)]
 struct Epoch {
+    /// Only whether a row came back matters.
+    #[allow(dead_code)]
     #[diesel(sql_type = BigInt)]
     leader_epoch: i64,
+}
+
+#[derive(QueryableByName)]
+struct Acquired {
+    #[diesel(sql_type = BigInt)]
+    leader_epoch: i64,
+    #[diesel(sql_type = Text)]
+    server: String,
 }
 
 /// Pre-built SQL for one outbox table.
@@ -147,7 +161,13 @@ impl Sql {
         let lease_cond = "outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
                           AND lease_expires_at > clock_timestamp()";
         let guard = format!("EXISTS (SELECT 1 FROM {s} WHERE {lease_cond})");
-        let locked_lease = format!("SELECT 1 FROM {s} WHERE {lease_cond} FOR SHARE");
+        // Which server this is (see `Batch::server`): a promoted standby keeps the system
+        // identifier but starts a new timeline; a restored backup too.
+        let server = "(SELECT system_identifier::text FROM pg_control_system()) || '/' || \
+                      substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
+        // Removals by id: under the lease, and on the server the lease was taken on ($5).
+        let locked_lease =
+            format!("SELECT 1 FROM {s} WHERE {lease_cond} AND {server} = $5 FOR SHARE");
         // The lowest id of the batch (minus one), found by transaction id as PgQ does: rows of
         // transactions that began after the previous snapshot, or were running at it. OFFSET 0
         // keeps the planner from answering min(id) by walking the id index.
@@ -161,10 +181,6 @@ impl Sql {
              AND NOT pg_visible_in_snapshot(b.tx_id, prev_snapshot)), \
              9223372036854775807) END AS start_after"
         );
-        // Which server this is (see `Batch::server`): a promoted standby keeps the system
-        // identifier but starts a new timeline; a restored backup too.
-        let server = "(SELECT system_identifier::text FROM pg_control_system()) || '/' || \
-                      substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)";
         let mut sql = Self {
             hot: Hot::default(),
             key,
@@ -177,7 +193,7 @@ impl Sql {
                  updated_at = clock_timestamp() \
                  WHERE outbox_table = $1 AND (leader_id IS NULL \
                  OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()) \
-                 RETURNING leader_epoch"
+                 RETURNING leader_epoch, {server} AS server"
             ),
             renew: format!(
                 "UPDATE {s} SET lease_expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
@@ -203,6 +219,7 @@ impl Sql {
                 "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, \
                  cur_snapshot = pg_current_snapshot(), updated_at = clock_timestamp() \
                  WHERE {lease_cond} AND {server} = $5 \
+                 AND pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($4::pg_snapshot) \
                  RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
                  {server} AS server"
             ),
@@ -212,7 +229,8 @@ impl Sql {
                  {server} AS server \
                  FROM (SELECT $4::pg_snapshot AS prev_snapshot, \
                        pg_current_snapshot() AS cur_snapshot) b0 \
-                 WHERE {guard} AND {server} = $5"
+                 WHERE {guard} AND {server} = $5 \
+                 AND pg_snapshot_xmax(cur_snapshot) >= pg_snapshot_xmax(prev_snapshot)"
             ),
             save_batch: format!(
                 "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
@@ -280,7 +298,7 @@ impl Sql {
             page_bytes: DEFAULT_PAGE_BYTES,
             dead_letter: format!(
                 "WITH lease AS ({locked_lease}), \
-                 f AS (SELECT * FROM unnest($4::bigint[], $5::text[], $6::int[]) \
+                 f AS (SELECT * FROM unnest($4::bigint[], $6::text[], $7::int[]) \
                        AS f(id, error, attempts)), \
                  moved AS (DELETE FROM {t} o USING f \
                            WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
@@ -379,7 +397,7 @@ pub fn try_acquire(
         .bind::<Text, _>(&sql.key)
         .execute(conn)?;
     let lease_ms = i64::try_from(lease_ms).unwrap_or(i64::MAX);
-    let row: Option<Epoch> = diesel::sql_query(&sql.acquire)
+    let row: Option<Acquired> = diesel::sql_query(&sql.acquire)
         .bind::<Text, _>(&sql.key)
         .bind::<Text, _>(instance)
         .bind::<BigInt, _>(lease_ms)
@@ -388,6 +406,7 @@ pub fn try_acquire(
     Ok(row.map(|r| Lease {
         instance: instance.to_owned(),
         epoch: r.leader_epoch,
+        server: r.server,
     }))
 }
 
@@ -596,6 +615,7 @@ pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) ->
         Value::Text(&lease.instance),
         Value::BigInt(lease.epoch),
         Value::BigIntArray(ids),
+        Value::Text(&lease.server),
     ];
     let r: Fenced = Prepared::new(statement, &binds).get_result(conn)?;
     if r.leased == 0 {
@@ -622,6 +642,7 @@ pub fn dead_letter(
         .bind::<Text, _>(&lease.instance)
         .bind::<BigInt, _>(lease.epoch)
         .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Text, _>(&lease.server)
         .bind::<Array<Text>, _>(&errors)
         .bind::<Array<Integer>, _>(&attempts)
         .get_result(conn)?;
