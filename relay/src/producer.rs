@@ -122,6 +122,17 @@ pub fn create(cfg: &RelayConfig) -> Result<Producer> {
     Ok(config.create_with_context(RelayContext)?)
 }
 
+/// A producer like [`create`]'s that puts each message in a request of its own (for events
+/// whose request the broker refused as too large).
+///
+/// # Errors
+/// [`crate::Error::Kafka`] when librdkafka refuses the configuration.
+pub fn create_solo(cfg: &RelayConfig) -> Result<Producer> {
+    let mut config = client_config(cfg);
+    config.set("batch.num.messages", "1").set("linger.ms", "0");
+    Ok(config.create_with_context(RelayContext)?)
+}
+
 /// The Kafka headers of an event: CloudEvents binary mode, trace context, user headers.
 #[must_use]
 pub fn headers(event: &StoredEvent, source: &str) -> OwnedHeaders {

@@ -136,8 +136,9 @@ enum Outcome {
     /// Not produced: an earlier event of its key is overdue (see [`Term::overdue`]). It stays in
     /// the outbox and goes out after the rewind that follows.
     Waiting,
-    /// Sent alone and its report already awaited (see [`Relay::send_alone`]).
-    Reported(Option<Failure>),
+    /// Sent alone, through the term's one-message-per-request producer (see
+    /// [`Relay::send_alone`]): set aside at once like an overdue event, its key waiting for it.
+    Alone(DeliveryFuture),
 }
 
 struct Entry {
@@ -206,6 +207,8 @@ struct Term<'a> {
     /// sends its events in order. The position is not saved while any key waits, so a new
     /// leader resumes before every row left behind.
     waiting: HashMap<TopicKey, Option<tokio::time::Instant>>,
+    /// The producer for events sent alone (one message per request), made when first needed.
+    solo: Option<Producer>,
     /// Partition counts of topics that had an overdue event (from the producer's metadata).
     partitions: HashMap<String, i32>,
     /// Partitions with an overdue event: every key on them waits too (it would only queue up
@@ -408,6 +411,7 @@ impl Relay {
             unremoved: Vec::new(),
             overdue: Vec::new(),
             waiting: HashMap::new(),
+            solo: None,
             partitions: HashMap::new(),
             overdue_partitions: HashSet::new(),
         };
@@ -763,7 +767,7 @@ impl Relay {
                     // A row the table accepts but Kafka never will: dead-lettered (in SQL, by
                     // id: its payload was never loaded), never retried.
                     Some(defect) => Outcome::Failed(Failure::Permanent(defect)),
-                    None if alone => self.send_alone(term, &row).await?,
+                    None if alone => self.send_alone(term, &row)?,
                     None => self.send_one(term, &row).await?,
                 };
                 match &outcome {
@@ -773,6 +777,10 @@ impl Relay {
                     // Its later events wait; `complete_page` sets when it is tried again.
                     Outcome::Failed(Failure::Transient(_) | Failure::Client(_)) => {
                         term.waiting.entry(key).or_insert(None);
+                    }
+                    // Its later events wait for its report.
+                    Outcome::Alone(_) => {
+                        term.waiting.insert(key, None);
                     }
                     Outcome::NotSent => {
                         term.blocked.insert(key);
@@ -842,35 +850,26 @@ impl Relay {
         Some(producer::partition_for(key.as_bytes(), count))
     }
 
-    /// Sends an event whose last request was refused as too large in a request of its own:
-    /// waits until nothing else is in the producer (at most `ack_overdue`), sends it, and
-    /// waits for its report before anything else is produced.
-    async fn send_alone(&self, term: &mut Term<'_>, row: &outbox::StoredEvent) -> Result<Outcome> {
-        let overdue_after = Duration::from_millis(self.cfg.ack_overdue_ms);
-        let until = tokio::time::Instant::now() + overdue_after;
-        while term.producer.in_flight_count() > 0
-            && tokio::time::Instant::now() < until
-            && !term.shutdown.is_cancelled()
-        {
-            self.renew_if_due(term).await?;
-            sleep_or_cancel(Duration::from_millis(5), &term.shutdown).await;
+    /// Sends an event whose last request was refused as too large in a request of its own,
+    /// through a second producer that puts one message in each request. Nothing waits for it
+    /// here: its key waits (it is set aside like an overdue event), other keys go on.
+    fn send_alone(&self, term: &mut Term<'_>, row: &outbox::StoredEvent) -> Result<Outcome> {
+        if term.solo.is_none() {
+            term.solo = Some(producer::create_solo(&self.cfg)?);
         }
-        tracing::info!(target: TARGET, id = row.id, topic = %row.topic, key = %row.partition_key, "sending alone an event whose request was refused as too large");
-        let outcome = self.send_one(term, row).await?;
-        let Outcome::Pending(mut future) = outcome else {
-            return Ok(outcome);
+        let Some(solo) = term.solo.as_ref() else {
+            return Ok(Outcome::NotSent);
         };
-        let sent = tokio::time::Instant::now();
-        Ok(
-            match self
-                .await_report(term, &mut future, sent + overdue_after)
-                .await?
-            {
-                Report::Done(f) => Outcome::Reported(f),
-                // Waited for like any other (`complete_page` sets it aside).
-                Report::Overdue | Report::ShutdownTimeout => Outcome::Pending(future),
-            },
-        )
+        tracing::info!(target: TARGET, id = row.id, topic = %row.topic, key = %row.partition_key, "sending alone an event whose request was refused as too large");
+        let record = FutureRecord::to(&row.topic)
+            .key(row.partition_key.as_bytes())
+            .payload(row.payload.as_slice())
+            .timestamp(row.created_at.timestamp_millis())
+            .headers(producer::headers(row, &self.source));
+        Ok(match solo.send_result(record) {
+            Ok(future) => Outcome::Alone(future),
+            Err((e, _)) => Outcome::Failed(producer::classify(&e)),
+        })
     }
 
     /// Waits for one delivery report, renewing the lease meanwhile, until `overdue_at` (then
@@ -941,8 +940,15 @@ impl Relay {
                         }
                     }
                 }
-                Outcome::Failed(f) | Outcome::Reported(Some(f)) => Some(f),
-                Outcome::Reported(None) => None,
+                Outcome::Failed(f) => Some(f),
+                Outcome::Alone(future) => {
+                    term.waiting
+                        .insert((entry.topic.clone(), entry.key.clone()), None);
+                    entry.outcome = Outcome::Pending(future);
+                    term.overdue.push(entry);
+                    m::waiting(term.waiting.len(), term.overdue.len());
+                    continue;
+                }
                 Outcome::NotSent => {
                     end.retry = true;
                     continue;
@@ -996,6 +1002,14 @@ impl Relay {
             .iter()
             .filter_map(|e| e.partition.map(|p| (e.topic.clone(), p)))
             .collect();
+        if term
+            .solo
+            .as_ref()
+            .is_some_and(|p| p.client().fatal_error().is_some())
+        {
+            // An event refused alone stopped it (gap-less guarantee): a new one next time.
+            term.solo = None;
+        }
         m::waiting(term.waiting.len(), term.overdue.len());
         self.apply_settled(term, settled).await
     }
