@@ -516,6 +516,9 @@ impl Relay {
                             };
                             let b = match &previous {
                                 Some(d) => store::advance_batch(c, &sql, &lease, d, save)?,
+                                // A saved open batch's snapshot predates the held keys just
+                                // read: take a new one (a superset) when they were read.
+                                None if held.is_some() => store::open_fresh_batch(c, &sql, &lease)?,
                                 None => store::open_batch(c, &sql, &lease)?,
                             };
                             let rows = if b.start_after == i64::MAX {
@@ -829,25 +832,32 @@ impl Relay {
 
     /// The partition of `key` in `topic` (the producer's metadata for the partition count,
     /// read once per topic and term); `None` when the metadata cannot be had.
+    ///
+    /// A failed lookup (the brokers unreachable) is remembered for the term, as 0, so an
+    /// outage costs one short lookup per topic, not one per overdue event; the lease is
+    /// renewed after it.
     async fn partition_of(&self, term: &mut Term<'_>, topic: &str, key: &str) -> Option<i32> {
         if !term.partitions.contains_key(topic) {
             let (producer, t) = (term.producer.clone(), topic.to_owned());
             let count = tokio::task::spawn_blocking(move || {
                 producer
                     .client()
-                    .fetch_metadata(Some(&t), Duration::from_secs(2))
+                    .fetch_metadata(Some(&t), Duration::from_millis(500))
                     .ok()
                     .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
                     .and_then(|n| i32::try_from(n).ok())
-                    .filter(|n| *n > 0)
             })
             .await
             .ok()
-            .flatten()?;
+            .flatten()
+            .unwrap_or(0);
             term.partitions.insert(topic.to_owned(), count);
+            if let Err(e) = self.renew_if_due(term).await {
+                tracing::debug!(target: TARGET, error = %e, "lease renewal after a metadata lookup failed");
+            }
         }
         let count = *term.partitions.get(topic)?;
-        Some(producer::partition_for(key.as_bytes(), count))
+        (count > 0).then(|| producer::partition_for(key.as_bytes(), count))
     }
 
     /// Sends an event whose last request was refused as too large in a request of its own,
@@ -868,6 +878,10 @@ impl Relay {
             .headers(producer::headers(row, &self.source));
         Ok(match solo.send_result(record) {
             Ok(future) => Outcome::Alone(future),
+            // Back-pressure, not the event's fault: the batch goes again.
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Outcome::NotSent
+            }
             Err((e, _)) => Outcome::Failed(producer::classify(&e)),
         })
     }
@@ -1126,7 +1140,8 @@ fn on_overdue_partition(
 ) -> bool {
     !overdue.is_empty()
         && partitions.get(&key.0).is_some_and(|n| {
-            overdue.contains(&(key.0.clone(), producer::partition_for(key.1.as_bytes(), *n)))
+            *n > 0
+                && overdue.contains(&(key.0.clone(), producer::partition_for(key.1.as_bytes(), *n)))
         })
 }
 

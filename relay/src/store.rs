@@ -121,6 +121,7 @@ pub struct Sql {
     renew: String,
     release: String,
     open_batch: String,
+    open_fresh_batch: String,
     close_batch: String,
     advance_batch: String,
     advance_in_memory: String,
@@ -207,6 +208,15 @@ impl Sql {
             ),
             open_batch: format!(
                 "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
+                 updated_at = clock_timestamp() WHERE {lease_cond} \
+                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+                 {server} AS server"
+            ),
+            // The same, but the batch's upper snapshot is taken now even when a saved one is
+            // open (a superset of it: nothing is skipped), so that what was read just before
+            // (`hold-key`'s held keys) is older than the batch.
+            open_fresh_batch: format!(
+                "UPDATE {s} SET cur_snapshot = pg_current_snapshot(), \
                  updated_at = clock_timestamp() WHERE {lease_cond} \
                  RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
                  {server} AS server"
@@ -449,6 +459,15 @@ pub fn release(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<()> 
 /// [`Error::LostLeadership`], [`Error::Database`].
 pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
     batch_statement(conn, sql, &sql.open_batch, lease)
+}
+
+/// Like [`open_batch`], with the upper snapshot taken now even when a saved batch is open (the
+/// batch is then a superset of the saved one).
+///
+/// # Errors
+/// [`Error::LostLeadership`], [`Error::Database`].
+pub fn open_fresh_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
+    batch_statement(conn, sql, &sql.open_fresh_batch, lease)
 }
 
 /// Runs a fenced statement that returns the batch.
