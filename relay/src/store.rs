@@ -319,7 +319,7 @@ impl Sql {
                          SELECT id, event_id, topic, partition_key, event_type, payload, \
                            headers, content_type, traceparent, tx_id, created_at, \
                            dl_attempts, dl_error FROM moved \
-                         ON CONFLICT (id) DO UPDATE SET event_id = EXCLUDED.event_id, \
+                         ON CONFLICT (id, event_id) DO UPDATE SET \
                            topic = EXCLUDED.topic, partition_key = EXCLUDED.partition_key, \
                            event_type = EXCLUDED.event_type, payload = EXCLUDED.payload, \
                            headers = EXCLUDED.headers, content_type = EXCLUDED.content_type, \

@@ -404,9 +404,9 @@ fn schema_mismatch_is_reported_with_what_is_wrong() {
     );
 
     let applied = Outbox::new().migrate(&mut conn).unwrap();
-    // 000001-000006: outbox, inbox, tx_id guard, outbox_delivered, tx_id index, dead-letter
-    // key hash index.
-    assert_eq!(applied.len(), 6, "{applied:?}");
+    // 000001-000007: outbox, inbox, tx_id guard, outbox_delivered, tx_id index, dead-letter
+    // key hash index, dead letters keyed by (id, event_id).
+    assert_eq!(applied.len(), 7, "{applied:?}");
     assert!(
         Outbox::new().migrate(&mut conn).unwrap().is_empty(),
         "idempotent"

@@ -829,3 +829,51 @@ async fn a_request_refused_as_too_large_dead_letters_no_valid_event() {
         );
     }
 }
+
+/// S9: after a restore that reset the outbox identity, a new poison event takes an id a dead
+/// letter already has. Both dead letters must be kept (keyed by id and event id); keyed by id
+/// alone, the older one was overwritten and lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_under_a_reused_id_keeps_the_older_one() {
+    let db = TestDb::migrated().unwrap();
+    let cluster = outbox_tests::mock_cluster(1).unwrap();
+    let topic = unique_name("s9");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let mut conn = db.conn().unwrap();
+    // The older dead letter, id 1, from before the restore.
+    diesel::sql_query(
+        "INSERT INTO outbox_dead_letters (id, event_id, topic, partition_key, event_type, payload, \
+         headers, content_type, tx_id, created_at, attempts, last_error) \
+         VALUES (1, gen_random_uuid(), $1, 'old', 'Old', '\\x00', '{}', 'text/plain', \
+         pg_current_xact_id(), now(), 5, 'unknown topic')",
+    )
+    .bind::<Text, _>(&topic)
+    .execute(&mut conn)
+    .unwrap();
+    // After the restore the identity hands out 1 again: a poison event (too large) gets it.
+    diesel::sql_query(
+        "INSERT INTO outbox (topic, partition_key, event_type, payload) \
+         VALUES ($1, 'new', 'TooBig', convert_to(repeat('x', 50000), 'UTF8'))",
+    )
+    .bind::<Text, _>(&topic)
+    .execute(&mut conn)
+    .unwrap();
+    let relay = InProcessRelay::start(
+        relay_config(db.url(), &bootstrap).kafka_option("message.max.bytes", "20000"),
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(30), "outbox empty", || {
+        Ok(backlog(&mut conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    let dead: Vec<DeadRow> =
+        diesel::sql_query("SELECT id, event_type, last_error FROM outbox_dead_letters ORDER BY event_type")
+            .load(&mut conn)
+            .unwrap();
+    let types: Vec<&str> = dead.iter().map(|d| d.event_type.as_str()).collect();
+    assert_eq!(types, ["Old", "TooBig"], "{dead:?}");
+    assert!(dead.iter().all(|d| d.id == 1));
+}
