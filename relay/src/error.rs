@@ -27,6 +27,10 @@ pub enum Error {
     /// Another relay holds the lease now; this one must stop delivering and stand by.
     #[error("lost leadership of {0}: another relay took over (or the lease expired)")]
     LostLeadership(String),
+    /// The leader gave up its lease: nothing was acknowledged for this long while events were
+    /// overdue (it cannot reach the brokers; a standby that can may take over).
+    #[error("no acknowledgement for {0:?} while events are overdue: leadership given up")]
+    SteppedDown(std::time::Duration),
     /// An error from the outbox library (schema checks, identifiers).
     #[error(transparent)]
     Outbox(#[from] outbox::Error),
@@ -41,7 +45,10 @@ impl Error {
     #[must_use]
     pub fn is_retriable(&self) -> bool {
         match self {
-            Error::Database(_) | Error::Connect { .. } | Error::LostLeadership(_) => true,
+            Error::Database(_)
+            | Error::Connect { .. }
+            | Error::LostLeadership(_)
+            | Error::SteppedDown(_) => true,
             Error::Kafka(e) => !e.is_fatal_config(),
             Error::Outbox(e) => e.is_retriable(),
             Error::Config(_) | Error::Io(_) => false,

@@ -23,6 +23,11 @@ const TARGET: &str = "outbox::relay";
 /// batches are delivered; see [`store::advance_batch`].
 const SAVE_BATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// A leader with overdue events that has had no acknowledgement at all for this many times
+/// `ack_overdue` gives up its lease (one unavailable partition does not: the others go on
+/// acknowledging).
+const STEP_DOWN_AFTER_OVERDUE: u32 = 6;
+
 /// One database connection, used from blocking threads (diesel is synchronous).
 struct Db {
     url: Arc<str>,
@@ -207,6 +212,8 @@ struct Term<'a> {
     /// sends its events in order. The position is not saved while any key waits, so a new
     /// leader resumes before every row left behind.
     waiting: HashMap<TopicKey, Option<tokio::time::Instant>>,
+    /// The last acknowledgement of the term (or its start).
+    last_ack: Instant,
     /// The producer for events sent alone (one message per request), made when first needed.
     solo: Option<Producer>,
     /// Partition counts of topics that had an overdue event (from the producer's metadata).
@@ -327,6 +334,17 @@ impl Relay {
                         Err(Error::LostLeadership(_)) => {
                             tracing::warn!(target: TARGET, epoch = lease.epoch, "lost leadership; standing by");
                         }
+                        Err(e @ Error::SteppedDown(_)) => {
+                            tracing::warn!(target: TARGET, error = %e, "stepping down: a relay that reaches the brokers may take over");
+                            self.release(&mut db, lease).await;
+                            // Give the standbys a full round to take the lease first.
+                            sleep_or_cancel(
+                                self.cfg.lease_duration()
+                                    + Duration::from_millis(self.cfg.standby_poll_ms) * 2,
+                                &shutdown,
+                            )
+                            .await;
+                        }
                         Err(e) if e.is_retriable() => {
                             tracing::warn!(target: TARGET, error = %e, "leader term ended; retrying");
                             // Let a standby (or this process, after the backoff) start afresh.
@@ -411,6 +429,7 @@ impl Relay {
             unremoved: Vec::new(),
             overdue: Vec::new(),
             waiting: HashMap::new(),
+            last_ack: Instant::now(),
             solo: None,
             partitions: HashMap::new(),
             overdue_partitions: HashSet::new(),
@@ -463,6 +482,19 @@ impl Relay {
             }
             self.renew_if_due(term).await?;
             self.settle_overdue(term).await?;
+            let silent_for =
+                Duration::from_millis(self.cfg.ack_overdue_ms) * STEP_DOWN_AFTER_OVERDUE;
+            if !term.overdue.is_empty()
+                && term.last_ack.elapsed() >= silent_for
+                && !self.brokers_answer(term).await
+            {
+                // Cut off from the brokers (events overdue, nothing acknowledged, no metadata):
+                // keeping the lease would keep a standby that reaches them from delivering.
+                if let Err(e) = self.call_removing(term, |_| Ok(())).await {
+                    tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
+                }
+                return Err(Error::SteppedDown(term.last_ack.elapsed()));
+            }
             let overdue_keys: HashSet<TopicKey> = term
                 .overdue
                 .iter()
@@ -860,6 +892,25 @@ impl Relay {
         (count > 0).then(|| producer::partition_for(key.as_bytes(), count))
     }
 
+    /// Whether a broker answers a metadata request (then an unacknowledged event is one
+    /// partition's trouble, not this process being cut off). Counts as an acknowledgement of
+    /// life: the next check is a full period later.
+    async fn brokers_answer(&self, term: &mut Term<'_>) -> bool {
+        let producer = term.producer.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, Duration::from_secs(2))
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if ok {
+            term.last_ack = Instant::now();
+        }
+        ok
+    }
+
     /// Sends an event whose last request was refused as too large in a request of its own,
     /// through a second producer that puts one message in each request. Nothing waits for it
     /// here: its key waits (it is set aside like an overdue event), other keys go on.
@@ -941,11 +992,7 @@ impl Relay {
                                 term.overdue_partitions.insert((entry.topic.clone(), p));
                             }
                             tracing::warn!(target: TARGET, id = entry.id, topic = %entry.topic, partition = ?entry.partition, key = %entry.key, overdue_secs = overdue_after.as_secs_f64(), "acknowledgement overdue: the key's later events (and other keys on its partition) wait, other partitions go on");
-                            term.waiting
-                                .insert((entry.topic.clone(), entry.key.clone()), None);
-                            entry.outcome = Outcome::Pending(future);
-                            term.overdue.push(entry);
-                            m::waiting(term.waiting.len(), term.overdue.len());
+                            set_aside(term, entry, future);
                             continue;
                         }
                         Report::ShutdownTimeout => {
@@ -956,11 +1003,7 @@ impl Relay {
                 }
                 Outcome::Failed(f) => Some(f),
                 Outcome::Alone(future) => {
-                    term.waiting
-                        .insert((entry.topic.clone(), entry.key.clone()), None);
-                    entry.outcome = Outcome::Pending(future);
-                    term.overdue.push(entry);
-                    m::waiting(term.waiting.len(), term.overdue.len());
+                    set_aside(term, entry, future);
                     continue;
                 }
                 Outcome::NotSent => {
@@ -1050,6 +1093,7 @@ impl Relay {
                 });
             }
             term.attempts.remove(&entry.id);
+            term.last_ack = Instant::now();
             settled.delivered.push(entry.id);
             return None;
         };
@@ -1130,6 +1174,15 @@ impl Relay {
         tracing::warn!(target: TARGET, count = n, "events dead-lettered");
         Ok(())
     }
+}
+
+/// Sets an event in flight aside (see [`Term::overdue`]): its key waits until it settles.
+fn set_aside(term: &mut Term<'_>, mut entry: Entry, future: DeliveryFuture) {
+    term.waiting
+        .insert((entry.topic.clone(), entry.key.clone()), None);
+    entry.outcome = Outcome::Pending(future);
+    term.overdue.push(entry);
+    m::waiting(term.waiting.len(), term.overdue.len());
 }
 
 /// Whether `key` is on a partition with an overdue event.
