@@ -1,6 +1,7 @@
-//! The fault soak in its short form (the `--seconds 600` form is for release checks, see
-//! docs/GUARANTEES.md): every fault kind under load, invariants I1-I6 checked from outside, and
-//! the broken consumer (deduplicating on Kafka offsets instead of event ids) must fail it.
+//! The fault soak in its short forms (the `--seconds 600` form is for release checks, see
+//! docs/GUARANTEES.md): every fault kind under load, on tansu and on the mock cluster,
+//! invariants I1-I6 checked from outside, and the broken consumer (deduplicating on Kafka
+//! offsets instead of event ids) must fail it.
 
 use std::process::Command;
 
@@ -33,6 +34,22 @@ fn soak_short_form_holds_every_invariant() {
         "a transaction held open",
         "rows at the edges of what the outbox accepts",
         "a failing, slow consumer handler, its runner restarted mid-retry",
+    ] {
+        assert!(text.contains(fault), "{fault} not injected:\n{text}");
+    }
+    eprintln!("{text}");
+}
+
+/// The message-level faults only librdkafka's mock cluster can inject: produce requests failing
+/// (one of them for good) and one partition's leader down.
+#[test]
+fn soak_on_the_mock_cluster_with_request_and_partition_faults_holds_every_invariant() {
+    let (ok, text) = soak(&["--seconds", "70", "--seed", "5", "--mock-broker"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("SOAK PASSED"), "{text}");
+    for fault in [
+        "produce requests failing (one for good)",
+        "one partition's leader down",
     ] {
         assert!(text.contains(fault), "{fault} not injected:\n{text}");
     }

@@ -1,7 +1,8 @@
 //! The fault soak: random faults under continuous load, then the invariants checked from
 //! outside (docs/GUARANTEES.md).
 //!
-//! A private Postgres cluster, a durable tansu broker, two `outbox-relay` processes, resilient
+//! A private Postgres cluster, a durable tansu broker (or, with `--mock-broker`, librdkafka's mock
+//! cluster), two `outbox-relay` processes, resilient
 //! writers (each transaction records its events in `written`, the source of truth after a
 //! crash), and a consumer runner applying every event to `effects` through the inbox. Every few
 //! seconds one fault: kill -9 of the leading relay, SIGSTOP of it past its lease (then SIGCONT),
@@ -10,7 +11,8 @@
 //! message-level faults: rows at the edges of what the outbox accepts (a `created_at` of
 //! `infinity`, a payload over `message.max.bytes`), which must be dead-lettered without stalling
 //! anything, and a consumer handler failing and slow, its runner restarted in the middle of the
-//! retries. Each is healed a few seconds later.
+//! retries; with `--mock-broker`, produce requests failing (one for good) and one partition's
+//! leader down replace the broker kill. Each is healed a few seconds later.
 //! Afterwards: I1 every committed event in Kafka, I2 nothing uncommitted, I3 per-key order,
 //! I4 duplicates only from in-flight work, I5 every effect once, I6 lag back to zero after each
 //! heal within a bound, and the others' lag stays bounded while a transaction is held open.
@@ -34,6 +36,9 @@ use outbox_tests::{create_topic, effects, unique_name, PgCluster, RelayProcess, 
 use rand::{Rng, SeedableRng};
 
 const IN_FLIGHT_BOUND: usize = 4 * 1000;
+/// On the mock cluster, events unacknowledged for 2 s are set aside (a partition's leader is down
+/// longer), so the soak exercises that path too; on tansu the relays run with the defaults.
+const MOCK_RELAY_ARGS: &[&str] = &["--ack-overdue-ms", "2000"];
 const LAG_BOUND: Duration = Duration::from_secs(30);
 /// Most the other writers' events may wait while one transaction is held open.
 const HELD_LAG_BOUND: Duration = Duration::from_secs(10);
@@ -44,6 +49,23 @@ struct Args {
     rate: u64,
     long_tx: Duration,
     broken_consumer: bool,
+    mock_broker: bool,
+}
+
+/// The broker under the soak: durable tansu (killed and restarted as a fault), or librdkafka's
+/// mock cluster (per-request produce errors and a partition without a leader as faults).
+enum Broker {
+    Tansu(Tansu),
+    Mock(rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+}
+
+impl Broker {
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Tansu(t) => t.bootstrap(),
+            Broker::Mock(m) => m.bootstrap_servers(),
+        }
+    }
 }
 
 fn args() -> Result<Args> {
@@ -53,6 +75,7 @@ fn args() -> Result<Args> {
         rate: 150,
         long_tx: Duration::from_secs(8),
         broken_consumer: false,
+        mock_broker: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,7 +87,8 @@ fn args() -> Result<Args> {
                 a.long_tx = Duration::from_secs(it.next().context("--long-tx-seconds N")?.parse()?);
             }
             "--broken-consumer" => a.broken_consumer = true,
-            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer]"),
+            "--mock-broker" => a.mock_broker = true,
+            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer] [--mock-broker]"),
         }
     }
     Ok(a)
@@ -148,6 +172,11 @@ async fn main() -> Result<()> {
         }
     );
     let relay_bin = std::env::current_exe()?.with_file_name("relay-under-test");
+    let relay_args: &[&str] = if args.mock_broker {
+        MOCK_RELAY_ARGS
+    } else {
+        &[]
+    };
     anyhow::ensure!(
         relay_bin.exists(),
         "{} missing: cargo build -p outbox-tests --bins",
@@ -165,21 +194,32 @@ async fn main() -> Result<()> {
         outbox::run_migrations(&mut c, &outbox::TableRef::default())?;
         effects::create(&mut c)?;
     }
-    let mut broker = Tansu::start_durable()?;
     let topic = unique_name("soak");
-    create_topic(&broker.bootstrap(), &topic, 6).await?;
+    let mut broker = if args.mock_broker {
+        // Broker 1 leads every partition; the fault moves one to broker 2 and takes 2 down.
+        let m = outbox_tests::mock_cluster(2)?;
+        m.create_topic(&topic, 6, 1)?;
+        for p in 0..6 {
+            m.partition_leader(&topic, p, Some(1))?;
+        }
+        Broker::Mock(m)
+    } else {
+        let t = Tansu::start_durable()?;
+        create_topic(&t.bootstrap(), &topic, 6).await?;
+        Broker::Tansu(t)
+    };
     let mut relays = vec![
         RelayProcess::spawn(
             relay_bin.to_str().context("path")?,
             &url,
             &broker.bootstrap(),
-            &[],
+            relay_args,
         )?,
         RelayProcess::spawn(
             relay_bin.to_str().context("path")?,
             &url,
             &broker.bootstrap(),
-            &[],
+            relay_args,
         )?,
     ];
 
@@ -234,7 +274,12 @@ async fn main() -> Result<()> {
     while Instant::now() + Duration::from_secs(8) < deadline {
         // Every kind of fault once per round, in a random order.
         if kinds_left.is_empty() {
-            kinds_left = vec![0, 1, 2, 3, 4, 5, 6];
+            // The mock broker cannot be killed; it injects request and partition faults.
+            kinds_left = if args.mock_broker {
+                vec![0, 1, 3, 4, 5, 6, 7, 8]
+            } else {
+                vec![0, 1, 2, 3, 4, 5, 6]
+            };
             rand::seq::SliceRandom::shuffle(kinds_left.as_mut_slice(), &mut rng);
         }
         let kind = kinds_left.pop().unwrap_or(0);
@@ -262,7 +307,7 @@ async fn main() -> Result<()> {
                         relay_bin.to_str().context("path")?,
                         &url,
                         &broker.bootstrap(),
-                        &[],
+                        relay_args,
                     )?;
                     "kill -9 of the leading relay".to_owned()
                 } else {
@@ -273,10 +318,44 @@ async fn main() -> Result<()> {
                 }
             }
             2 => {
-                broker.kill()?;
+                let Broker::Tansu(t) = &mut broker else {
+                    continue;
+                };
+                t.kill()?;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
-                broker.restart()?;
+                t.restart()?;
                 "kill -9 of the broker".to_owned()
+            }
+            7 => {
+                let Broker::Mock(m) = &broker else {
+                    continue;
+                };
+                // One produce request refused for good (the gap-less producer stops, the relay
+                // starts a new one), then retriable errors librdkafka absorbs.
+                use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr as E};
+                m.request_errors(
+                    RDKafkaApiKey::Produce,
+                    &[
+                        E::RD_KAFKA_RESP_ERR_NO_ERROR,
+                        E::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+                        E::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+                        E::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+                    ],
+                );
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..3000))).await;
+                "produce requests failing (one for good)".to_owned()
+            }
+            8 => {
+                let Broker::Mock(m) = &broker else {
+                    continue;
+                };
+                let p = rng.gen_range(0..6);
+                m.partition_leader(&topic, p, Some(2))?;
+                m.broker_down(2)?;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(3000..6000))).await;
+                m.broker_up(2)?;
+                m.partition_leader(&topic, p, Some(1))?;
+                "one partition's leader down".to_owned()
             }
             5 => {
                 // Plain-SQL writers storing what the table accepts but Kafka cannot carry. They
