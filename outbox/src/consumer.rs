@@ -358,11 +358,10 @@ impl ConsumerConfig {
     }
 
     /// Messages of one partition queued for its worker. When a partition's queue is full (its
-    /// handler is slow, retrying or waiting on a lock), that partition alone is paused in the
-    /// Kafka client until its worker has worked off half of it; the other partitions keep
-    /// flowing. Each resume costs a fetch (a pause drops what the client fetched ahead), so a
-    /// small queue under a steady stream makes that partition slow. Defaults to 1,024 (one
-    /// full batch, see the module docs).
+    /// handler is slow, retrying or waiting on a lock), its further messages are buffered, up
+    /// to ten queues' worth, and the other partitions keep flowing; past that the dispatch
+    /// waits for that worker (bounded memory), holding every partition up. Defaults to 1,024
+    /// (one full batch, see the module docs).
     #[must_use]
     pub fn queue_per_partition(mut self, n: usize) -> Self {
         self.queue_per_partition = n;
@@ -593,6 +592,10 @@ impl std::fmt::Debug for ConsumerRunner {
     }
 }
 
+/// A partition's messages buffered beyond its queue, in queues' worth, before the dispatch
+/// waits for its worker (memory bound).
+const WAITING_PER_QUEUE: usize = 10;
+
 /// Most messages of one partition applied in one transaction.
 const BATCH_MAX: usize = 1024;
 
@@ -679,9 +682,16 @@ impl ConsumerRunner {
         let workers_done = CancellationToken::new();
         let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
             HashMap::new();
-        // Messages of partitions whose worker queue is full, in order; those partitions are
-        // paused in the client until the queue has room (see `queue_per_partition`).
+        // Messages of partitions whose worker queue is full, in order, handed over as room
+        // frees up (see `queue_per_partition`). Not paused in the client: a pause drops what
+        // the client fetched ahead, and the resume that follows was seen to skip those
+        // messages (librdkafka 2.12 with this stream consumer), which the offsets stored after
+        // them would then lose.
         let mut waiting: HashMap<PartitionKey, std::collections::VecDeque<Job>> = HashMap::new();
+        let waiting_max = self
+            .cfg
+            .queue_per_partition
+            .saturating_mul(WAITING_PER_QUEUE);
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(target: TARGET, group = %self.cfg.group_id, topics = ?self.cfg.topics, "consumer runner started");
@@ -690,7 +700,7 @@ impl ConsumerRunner {
                 () = shutdown.cancelled() => break,
                 m = consumer.recv() => m,
                 _ = tick.tick(), if !waiting.is_empty() => {
-                    self.hand_over_waiting(&mut waiting, &workers, &consumer, &shared);
+                    hand_over_waiting(&mut waiting, &workers, &shared);
                     continue;
                 }
             };
@@ -728,22 +738,35 @@ impl ConsumerRunner {
                 ));
                 workers.insert(key.clone(), (tx, handle));
             }
-            if let Some(queue) = waiting.get_mut(&key) {
-                // Behind the partition's earlier messages (the client may hand over a few
-                // fetched before the pause took effect).
-                queue.push_back(job);
-                continue;
-            }
             let Some((tx, _)) = workers.get(&key) else {
                 continue;
             };
+            if let Some(queue) = waiting.get_mut(&key) {
+                if queue.len() < waiting_max {
+                    // Behind the partition's earlier messages.
+                    queue.push_back(job);
+                    continue;
+                }
+                // Far behind (`queue_per_partition` x WAITING_PER_QUEUE messages): memory is
+                // bounded by waiting here, which holds every partition up (as a slow partition
+                // did in earlier releases) until this one's worker takes its queue.
+                tracing::warn!(target: TARGET, topic = %key.0, partition = key.1, waiting = queue.len(), "a partition's worker is far behind: waiting for it");
+                let tx = tx.clone();
+                let mut queue = waiting.remove(&key).unwrap_or_default();
+                queue.push_back(job);
+                for job in queue {
+                    if tx.send(job).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
             match tx.try_send(job) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(job)) => {
                     // Never wait here: every other partition would wait too, and a consumer
                     // that stops polling is evicted from the group.
-                    pause_partition(&consumer, &key, true);
-                    tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "partition paused: its worker is behind");
+                    tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "a partition's worker is behind: buffering its messages");
                     waiting.entry(key).or_default().push_back(job);
                 }
             }
@@ -762,52 +785,6 @@ impl ConsumerRunner {
         }
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())
-    }
-
-    /// Moves waiting messages to their workers' queues as room frees up, and resumes each
-    /// partition whose waiting messages are all handed over. Messages of a partition revoked
-    /// since are dropped (Kafka delivers them again to whoever owns the partition now).
-    fn hand_over_waiting(
-        &self,
-        waiting: &mut HashMap<PartitionKey, std::collections::VecDeque<Job>>,
-        workers: &HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
-        consumer: &StreamConsumer<RunnerContext>,
-        shared: &Shared,
-    ) {
-        waiting.retain(|key, queue| {
-            let generation = shared
-                .partitions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .get(key)
-                .map(|s| s.generation);
-            queue.retain(|j| Some(j.generation) == generation);
-            let tx = workers.get(key).map(|(tx, _)| tx);
-            while let Some(job) = queue.pop_front() {
-                let Some(tx) = tx else {
-                    queue.clear();
-                    break;
-                };
-                match tx.try_send(job) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(job)) => {
-                        queue.push_front(job);
-                        return true;
-                    }
-                    // The worker ended (shutdown): nothing more to hand over.
-                    Err(mpsc::error::TrySendError::Closed(_)) => queue.clear(),
-                }
-            }
-            // Resume once the worker has worked off half its queue, not at the first free
-            // place: a pause drops what the client had fetched ahead, so every resume costs a
-            // fetch.
-            if tx.is_some_and(|tx| tx.capacity() * 2 < tx.max_capacity()) {
-                return true;
-            }
-            pause_partition(consumer, key, false);
-            tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "partition resumed");
-            false
-        });
     }
 
     fn incoming(&self, msg: &BorrowedMessage<'_>) -> IncomingMessage {
@@ -1042,19 +1019,37 @@ impl ConsumerRunner {
     }
 }
 
-/// Pauses (or resumes) fetching one partition. A pause drops what the client had fetched for
-/// it beyond the last message handed to the runner; a resume fetches from there.
-fn pause_partition(consumer: &StreamConsumer<RunnerContext>, key: &PartitionKey, pause: bool) {
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(&key.0, key.1);
-    let r = if pause {
-        consumer.pause(&tpl)
-    } else {
-        consumer.resume(&tpl)
-    };
-    if let Err(e) = r {
-        tracing::debug!(target: TARGET, error = %e, topic = %key.0, partition = key.1, pause, "pause/resume (partition revoked?)");
-    }
+/// Moves waiting messages to their workers' queues as room frees up. Messages of a partition
+/// revoked since are dropped (Kafka delivers them again to whoever owns the partition now).
+fn hand_over_waiting(
+    waiting: &mut HashMap<PartitionKey, std::collections::VecDeque<Job>>,
+    workers: &HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
+    shared: &Shared,
+) {
+    waiting.retain(|key, queue| {
+        let generation = shared
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .map(|s| s.generation);
+        queue.retain(|j| Some(j.generation) == generation);
+        let Some((tx, _)) = workers.get(key) else {
+            return false;
+        };
+        while let Some(job) = queue.pop_front() {
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    queue.push_front(job);
+                    return true;
+                }
+                // The worker ended (shutdown): nothing more to hand over.
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        false
+    });
 }
 
 /// Purges old inbox rows every `every` until `shutdown`.
