@@ -620,9 +620,9 @@ async fn a_handler_stuck_past_max_poll_interval_skips_nothing_and_applies_nothin
     let stuck_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s = Arc::clone(&stuck_once);
     // Runner A hangs on message m-10 for longer than max.poll.interval.ms. Its queue fills and
-    // the partition is paused, but A keeps polling, so whether the group keeps A (it finishes
-    // the partition) or evicts it (B takes over from the committed offset), nothing may be
-    // skipped or applied twice.
+    // the rest is buffered, and A keeps polling (until the buffer is full), so whether the group
+    // keeps A (it finishes the partition) or evicts it (B takes over from the committed
+    // offset), nothing may be skipped or applied twice.
     let slow = move |conn: &mut PgConnection, m: &IncomingMessage| -> Result<(), HandlerError> {
         if m.message_id == "m-10" && !s.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::thread::sleep(Duration::from_secs(12));
