@@ -50,6 +50,17 @@ fn insert_sequence(conn: &mut PgConnection, topic: &str, keys: i64, per_key: i64
         .collect()
 }
 
+/// Runs a relay with `cfg` until the outbox is empty, then stops it.
+async fn drain(cfg: outbox_relay::RelayConfig, conn: &mut PgConnection) {
+    let relay = InProcessRelay::start(cfg).unwrap();
+    wait_until(Duration::from_secs(60), "outbox empty", || {
+        Ok(backlog(conn)? == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+}
+
 async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<Seen> {
     let (b, t) = (bootstrap.to_owned(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
@@ -144,19 +155,14 @@ async fn one_failed_produce_request(err: RDKafkaRespErr, broken: bool) -> Report
     if broken {
         pipelined_resend_without_gapless(&mut conn, &bootstrap).await;
     } else {
-        let relay = InProcessRelay::start(
+        drain(
             relay_config(db.url(), &bootstrap)
                 .page_size(50)
                 .max_pages_in_flight(4)
                 .kafka_option("batch.num.messages", "10"),
+            &mut conn,
         )
-        .unwrap();
-        wait_until(Duration::from_secs(60), "outbox empty", || {
-            Ok(backlog(&mut conn)? == 0)
-        })
-        .await
-        .unwrap();
-        relay.stop().await.unwrap();
+        .await;
         let dead: i64 = diesel::select(diesel::dsl::sql::<BigInt>(
             "(SELECT count(*) FROM outbox_dead_letters)",
         ))
@@ -397,13 +403,7 @@ async fn rows_at_the_edges_of_what_the_table_accepts_are_dead_lettered_and_nothi
     }
     let id = insert_one(&mut conn, &topic, "K", &seq.to_string());
     expected.insert(id, ("K".to_owned(), seq));
-    let relay = InProcessRelay::start(relay_config(db.url(), &bootstrap)).unwrap();
-    wait_until(Duration::from_secs(60), "outbox empty", || {
-        Ok(backlog(&mut conn)? == 0)
-    })
-    .await
-    .unwrap();
-    relay.stop().await.unwrap();
+    drain(relay_config(db.url(), &bootstrap), &mut conn).await;
     let dead: Vec<DeadRow> =
         diesel::sql_query("SELECT id, event_type, last_error FROM outbox_dead_letters ORDER BY id")
             .load(&mut conn)
@@ -795,16 +795,11 @@ async fn a_request_refused_as_too_large_dead_letters_no_valid_event() {
             RDKafkaApiKey::Produce,
             &vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; refusals],
         );
-        let relay = InProcessRelay::start(
+        drain(
             relay_config(db.url(), &bootstrap).kafka_option("batch.num.messages", "10"),
+            &mut conn,
         )
-        .unwrap();
-        wait_until(Duration::from_secs(60), "outbox empty", || {
-            Ok(backlog(&mut conn)? == 0)
-        })
-        .await
-        .unwrap();
-        relay.stop().await.unwrap();
+        .await;
         let dead_rows: Vec<DeadRow> =
             diesel::sql_query("SELECT id, event_type, last_error FROM outbox_dead_letters")
                 .load(&mut conn)
@@ -859,16 +854,11 @@ async fn a_dead_letter_under_a_reused_id_keeps_the_older_one() {
     .bind::<Text, _>(&topic)
     .execute(&mut conn)
     .unwrap();
-    let relay = InProcessRelay::start(
+    drain(
         relay_config(db.url(), &bootstrap).kafka_option("message.max.bytes", "20000"),
+        &mut conn,
     )
-    .unwrap();
-    wait_until(Duration::from_secs(30), "outbox empty", || {
-        Ok(backlog(&mut conn)? == 0)
-    })
-    .await
-    .unwrap();
-    relay.stop().await.unwrap();
+    .await;
     let dead: Vec<DeadRow> = diesel::sql_query(
         "SELECT id, event_type, last_error FROM outbox_dead_letters ORDER BY event_type",
     )
