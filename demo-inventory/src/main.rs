@@ -15,6 +15,7 @@ use diesel::{Connection, PgConnection};
 use outbox::consumer::{
     ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage, RunnerStats,
 };
+use outbox::shutdown::TaskTracker;
 use tokio_util::sync::CancellationToken;
 
 /// The inventory service: stock per product, reserved once per order, restored once per
@@ -256,7 +257,8 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
         stats: runner.stats(),
     };
     let shutdown = CancellationToken::new();
-    spawn_signals(shutdown.clone())?;
+    let tasks = TaskTracker::new();
+    outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
     let router = Router::new()
         .route("/stock/{product}", get(stock))
         .route(
@@ -274,27 +276,16 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "demo-inventory serving");
     let token = shutdown.clone();
-    let http = tokio::spawn(async move {
+    let http = tasks.spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await
     });
-    runner.run(shutdown.clone()).await?;
+    let result = runner.run(shutdown.clone()).await;
     shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result?;
     http.await??;
-    Ok(())
-}
-
-fn spawn_signals(shutdown: CancellationToken) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        shutdown.cancel();
-    });
     Ok(())
 }

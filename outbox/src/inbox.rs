@@ -25,7 +25,7 @@ use std::time::Duration;
 use diesel::sql_types::{BigInt, Integer, Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 
-use crate::ident::TableRef;
+use crate::contract::{Table, TableRef};
 use crate::{Error, Result};
 
 /// Longest consumer name and message id accepted (bytes).
@@ -208,7 +208,7 @@ impl Inbox {
              FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[]) \
                   WITH ORDINALITY AS m(id, topic, part, off, n) ORDER BY m.n \
              ON CONFLICT (consumer, message_id) DO NOTHING RETURNING message_id",
-            self.tables.qualify("inbox")
+            self.tables.qualify(Table::Inbox)
         ))
         .bind::<Text, _>(&self.consumer)
         .bind::<diesel::sql_types::Array<Text>, _>(&ids)
@@ -234,7 +234,7 @@ impl Inbox {
         }
         let n: N = diesel::sql_query(format!(
             "SELECT count(*) AS n FROM {} WHERE consumer = $1 AND message_id = $2",
-            self.tables.qualify("inbox")
+            self.tables.qualify(Table::Inbox)
         ))
         .bind::<Text, _>(&self.consumer)
         .bind::<Text, _>(message_id)
@@ -256,7 +256,7 @@ impl Inbox {
         let sql = format!(
             "DELETE FROM {t} WHERE ctid IN (SELECT ctid FROM {t} WHERE consumer = $1 \
              AND processed_at < clock_timestamp() - $2 * interval '1 second' LIMIT $3)",
-            t = self.tables.qualify("inbox")
+            t = self.tables.qualify(Table::Inbox)
         );
         let mut total = 0_u64;
         loop {
@@ -277,7 +277,7 @@ fn insert_sql(tables: &TableRef) -> String {
     format!(
         "INSERT INTO {} (consumer, message_id, topic, kafka_partition, kafka_offset) \
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (consumer, message_id) DO NOTHING",
-        tables.qualify("inbox")
+        tables.qualify(Table::Inbox)
     )
 }
 

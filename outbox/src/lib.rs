@@ -25,11 +25,14 @@
 
 #[cfg(feature = "kafka")]
 pub mod consumer;
+pub mod contract;
 mod error;
 mod event;
 mod ident;
 mod inbox;
 mod migrate;
+#[cfg(feature = "runtime")]
+pub mod shutdown;
 mod store;
 mod stored;
 pub mod trace;
@@ -43,5 +46,5 @@ pub use ident::{Ident, TableRef};
 pub use inbox::{Inbox, MessageRef, Processed, MAX_INBOX_ID_LEN};
 pub use migrate::{run_migrations, verify_schema, MIGRATIONS};
 pub use store::{enqueue, enqueue_batch, Enqueued, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
-pub use stored::{StoredEvent, Xid8, STORED_EVENT_COLUMNS};
+pub use stored::StoredEvent;
 pub use trace::{current_traceparent, TraceContextLayer, Traceparent};

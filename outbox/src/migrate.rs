@@ -6,32 +6,11 @@ use diesel::sql_types::Text;
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::ident::TableRef;
+use crate::contract::{Table, TableRef};
 use crate::{Error, Result};
 
 /// The migrations in `migrations/` at the workspace root, embedded at compile time.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations");
-
-/// Columns of the `outbox` table and their types (`udt_name`), as the migrations create them.
-const OUTBOX_COLUMNS: &[(&str, &str)] = &[
-    ("id", "int8"),
-    ("event_id", "uuid"),
-    ("topic", "text"),
-    ("partition_key", "text"),
-    ("event_type", "text"),
-    ("payload", "bytea"),
-    ("headers", "jsonb"),
-    ("content_type", "text"),
-    ("traceparent", "text"),
-    ("tx_id", "xid8"),
-    ("created_at", "timestamptz"),
-];
-
-const INBOX_COLUMNS: &[(&str, &str)] = &[
-    ("consumer", "text"),
-    ("message_id", "text"),
-    ("processed_at", "timestamptz"),
-];
 
 /// Runs `f` with `search_path` set to the schema of `tables` (created if missing), restoring the
 /// previous `search_path` afterwards.
@@ -86,8 +65,9 @@ pub fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
     let pending = in_schema(conn, tables, false, |conn| {
         let has_table = diesel::sql_query(
             "SELECT NULL::text AS name, 'x' AS v FROM pg_catalog.pg_tables \
-             WHERE schemaname = current_schema() AND tablename = '__diesel_schema_migrations'",
+             WHERE schemaname = current_schema() AND tablename = $1",
         )
+        .bind::<Text, _>(Table::Migrations.name())
         .load::<Column>(conn)?;
         if has_table.is_empty() {
             return Ok(vec!["all (no migrations were ever applied here)".to_owned()]);
@@ -95,9 +75,10 @@ pub fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
         // Read the applied versions directly: `pending_migrations` first runs
         // `CREATE TABLE IF NOT EXISTS`, which a role without CREATE on the schema (the relay's
         // least-privilege role) may not do even when the table exists.
-        let applied: Vec<String> = diesel::sql_query(
-            "SELECT NULL::text AS name, version AS v FROM __diesel_schema_migrations",
-        )
+        let applied: Vec<String> = diesel::sql_query(format!(
+            "SELECT NULL::text AS name, version AS v FROM {}",
+            TableRef::default().qualify(Table::Migrations)
+        ))
         .load::<Column>(conn)?
         .into_iter()
         .map(|c| c.v)
@@ -117,22 +98,24 @@ pub fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
             pending.join(", ")
         ));
     }
-    for (table, expected) in [("outbox", OUTBOX_COLUMNS), ("inbox", INBOX_COLUMNS)] {
+    // The tables a service reads and writes; the relay checks its own with its grants.
+    for table in [Table::Outbox, Table::Inbox] {
         let found = diesel::sql_query(
             "SELECT column_name AS name, udt_name AS v FROM information_schema.columns \
              WHERE table_schema = coalesce($1, current_schema()) AND table_name = $2",
         )
         .bind::<diesel::sql_types::Nullable<Text>, _>(tables.schema().map(|s| s.as_str()))
-        .bind::<Text, _>(table)
+        .bind::<Text, _>(table.name())
         .load::<Column>(conn)?;
         if found.is_empty() {
             problems.push(format!("table {table} does not exist"));
             continue;
         }
-        for (name, ty) in expected {
+        for expected in table.columns() {
+            let (name, ty) = (expected.name, expected.udt);
             match found.iter().find(|c| c.name.as_deref() == Some(name)) {
                 None => problems.push(format!("{table}.{name} is missing")),
-                Some(c) if c.v != *ty => {
+                Some(c) if c.v != ty => {
                     problems.push(format!("{table}.{name} has type {}, expected {ty}", c.v));
                 }
                 Some(_) => {}

@@ -9,9 +9,9 @@ use diesel::sql_types::{BigInt, Bytea, Jsonb, Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
-use crate::ident::TableRef;
+use crate::contract::{EventColumns, Table, TableRef};
 use crate::migrate;
-use crate::stored::{StoredEvent, STORED_EVENT_COLUMNS};
+use crate::stored::StoredEvent;
 use crate::{Error, Event, Result};
 
 /// Default payload limit: 1 MiB. Keep it at or below the broker's `message.max.bytes` minus
@@ -69,7 +69,7 @@ impl Outbox {
     pub fn new() -> Self {
         let tables = TableRef::default();
         Self {
-            table_sql: tables.qualify("outbox"),
+            table_sql: tables.qualify(Table::Outbox),
             tables,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
@@ -81,7 +81,7 @@ impl Outbox {
     /// [`Error::InvalidIdentifier`] when `schema` is not a plain lowercase identifier.
     pub fn schema(mut self, schema: &str) -> Result<Self> {
         self.tables = TableRef::in_schema(schema)?;
-        self.table_sql = self.tables.qualify("outbox");
+        self.table_sql = self.tables.qualify(Table::Outbox);
         Ok(self)
     }
 
@@ -193,7 +193,8 @@ impl Outbox {
     /// [`Error::Database`].
     pub fn pending(&self, conn: &mut PgConnection, limit: i64) -> Result<Vec<StoredEvent>> {
         Ok(diesel::sql_query(format!(
-            "SELECT {STORED_EVENT_COLUMNS} FROM {} ORDER BY id LIMIT $1",
+            "SELECT {} FROM {} ORDER BY id LIMIT $1",
+            EventColumns::all(),
             self.table_sql
         ))
         .bind::<BigInt, _>(limit)
@@ -285,10 +286,9 @@ impl diesel::query_builder::QueryFragment<Pg> for InsertEvents<'_> {
         }
         out.push_sql("INSERT INTO ");
         out.push_sql(self.table_sql);
-        out.push_sql(
-            " (event_id, topic, partition_key, event_type, payload, headers, content_type, \
-             traceparent) VALUES ",
-        );
+        out.push_sql(" (");
+        out.push_sql(EventColumns::content());
+        out.push_sql(") VALUES ");
         for (i, row) in self.rows.iter().enumerate() {
             let e = row.event;
             out.push_sql(if i == 0 { "(" } else { ",(" });

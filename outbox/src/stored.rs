@@ -26,7 +26,8 @@ impl FromSql<Xid8, Pg> for u64 {
     }
 }
 
-/// One row of the outbox table, as the relay reads it.
+/// One row of the outbox table, as the relay reads it: select
+/// [`EventColumns::all`](crate::contract::EventColumns::all).
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName)]
 #[non_exhaustive]
 pub struct StoredEvent {
@@ -64,10 +65,6 @@ pub struct StoredEvent {
     #[diesel(sql_type = Timestamptz)]
     pub created_at: DateTime<Utc>,
 }
-
-/// The column list matching [`StoredEvent`], for `SELECT`s.
-pub const STORED_EVENT_COLUMNS: &str = "id, event_id, topic, partition_key, event_type, payload, \
-     headers, content_type, traceparent, tx_id, created_at";
 
 /// `jsonb` object of string values, as stored in `headers`.
 #[derive(Debug)]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use outbox::shutdown::TaskTracker;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RelayConfig;
@@ -585,12 +586,12 @@ fn require_url(cfg: &RelayConfig) -> Result<()> {
 
 async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
-    let mut tasks = Vec::new();
+    let tasks = TaskTracker::new();
+    outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
     if let Some(addr) = cfg.metrics_addr {
         let handle = metrics::install()?;
-        tasks.push(metrics::serve(addr, handle, shutdown.clone()).await?);
-        tasks.push(metrics::spawn_backlog_poller(
+        tasks.spawn(metrics::serve(addr, handle, shutdown.clone()).await?);
+        tasks.spawn(metrics::spawn_backlog_poller(
             cfg.database_url().to_owned(),
             status::application_name(relay.instance_id()),
             cfg.tables()?,
@@ -600,23 +601,7 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
     }
     let result = relay.run(shutdown.clone()).await;
     shutdown.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
+    tasks.close();
+    tasks.wait().await;
     Ok(result?)
-}
-
-fn spawn_signal_handler(shutdown: CancellationToken) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::info!(target: "outbox::relay", "shutdown requested: finishing in-flight work");
-        shutdown.cancel();
-    });
-    Ok(())
 }

@@ -7,6 +7,8 @@ use diesel::sql_types::{BigInt, Bytea, Double, Integer, Jsonb, Nullable, Text, T
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use serde::Serialize;
 
+use outbox::contract::{EventColumns, Table};
+
 use crate::error::{Error, Result};
 
 /// Which dead letters a command applies to. All set conditions must hold.
@@ -125,7 +127,7 @@ pub fn list(
 ) -> Result<Vec<Summary>> {
     let q = diesel::sql_query(format!(
         "SELECT {SUMMARY} FROM {} WHERE {} ORDER BY id LIMIT $6",
-        tables.qualify("outbox_dead_letters"),
+        tables.qualify(Table::DeadLetters),
         Filter::WHERE
     ));
     Ok(bind_filter!(q, filter)
@@ -136,16 +138,16 @@ pub fn list(
 /// One dead letter with its payload.
 ///
 /// # Errors
-/// [`Error::Config`] when there is no such dead letter; [`Error::Database`].
+/// [`Error::NoSuchDeadLetter`] when there is no such dead letter; [`Error::Database`].
 pub fn show(conn: &mut PgConnection, tables: &outbox::TableRef, id: i64) -> Result<Detail> {
     diesel::sql_query(format!(
         "SELECT {SUMMARY}, payload, headers, content_type, traceparent, created_at FROM {} WHERE id = $1",
-        tables.qualify("outbox_dead_letters")
+        tables.qualify(Table::DeadLetters)
     ))
     .bind::<BigInt, _>(id)
     .load::<Detail>(conn)?
     .pop()
-    .ok_or_else(|| Error::Config(format!("no dead letter with id {id}")))
+    .ok_or(Error::NoSuchDeadLetter(id))
 }
 
 /// Moves matching dead letters back into the outbox under their original ids, keeping their
@@ -182,12 +184,11 @@ pub fn retry(
     }
     let q = diesel::sql_query(format!(
         "WITH moved AS (DELETE FROM {d} WHERE {w} RETURNING *) \
-         INSERT INTO {o} (id, event_id, topic, partition_key, event_type, payload, headers, \
-           content_type, traceparent, created_at) OVERRIDING SYSTEM VALUE \
-         SELECT id, event_id, topic, partition_key, event_type, payload, headers, content_type, \
-           traceparent, now() FROM moved ORDER BY id RETURNING id",
-        d = tables.qualify("outbox_dead_letters"),
-        o = tables.qualify("outbox"),
+         INSERT INTO {o} ({c}, created_at) OVERRIDING SYSTEM VALUE \
+         SELECT {c}, now() FROM moved ORDER BY id RETURNING id",
+        c = EventColumns::identity_and_content(),
+        d = tables.qualify(Table::DeadLetters),
+        o = tables.qualify(Table::Outbox),
         w = Filter::WHERE
     ));
     let ids: Vec<Id> = conn.transaction(|c| bind_filter!(q, filter).load(c))?;
@@ -209,7 +210,7 @@ pub fn purge(
     }
     let q = diesel::sql_query(format!(
         "DELETE FROM {} WHERE {}",
-        tables.qualify("outbox_dead_letters"),
+        tables.qualify(Table::DeadLetters),
         Filter::WHERE
     ));
     Ok(bind_filter!(q, filter).execute(conn)?)
@@ -218,22 +219,24 @@ pub fn purge(
 /// Parses `90s`, `15m`, `6h`, `7d` (or plain seconds).
 ///
 /// # Errors
-/// [`Error::Config`] naming the value.
+/// [`Error::InvalidValue`] naming the value.
 pub fn parse_age(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::Config(format!("invalid age {s:?}: expected e.g. 90s, 15m, 6h, 7d")))?;
+    let n: u64 = num.parse().map_err(|_| Error::InvalidValue {
+        value: s.to_owned(),
+        expected: "an age such as 90s, 15m, 6h or 7d".into(),
+    })?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86_400,
         _ => {
-            return Err(Error::Config(format!(
-                "invalid age {s:?}: unit must be s, m, h or d"
-            )))
+            return Err(Error::InvalidValue {
+                value: s.to_owned(),
+                expected: "an age whose unit is s, m, h or d".into(),
+            })
         }
     };
     Ok(Duration::from_secs(secs))

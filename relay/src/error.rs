@@ -37,6 +37,42 @@ pub enum Error {
     /// I/O (metrics listener, config file).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// The database role is a superuser and `allow_superuser` is not set.
+    #[error(
+        "the database role is a superuser: run the relay as a least-privilege role \
+         (docs/RELAY.md) or set allow_superuser / --allow-superuser"
+    )]
+    Superuser,
+    /// The database role lacks privileges the relay needs (each as `PRIVILEGE on table`).
+    #[error(
+        "the database role \"{role}\" lacks {}: grant them (docs/ops/relay-role.sql creates a \
+         role with exactly what the relay needs)",
+        missing.join(", ")
+    )]
+    MissingGrants {
+        /// The connected role.
+        role: String,
+        /// `PRIVILEGE on table`, one per missing grant.
+        missing: Vec<String>,
+    },
+    /// No dead letter has this id (`dead-letters show`).
+    #[error("no dead letter with id {0}")]
+    NoSuchDeadLetter(i64),
+    /// A command-line or configuration value could not be parsed; the message says which and
+    /// what was expected.
+    #[error("invalid value {value:?}: {expected}")]
+    InvalidValue {
+        /// The value as given.
+        value: String,
+        /// What was expected.
+        expected: String,
+    },
+    /// The Prometheus recorder could not be installed (another one is, or a bucket is invalid).
+    #[error("metrics recorder: {0}")]
+    Metrics(String),
+    /// A blocking database task panicked or was cancelled.
+    #[error("database task failed: {0}")]
+    TaskFailed(#[source] tokio::task::JoinError),
 }
 
 impl Error {
@@ -51,7 +87,15 @@ impl Error {
             | Error::SteppedDown(_) => true,
             Error::Kafka(e) => !e.is_fatal_config(),
             Error::Outbox(e) => e.is_retriable(),
-            Error::Config(_) | Error::Io(_) => false,
+            // A panicked task is a bug, not weather: stop rather than loop on it.
+            Error::Config(_)
+            | Error::Io(_)
+            | Error::Superuser
+            | Error::MissingGrants { .. }
+            | Error::NoSuchDeadLetter(_)
+            | Error::InvalidValue { .. }
+            | Error::Metrics(_)
+            | Error::TaskFailed(_) => false,
         }
     }
 }

@@ -6,41 +6,43 @@
 use diesel::sql_types::{Array, Text};
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 
+use outbox::contract::Table;
+
 use crate::config::RelayConfig;
 use crate::error::{Error, Result};
 
 /// `(table, privilege)` pairs the relay uses, and why.
-pub const REQUIRED: &[(&str, &str)] = &[
+pub const REQUIRED: &[(Table, &str)] = &[
     // fetch pages; removal after acknowledgement, and the move to the dead letters
-    ("outbox", "SELECT"),
-    ("outbox", "DELETE"),
+    (Table::Outbox, "SELECT"),
+    (Table::Outbox, "DELETE"),
     // the dead-letter move is an upsert; `hold-key` reads the held keys; metrics count them
-    ("outbox_dead_letters", "SELECT"),
-    ("outbox_dead_letters", "INSERT"),
-    ("outbox_dead_letters", "UPDATE"),
+    (Table::DeadLetters, "SELECT"),
+    (Table::DeadLetters, "INSERT"),
+    (Table::DeadLetters, "UPDATE"),
     // the lease and the open batch's snapshots (`FOR SHARE` needs UPDATE too)
-    ("outbox_relay_state", "SELECT"),
-    ("outbox_relay_state", "INSERT"),
-    ("outbox_relay_state", "UPDATE"),
+    (Table::RelayState, "SELECT"),
+    (Table::RelayState, "INSERT"),
+    (Table::RelayState, "UPDATE"),
     // the start-up schema check reads which migrations were applied
-    ("__diesel_schema_migrations", "SELECT"),
+    (Table::Migrations, "SELECT"),
 ];
 
 /// More privileges when delivered events are kept (`keep_delivered_hours > 0`): the fenced
 /// removal moves them to `outbox_delivered`, and the leader purges expired ones.
-pub const KEEP_DELIVERED: &[(&str, &str)] = &[
-    ("outbox_delivered", "SELECT"),
-    ("outbox_delivered", "INSERT"),
-    ("outbox_delivered", "DELETE"),
+pub const KEEP_DELIVERED: &[(Table, &str)] = &[
+    (Table::Delivered, "SELECT"),
+    (Table::Delivered, "INSERT"),
+    (Table::Delivered, "DELETE"),
 ];
 
 /// More privileges when the leader purges old dead letters (`dead_letters_keep_days > 0`).
-pub const PURGE_DEAD_LETTERS: &[(&str, &str)] = &[("outbox_dead_letters", "DELETE")];
+pub const PURGE_DEAD_LETTERS: &[(Table, &str)] = &[(Table::DeadLetters, "DELETE")];
 
 /// Every `(table, privilege)` pair `cfg` needs: [`REQUIRED`], plus [`KEEP_DELIVERED`] and
 /// [`PURGE_DEAD_LETTERS`] when those are configured.
 #[must_use]
-pub fn required(cfg: &RelayConfig) -> Vec<(&'static str, &'static str)> {
+pub fn required(cfg: &RelayConfig) -> Vec<(Table, &'static str)> {
     let mut all = REQUIRED.to_vec();
     if cfg.keep_delivered_hours > 0 {
         all.extend_from_slice(KEEP_DELIVERED);
@@ -55,11 +57,11 @@ pub fn required(cfg: &RelayConfig) -> Vec<(&'static str, &'static str)> {
 /// tables at `tables`. Tables that do not exist are left to the schema check.
 ///
 /// # Errors
-/// [`Error::Config`] naming the role and each missing privilege; [`Error::Database`].
+/// [`Error::MissingGrants`] naming the role and each missing privilege; [`Error::Database`].
 pub fn check(
     conn: &mut PgConnection,
     tables: &outbox::TableRef,
-    required: &[(&str, &str)],
+    required: &[(Table, &str)],
 ) -> Result<()> {
     #[derive(QueryableByName)]
     struct Missing {
@@ -70,7 +72,7 @@ pub fn check(
         #[diesel(sql_type = Text)]
         privilege: String,
     }
-    let names: Vec<String> = required.iter().map(|(t, _)| tables.qualify(t)).collect();
+    let names: Vec<String> = required.iter().map(|(t, _)| tables.qualify(*t)).collect();
     let privileges: Vec<&str> = required.iter().map(|(_, p)| *p).collect();
     let missing: Vec<Missing> = diesel::sql_query(
         "SELECT current_user::text AS role, r.tbl, r.privilege \
@@ -88,10 +90,8 @@ pub fn check(
         .iter()
         .map(|m| format!("{} on {}", m.privilege, m.tbl.replace('"', "")))
         .collect();
-    Err(Error::Config(format!(
-        "the database role \"{}\" lacks {}: grant them (docs/ops/relay-role.sql creates a \
-         role with exactly what the relay needs)",
-        first.role,
-        list.join(", ")
-    )))
+    Err(Error::MissingGrants {
+        role: first.role.clone(),
+        missing: list,
+    })
 }

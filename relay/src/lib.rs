@@ -26,16 +26,16 @@
 pub mod cli;
 mod config;
 pub mod dead_letters;
+mod engine;
 mod error;
 pub mod grants;
 pub mod metrics;
 pub mod producer;
-mod relay;
 pub mod replay;
 pub mod retention;
 pub mod status;
 pub mod store;
 
 pub use config::{is_secret_key, PoisonPolicy, RelayConfig};
+pub use engine::{AckListener, Acknowledged, Relay};
 pub use error::{scrub_url, Error, Result};
-pub use relay::{AckListener, Acknowledged, Relay};

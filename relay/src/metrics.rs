@@ -31,6 +31,8 @@ use diesel::{QueryableByName, RunQueryDsl};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
+use outbox::contract::Table;
+
 use crate::error::{Error, Result};
 
 static LEADER: AtomicBool = AtomicBool::new(false);
@@ -79,9 +81,9 @@ pub fn install() -> Result<PrometheusHandle> {
                 60.0,
             ],
         )
-        .map_err(|e| Error::Config(e.to_string()))?
+        .map_err(|e| Error::Metrics(e.to_string()))?
         .install_recorder()
-        .map_err(|e| Error::Config(format!("metrics recorder: {e}")))?;
+        .map_err(|e| Error::Metrics(e.to_string()))?;
     metrics::gauge!("outbox_relay_leader").set(if is_leader() { 1.0 } else { 0.0 });
     metrics::counter!("outbox_relay_delivered_total").increment(0);
     for kind in ["permanent", "transient"] {
@@ -150,8 +152,8 @@ pub fn spawn_backlog_poller(
          (SELECT count(*) FROM {d}) AS dead, \
          coalesce(extract(epoch FROM clock_timestamp() - (SELECT min(xact_start) FROM pg_stat_activity \
            WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid())), 0)::float8 AS oldest_tx_secs",
-        t = tables.qualify("outbox"),
-        d = tables.qualify("outbox_dead_letters")
+        t = tables.qualify(Table::Outbox),
+        d = tables.qualify(Table::DeadLetters)
     );
     tokio::spawn(async move {
         let mut conn = None;

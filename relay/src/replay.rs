@@ -13,6 +13,8 @@ use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use serde::Serialize;
 
+use outbox::contract::{EventColumns, Table};
+
 use crate::error::Result;
 
 /// Which kept events to replay. All set conditions must hold; ranges are inclusive of their
@@ -112,7 +114,7 @@ pub fn kept(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<Kept> 
     Ok(diesel::sql_query(format!(
         "SELECT count(*) AS events, min(id) AS min_id, max(id) AS max_id, \
          min(delivered_at) AS oldest, max(delivered_at) AS newest FROM {}",
-        tables.qualify("outbox_delivered")
+        tables.qualify(Table::Delivered)
     ))
     .get_result(conn)?)
 }
@@ -129,7 +131,7 @@ pub fn count_by_topic(
     let q = diesel::sql_query(format!(
         "SELECT topic, count(DISTINCT event_id) AS events FROM {} WHERE {} \
          GROUP BY topic ORDER BY topic",
-        tables.qualify("outbox_delivered"),
+        tables.qualify(Table::Delivered),
         Range::WHERE
     ));
     Ok(bind_range!(q, range).load(conn)?)
@@ -153,19 +155,17 @@ pub fn replay(
     }
     let matched_sql = diesel::sql_query(format!(
         "SELECT count(DISTINCT event_id) AS n FROM {} WHERE {}",
-        tables.qualify("outbox_delivered"),
+        tables.qualify(Table::Delivered),
         Range::WHERE
     ));
     // `created_at` is not copied: the copy's Kafka timestamp is the replay time, so topic
     // retention by timestamp does not drop it at once and commit-to-ack latency stays truthful.
     let insert = diesel::sql_query(format!(
-        "INSERT INTO {o} (event_id, topic, partition_key, event_type, payload, headers, \
-           content_type, traceparent) \
-         SELECT event_id, topic, partition_key, event_type, payload, headers, content_type, \
-           traceparent FROM {k} WHERE {w} ORDER BY delivered_at, id \
+        "INSERT INTO {o} ({c}) SELECT {c} FROM {k} WHERE {w} ORDER BY delivered_at, id \
          ON CONFLICT (event_id) DO NOTHING",
-        o = tables.qualify("outbox"),
-        k = tables.qualify("outbox_delivered"),
+        c = EventColumns::content(),
+        o = tables.qualify(Table::Outbox),
+        k = tables.qualify(Table::Delivered),
         w = Range::WHERE
     ));
     conn.transaction(|c| {

@@ -11,6 +11,8 @@ use diesel::sql_types::{BigInt, Double};
 use diesel::{PgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
 
+use outbox::contract::Table;
+
 use crate::config::RelayConfig;
 use crate::error::Result;
 use crate::store;
@@ -33,7 +35,7 @@ pub struct Purged {
 /// The batched purge of `table` by its `column` age: deletes at most `$2` rows older than `$1`
 /// seconds, oldest first, found through the index on `column`.
 #[must_use]
-pub fn purge_sql(tables: &outbox::TableRef, table: &str, column: &str) -> String {
+pub fn purge_sql(tables: &outbox::TableRef, table: Table, column: &str) -> String {
     let t = tables.qualify(table);
     format!(
         "DELETE FROM {t} WHERE id = ANY(ARRAY(\
@@ -88,7 +90,7 @@ pub fn purge_delivered(
     older_than: Duration,
     batch: i64,
 ) -> Result<Purged> {
-    let sql = purge_sql(tables, "outbox_delivered", "delivered_at");
+    let sql = purge_sql(tables, Table::Delivered, "delivered_at");
     run_batches(conn, &sql, older_than, batch)
 }
 
@@ -102,7 +104,7 @@ pub fn purge_dead_letters(
     older_than: Duration,
     batch: i64,
 ) -> Result<Purged> {
-    let sql = purge_sql(tables, "outbox_dead_letters", "dead_lettered_at");
+    let sql = purge_sql(tables, Table::DeadLetters, "dead_lettered_at");
     run_batches(conn, &sql, older_than, batch)
 }
 
@@ -119,12 +121,12 @@ fn purge_once(
     let mut dead = Purged::default();
     if cfg.keep_delivered_hours > 0 {
         let age = Duration::from_secs(cfg.keep_delivered_hours * 3600);
-        let sql = purge_sql(&tables, "outbox_delivered", "delivered_at");
+        let sql = purge_sql(&tables, Table::Delivered, "delivered_at");
         delivered = batches_until(&mut conn, &sql, age, PURGE_BATCH, stop)?;
     }
     if cfg.dead_letters_keep_days > 0 {
         let age = Duration::from_secs(cfg.dead_letters_keep_days * 86_400);
-        let sql = purge_sql(&tables, "outbox_dead_letters", "dead_lettered_at");
+        let sql = purge_sql(&tables, Table::DeadLetters, "dead_lettered_at");
         dead = batches_until(&mut conn, &sql, age, PURGE_BATCH, stop)?;
     }
     Ok((delivered, dead))

@@ -5,6 +5,8 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Ti
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use serde::Serialize;
 
+use outbox::contract::Table;
+
 use crate::error::Result;
 
 /// Every relay connection sets `application_name` to this prefix followed by its instance id,
@@ -168,9 +170,9 @@ pub struct Status {
 /// # Errors
 /// [`crate::Error::Database`].
 pub fn read(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<Status> {
-    let t = tables.qualify("outbox");
-    let s = tables.qualify("outbox_relay_state");
-    let d = tables.qualify("outbox_dead_letters");
+    let t = tables.qualify(Table::Outbox);
+    let s = tables.qualify(Table::RelayState);
+    let d = tables.qualify(Table::DeadLetters);
     let backlog = diesel::sql_query(format!(
         "SELECT topic, count(*) AS events, \
          extract(epoch FROM clock_timestamp() - min(created_at))::float8 AS oldest_age_secs \
@@ -258,7 +260,7 @@ fn inbox(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<InboxSize
         #[diesel(sql_type = Bool)]
         readable: bool,
     }
-    let table = tables.qualify("inbox");
+    let table = tables.qualify(Table::Inbox);
     let p: Present = diesel::sql_query(
         "SELECT to_regclass($1) IS NOT NULL AS present, \
          coalesce(has_table_privilege(to_regclass($1), 'SELECT'), false) AS readable",

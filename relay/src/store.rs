@@ -8,7 +8,7 @@
 
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text};
 use diesel::{Connection, OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
-use outbox::{StoredEvent, TableRef};
+use outbox::contract::{EventColumns, StoredEvent, Table, TableRef};
 
 use crate::error::{scrub_text, scrub_url, Error, Result};
 
@@ -151,13 +151,23 @@ impl Sql {
     /// SQL for the tables at `tables`.
     #[must_use]
     pub fn new(tables: &TableRef) -> Self {
-        let t = tables.qualify("outbox");
-        let s = tables.qualify("outbox_relay_state");
-        let d = tables.qualify("outbox_dead_letters");
-        let k = tables.qualify("outbox_delivered");
+        let t = tables.qualify(Table::Outbox);
+        let s = tables.qualify(Table::RelayState);
+        let d = tables.qualify(Table::DeadLetters);
+        let k = tables.qualify(Table::Delivered);
+        let all = EventColumns::all();
+        // The dead-letter upsert: a row dead-lettered again (same id and event id) takes the new
+        // content and counts.
+        let dead_letter_updates = Table::DeadLetters
+            .columns()
+            .iter()
+            .filter(|c| !matches!(c.name, "id" | "event_id" | "dead_lettered_at"))
+            .map(|c| format!("{0} = EXCLUDED.{0}", c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let key = match tables.schema() {
-            Some(schema) => format!("{schema}.outbox"),
-            None => "outbox".to_owned(),
+            Some(schema) => format!("{schema}.{}", Table::Outbox),
+            None => Table::Outbox.name().to_owned(),
         };
         let lease_cond = "outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
                           AND lease_expires_at > clock_timestamp()";
@@ -295,10 +305,7 @@ impl Sql {
                 "WITH lease AS ({locked_lease}), \
                  del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
                  RETURNING *), \
-                 ins AS (INSERT INTO {k} (id, event_id, topic, partition_key, event_type, \
-                           payload, headers, content_type, traceparent, tx_id, created_at) \
-                         SELECT id, event_id, topic, partition_key, event_type, payload, \
-                           headers, content_type, traceparent, tx_id, created_at FROM del \
+                 ins AS (INSERT INTO {k} ({all}) SELECT {all} FROM del \
                          ON CONFLICT (id) DO NOTHING RETURNING 1) \
                  SELECT (SELECT count(*) FROM lease) AS leased, \
                  (SELECT count(*) FROM del) AS affected"
@@ -313,19 +320,10 @@ impl Sql {
                  moved AS (DELETE FROM {t} o USING f \
                            WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
                            RETURNING o.*, f.error AS dl_error, f.attempts AS dl_attempts), \
-                 ins AS (INSERT INTO {d} (id, event_id, topic, partition_key, event_type, \
-                           payload, headers, content_type, traceparent, tx_id, created_at, \
-                           attempts, last_error) \
-                         SELECT id, event_id, topic, partition_key, event_type, payload, \
-                           headers, content_type, traceparent, tx_id, created_at, \
-                           dl_attempts, dl_error FROM moved \
+                 ins AS (INSERT INTO {d} ({all}, attempts, last_error) \
+                         SELECT {all}, dl_attempts, dl_error FROM moved \
                          ON CONFLICT (id, event_id) DO UPDATE SET \
-                           topic = EXCLUDED.topic, partition_key = EXCLUDED.partition_key, \
-                           event_type = EXCLUDED.event_type, payload = EXCLUDED.payload, \
-                           headers = EXCLUDED.headers, content_type = EXCLUDED.content_type, \
-                           traceparent = EXCLUDED.traceparent, tx_id = EXCLUDED.tx_id, \
-                           created_at = EXCLUDED.created_at, attempts = EXCLUDED.attempts, \
-                           last_error = EXCLUDED.last_error, dead_lettered_at = now() \
+                           {dead_letter_updates}, dead_lettered_at = now() \
                          RETURNING 1) \
                  SELECT (SELECT count(*) FROM lease) AS leased, \
                  (SELECT count(*) FROM ins) AS affected"

@@ -36,7 +36,7 @@ impl NaiveRelay {
     ) -> Result<usize> {
         let rows: Vec<StoredEvent> = diesel::sql_query(format!(
             "SELECT {} FROM outbox WHERE id > $1 ORDER BY id LIMIT 1000",
-            outbox::STORED_EVENT_COLUMNS
+            outbox::contract::EventColumns::all()
         ))
         .bind::<BigInt, _>(self.last_id)
         .load(conn)?;
@@ -146,7 +146,7 @@ pub async fn run_broken(
     let mut conn = PgConnection::establish(url)?;
     let mut leader = false;
     let mut skipped = 0;
-    let cols = outbox::STORED_EVENT_COLUMNS;
+    let cols = outbox::contract::EventColumns::all();
     while !stop.load(Relaxed) {
         if mode == Broken::AdvisoryLock && !leader {
             leader = diesel::sql_query("SELECT pg_try_advisory_lock(4242) AS locked")

@@ -430,6 +430,62 @@ fn schema_mismatch_is_reported_with_what_is_wrong() {
     );
 }
 
+/// The table contract (`outbox::contract`) is what the migrations create: every table, every
+/// column in order, every type; a column added by a migration and not to the contract (or the
+/// other way round) fails here.
+#[test]
+fn the_contract_matches_what_the_migrations_create() {
+    use outbox::contract::Table;
+    #[derive(QueryableByName, Debug, PartialEq)]
+    struct Col {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        udt: String,
+    }
+    let db = TestDb::new().unwrap();
+    let mut conn = db.conn().unwrap();
+    Outbox::new().migrate(&mut conn).unwrap();
+    for table in Table::ALL {
+        let found: Vec<Col> = diesel::sql_query(
+            "SELECT column_name::text AS name, udt_name::text AS udt \
+             FROM information_schema.columns \
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+        )
+        .bind::<diesel::sql_types::Text, _>(table.name())
+        .load(&mut conn)
+        .unwrap();
+        let expected: Vec<Col> = table
+            .columns()
+            .iter()
+            .map(|c| Col {
+                name: c.name.to_owned(),
+                udt: c.udt.to_owned(),
+            })
+            .collect();
+        assert_eq!(found, expected, "{table}");
+    }
+    // The contract names every table the migrations create (and nothing else).
+    #[derive(QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let mut created: Vec<String> = diesel::sql_query(
+        "SELECT tablename::text AS name FROM pg_catalog.pg_tables \
+         WHERE schemaname = current_schema() ORDER BY 1",
+    )
+    .load::<Name>(&mut conn)
+    .unwrap()
+    .into_iter()
+    .map(|n| n.name)
+    .collect();
+    let mut named: Vec<String> = Table::ALL.iter().map(|t| t.name().to_owned()).collect();
+    created.sort();
+    named.sort();
+    assert_eq!(created, named);
+}
+
 #[test]
 fn a_custom_schema_holds_its_own_tables() {
     let db = TestDb::new().unwrap();

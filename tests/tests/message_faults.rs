@@ -94,7 +94,7 @@ async fn pipelined_resend_without_gapless(conn: &mut PgConnection, bootstrap: &s
     .unwrap();
     let rows: Vec<StoredEvent> = diesel::sql_query(format!(
         "SELECT {} FROM outbox ORDER BY id",
-        outbox::STORED_EVENT_COLUMNS
+        outbox::contract::EventColumns::all()
     ))
     .load(conn)
     .unwrap();
@@ -452,7 +452,7 @@ async fn broken_variant_decoding_every_row_as_stored_fails_on_an_infinite_create
     for _ in 0..3 {
         let r: Result<Vec<StoredEvent>, _> = diesel::sql_query(format!(
             "SELECT {} FROM outbox ORDER BY id",
-            outbox::STORED_EVENT_COLUMNS
+            outbox::contract::EventColumns::all()
         ))
         .load(&mut conn);
         assert!(r.is_err(), "the old fetch must fail on the row");

@@ -1,0 +1,204 @@
+//! Leadership: the relay's database connection, and the session of one leader term that owns
+//! the connection, the statements and the lease, renews the lease when it is due and fences
+//! every write with it.
+//!
+//! May call: `store` (the SQL). Called by: the engine's term loop, capture and delivery.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::PgConnection;
+
+use crate::store::{self, DeadLetter, Lease, Sql};
+use crate::{Error, Result};
+
+use super::TARGET;
+
+/// One database connection, used from blocking threads (diesel is synchronous).
+pub(super) struct Db {
+    url: Arc<str>,
+    /// `application_name` of the session: `outbox-relay:<instance>` (listed by `status`).
+    name: Arc<str>,
+    /// `synchronous_commit` of the session.
+    synchronous_commit: Arc<str>,
+    conn: Option<PgConnection>,
+}
+
+impl Db {
+    pub(super) fn new(url: &str, name: &str, synchronous_commit: &str) -> Self {
+        Self {
+            url: url.into(),
+            name: name.into(),
+            synchronous_commit: synchronous_commit.into(),
+            conn: None,
+        }
+    }
+
+    /// Runs `f` on the connection in `spawn_blocking`, connecting first if needed. The connection
+    /// is dropped after a database error, so the next call reconnects.
+    pub(super) async fn call<T, F>(&mut self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
+    {
+        let conn = self.conn.take();
+        let (url, name, sync) = (
+            Arc::clone(&self.url),
+            Arc::clone(&self.name),
+            Arc::clone(&self.synchronous_commit),
+        );
+        let (conn, result) = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => match store::connect_as(&url, Some(&name))
+                    .and_then(|mut c| store::set_synchronous_commit(&mut c, &sync).map(|()| c))
+                {
+                    Ok(c) => c,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let result = f(&mut conn);
+            (Some(conn), result)
+        })
+        .await
+        .map_err(Error::TaskFailed)?;
+        if matches!(result, Ok(_) | Err(Error::LostLeadership(_))) {
+            self.conn = conn;
+        }
+        result
+    }
+}
+
+/// One leader term's hold on the database: the connection, the statements, the lease.
+///
+/// Every statement that reads rows to send or writes anything runs through [`Session::call`],
+/// which hands it the lease to fence with, and first removes the rows acknowledged since the
+/// previous call ([`Session::remove_later`]) in the same blocking call.
+pub(super) struct Session<'a> {
+    db: &'a mut Db,
+    sql: Arc<Sql>,
+    lease: Lease,
+    lease_duration: Duration,
+    last_renew: Instant,
+    /// Acknowledged rows not yet removed: the next call removes them first (one round of
+    /// thread hand-offs less per page). Always removed before a position is saved or the term
+    /// ends normally.
+    unremoved: Vec<i64>,
+}
+
+impl<'a> Session<'a> {
+    /// The session of the term that `lease` (just acquired on `db`) begins.
+    pub(super) fn new(
+        db: &'a mut Db,
+        sql: Arc<Sql>,
+        lease: Lease,
+        lease_duration: Duration,
+    ) -> Self {
+        Self {
+            db,
+            sql,
+            lease,
+            lease_duration,
+            last_renew: Instant::now(),
+            unremoved: Vec::new(),
+        }
+    }
+
+    /// Runs `f` on the connection with the statements and the lease, right after removing the
+    /// acknowledged rows waiting for removal (removal first, each statement fenced by the lease).
+    pub(super) async fn call<T, F>(&mut self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut PgConnection, &Sql, &Lease) -> Result<T> + Send + 'static,
+    {
+        let ids = std::mem::take(&mut self.unremoved);
+        let (sql, lease) = (Arc::clone(&self.sql), self.lease.clone());
+        self.db
+            .call(move |c| {
+                if !ids.is_empty() {
+                    store::delete(c, &sql, &lease, &ids)?;
+                }
+                f(c, &sql, &lease)
+            })
+            .await
+    }
+
+    /// Queues acknowledged rows for removal by the next call.
+    pub(super) fn remove_later(&mut self, ids: impl IntoIterator<Item = i64>) {
+        self.unremoved.extend(ids);
+    }
+
+    /// Whether acknowledged rows wait for removal.
+    pub(super) fn has_unremoved(&self) -> bool {
+        !self.unremoved.is_empty()
+    }
+
+    /// Removes what was acknowledged now (best effort: what stays is sent again by the next
+    /// leader, at-least-once).
+    pub(super) async fn flush_removals(&mut self) {
+        if let Err(e) = self.call(|_, _, _| Ok(())).await {
+            tracing::debug!(target: TARGET, error = %e, "could not remove acknowledged rows; they will be sent again");
+        }
+    }
+
+    /// Moves `rows` to the dead letters (fenced).
+    pub(super) async fn dead_letter(&mut self, rows: Vec<DeadLetter>) -> Result<()> {
+        self.call(move |c, sql, lease| store::dead_letter(c, sql, lease, &rows))
+            .await?;
+        Ok(())
+    }
+
+    /// Renews the lease when a quarter of it has passed since the last renewal.
+    ///
+    /// # Errors
+    /// [`Error::LostLeadership`] when the lease is no longer ours.
+    pub(super) async fn renew_if_due(&mut self) -> Result<()> {
+        if self.last_renew.elapsed() >= self.lease_duration / 4 {
+            self.renew().await?;
+        }
+        Ok(())
+    }
+
+    async fn renew(&mut self) -> Result<()> {
+        let ms = u64::try_from(self.lease_duration.as_millis()).unwrap_or(u64::MAX);
+        let (sql, lease) = (Arc::clone(&self.sql), self.lease.clone());
+        self.db
+            .call(move |c| store::renew(c, &sql, &lease, ms))
+            .await?;
+        self.last_renew = Instant::now();
+        Ok(())
+    }
+
+    /// How long until the lease is due for renewal (at least 10 ms).
+    pub(super) fn renew_in(&self) -> Duration {
+        (self.lease_duration / 4)
+            .saturating_sub(self.last_renew.elapsed())
+            .max(Duration::from_millis(10))
+    }
+
+    /// Sleeps `d` (or until `stop`), renewing the lease on the way.
+    pub(super) async fn sleep_renewing(
+        &mut self,
+        d: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<()> {
+        let until = Instant::now() + d;
+        while !stop.is_cancelled() {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            super::sleep_or_cancel(left.min(self.lease_duration / 4), stop).await;
+            self.renew_if_due().await?;
+        }
+        Ok(())
+    }
+
+    /// Gives the lease up so a standby takes over at once (best effort: it expires anyway).
+    pub(super) async fn release(db: &mut Db, sql: &Arc<Sql>, lease: Lease) {
+        let sql = Arc::clone(sql);
+        if let Err(e) = db.call(move |c| store::release(c, &sql, &lease)).await {
+            tracing::debug!(target: TARGET, error = %e, "lease release failed; it expires on its own");
+        }
+    }
+}
