@@ -42,7 +42,7 @@ pub enum Error {
 /// # Errors
 /// [`Error::Migration`].
 pub fn migrate(conn: &mut PgConnection) -> Result<(), Error> {
-    outbox::run_migrations(conn, &outbox::TableRef::default())?;
+    outbox::Outbox::new().migrate(conn)?;
     conn.run_pending_migrations(MIGRATIONS)
         .map_err(|e| Error::Migration(e.to_string()))?;
     Ok(())
@@ -202,7 +202,7 @@ pub fn reserve(conn: &mut PgConnection, order: &OrderCreated) -> Result<Reply, E
         }
     };
     let event = outbox::Event::json(REPLY_TOPIC, reply.order_id(), reply.event_type(), &reply)?;
-    outbox::enqueue(conn, &event)?;
+    outbox::Outbox::new().enqueue(conn, &event)?;
     Ok(reply)
 }
 

@@ -55,7 +55,7 @@ pub enum Error {
 /// # Errors
 /// [`Error::Migration`].
 pub fn migrate(conn: &mut PgConnection) -> Result<(), Error> {
-    outbox::run_migrations(conn, &outbox::TableRef::default())?;
+    outbox::Outbox::new().migrate(conn)?;
     conn.run_pending_migrations(MIGRATIONS)
         .map_err(|e| Error::Migration(e.to_string()))?;
     Ok(())
@@ -231,7 +231,7 @@ pub fn create(
             quantity: new.quantity,
             amount_cents: new.amount_cents,
         };
-        outbox::enqueue(
+        outbox::Outbox::new().enqueue(
             conn,
             &outbox::Event::json(ORDER_TOPIC, id.to_string(), "OrderCreated", &event)?,
         )?;
@@ -298,7 +298,7 @@ pub fn cancel(conn: &mut PgConnection, id: Uuid) -> Result<Order, Error> {
         let event = OrderCancelled {
             order_id: id.to_string(),
         };
-        outbox::enqueue(
+        outbox::Outbox::new().enqueue(
             conn,
             &outbox::Event::json(ORDER_TOPIC, id.to_string(), "OrderCancelled", &event)?,
         )?;

@@ -11,6 +11,7 @@ use std::fmt;
 use std::sync::LazyLock;
 
 pub use crate::ident::{Ident, TableRef};
+pub use crate::migrate::MIGRATIONS;
 pub use crate::stored::{StoredEvent, Xid8};
 
 /// A table of the contract.

@@ -121,7 +121,7 @@ impl Error {
 
 /// Whether a diesel error may go away when the transaction is run again.
 #[must_use]
-pub fn is_retriable_db(error: &diesel::result::Error) -> bool {
+pub(crate) fn is_retriable_db(error: &diesel::result::Error) -> bool {
     use diesel::result::Error as D;
     match error {
         // 40001, a closed connection, a command that could not be sent, and 25006 (a

@@ -7,14 +7,15 @@
 //! ```no_run
 //! use diesel::prelude::*;
 //! # fn demo(conn: &mut PgConnection) -> Result<(), outbox::Error> {
-//! outbox::Outbox::new().migrate(conn)?; // once, at start-up
+//! let outbox = outbox::Outbox::new(); // or .schema("svc")?, .max_payload_bytes(..)?
+//! outbox.migrate(conn)?; // once, at start-up
 //! conn.transaction(|conn| {
 //!     diesel::sql_query("INSERT INTO orders (id) VALUES (42)").execute(conn)?;
 //!     let event = outbox::Event::builder("orders", "order-42", "OrderCreated")
 //!         .json(&serde_json::json!({"order_id": 42}))
 //!         .header("x-tenant", "acme")
 //!         .build()?;
-//!     outbox::enqueue(conn, &event)?;
+//!     outbox.enqueue(conn, &event)?;
 //!     Ok(())
 //! })
 //! # }
@@ -37,14 +38,14 @@ mod store;
 mod stored;
 pub mod trace;
 
-pub use error::{is_retriable_db, Error, Result};
+pub(crate) use error::is_retriable_db;
+pub use error::{Error, Result};
 pub use event::{
     validate_topic, Event, EventBuilder, JSON_CONTENT_TYPE, MAX_NAME_LEN, MAX_TOPIC_LEN,
     RESERVED_HEADERS,
 };
-pub use ident::{Ident, TableRef};
+pub use ident::TableRef;
 pub use inbox::{Inbox, MessageRef, Processed, MAX_INBOX_ID_LEN};
-pub use migrate::{run_migrations, verify_schema, MIGRATIONS};
-pub use store::{enqueue, enqueue_batch, Enqueued, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
+pub use store::{Enqueued, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use stored::StoredEvent;
 pub use trace::{current_traceparent, TraceContextLayer, Traceparent};

@@ -47,7 +47,7 @@ fn in_schema<T>(
 ///
 /// # Errors
 /// [`Error::Migration`] when a migration fails; nothing of that migration is kept.
-pub fn run_migrations(conn: &mut PgConnection, tables: &TableRef) -> Result<Vec<String>> {
+pub(crate) fn run_migrations(conn: &mut PgConnection, tables: &TableRef) -> Result<Vec<String>> {
     in_schema(conn, tables, true, |conn| {
         let applied = conn
             .run_pending_migrations(MIGRATIONS)
@@ -61,7 +61,7 @@ pub fn run_migrations(conn: &mut PgConnection, tables: &TableRef) -> Result<Vec<
 ///
 /// # Errors
 /// [`Error::SchemaMismatch`] listing pending migrations or missing/mistyped columns.
-pub fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
+pub(crate) fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
     let pending = in_schema(conn, tables, false, |conn| {
         let has_table = diesel::sql_query(
             "SELECT NULL::text AS name, 'x' AS v FROM pg_catalog.pg_tables \

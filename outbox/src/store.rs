@@ -67,7 +67,12 @@ impl Outbox {
     /// up to [`DEFAULT_MAX_PAYLOAD_BYTES`].
     #[must_use]
     pub fn new() -> Self {
-        let tables = TableRef::default();
+        Self::with_tables(TableRef::default())
+    }
+
+    /// An outbox whose tables are at `tables`.
+    #[must_use]
+    pub fn with_tables(tables: TableRef) -> Self {
         Self {
             table_sql: tables.qualify(Table::Outbox),
             tables,
@@ -105,18 +110,21 @@ impl Outbox {
         &self.tables
     }
 
-    /// Applies the embedded migrations in this outbox's schema. See [`migrate::run_migrations`].
+    /// Applies the pending migrations (the table contract, [`crate::contract::MIGRATIONS`]) in
+    /// this outbox's schema, created if missing. Returns the versions applied. Safe to call on
+    /// every start: applied migrations are skipped.
     ///
     /// # Errors
-    /// [`Error::Migration`].
+    /// [`Error::Migration`] when a migration fails; nothing of that migration is kept.
     pub fn migrate(&self, conn: &mut PgConnection) -> Result<Vec<String>> {
         migrate::run_migrations(conn, &self.tables)
     }
 
-    /// Checks that the schema matches this library. See [`migrate::verify_schema`].
+    /// Checks that every migration is applied and that the tables have the columns and types
+    /// of the contract ([`crate::contract::Table::columns`]).
     ///
     /// # Errors
-    /// [`Error::SchemaMismatch`].
+    /// [`Error::SchemaMismatch`] listing pending migrations or missing/mistyped columns.
     pub fn verify_schema(&self, conn: &mut PgConnection) -> Result<()> {
         migrate::verify_schema(conn, &self.tables)
     }
@@ -347,20 +355,4 @@ fn classify(e: DieselError, duplicate: impl FnOnce() -> Option<Uuid>) -> Error {
         }
     }
     Error::Database(e)
-}
-
-/// Enqueues one event with the default [`Outbox`]. See [`Outbox::enqueue`].
-///
-/// # Errors
-/// As [`Outbox::enqueue`].
-pub fn enqueue(conn: &mut PgConnection, event: &Event) -> Result<Enqueued> {
-    Outbox::new().enqueue(conn, event)
-}
-
-/// Enqueues a batch with the default [`Outbox`]. See [`Outbox::enqueue_batch`].
-///
-/// # Errors
-/// As [`Outbox::enqueue_batch`].
-pub fn enqueue_batch(conn: &mut PgConnection, events: &[Event]) -> Result<Vec<Enqueued>> {
-    Outbox::new().enqueue_batch(conn, events)
 }

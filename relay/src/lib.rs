@@ -30,10 +30,13 @@ mod engine;
 mod error;
 pub mod grants;
 pub mod metrics;
+// The producer and the SQL layer are internals, public only for the test suites.
+#[doc(hidden)]
 pub mod producer;
 pub mod replay;
 pub mod retention;
 pub mod status;
+#[doc(hidden)]
 pub mod store;
 
 pub use config::{is_secret_key, PoisonPolicy, RelayConfig};

@@ -365,6 +365,17 @@ impl Sql {
     }
 }
 
+/// Every relay connection sets `application_name` to this prefix followed by its instance id,
+/// so `status` can list the relay processes from `pg_stat_activity`.
+pub const APPLICATION_NAME_PREFIX: &str = "outbox-relay:";
+
+/// The `application_name` of a relay instance's sessions: `outbox-relay:<instance>` (Postgres
+/// keeps the first 63 bytes).
+#[must_use]
+pub fn application_name(instance: &str) -> String {
+    format!("{APPLICATION_NAME_PREFIX}{instance}")
+}
+
 /// Connects, naming the (scrubbed) URL on failure.
 ///
 /// # Errors

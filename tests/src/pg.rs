@@ -46,7 +46,7 @@ impl TestDb {
     /// Creates an empty database and applies the outbox migrations.
     pub fn migrated() -> Result<Self> {
         let db = Self::new()?;
-        outbox::run_migrations(&mut db.conn()?, &outbox::TableRef::default())?;
+        outbox::Outbox::new().migrate(&mut db.conn()?)?;
         Ok(db)
     }
 

@@ -89,7 +89,7 @@ fn write(
                 ));
                 events.push(e);
             }
-            outbox::enqueue_batch(c, &events)?;
+            outbox::Outbox::new().enqueue_batch(c, &events)?;
             Ok(meta)
         })?;
         mine.extend(written);
@@ -185,7 +185,7 @@ pub fn run_resilient_writers_until(
                             .bind::<Text, _>(&key)
                             .bind::<BigInt, _>(seq)
                             .execute(c)?;
-                        outbox::enqueue(c, &e)?;
+                        outbox::Outbox::new().enqueue(c, &e)?;
                         Ok(())
                     });
                     if r.is_err() {

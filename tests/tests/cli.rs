@@ -51,7 +51,8 @@ fn migrate_then_status_on_a_fresh_database() {
 
     let mut conn = db.conn().unwrap();
     let e = outbox::Event::json("orders", "order-1", "OrderCreated", &1).unwrap();
-    conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+        .unwrap();
     let out = cli(&["status"], &[("DATABASE_URL", db.url())]);
     let s = text(&out);
     assert!(out.status.success(), "{s}");
@@ -163,7 +164,7 @@ async fn metrics_and_health_are_served_and_sigterm_exits_cleanly() {
     let events: Vec<outbox::Event> = (0..100)
         .map(|i| outbox::Event::json(&topic, format!("k{}", i % 7), "T", &i).unwrap())
         .collect();
-    conn.transaction(|c| outbox::enqueue_batch(c, &events))
+    conn.transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");

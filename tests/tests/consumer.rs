@@ -565,7 +565,8 @@ async fn the_writers_trace_reaches_the_handler_through_the_relay() {
         let _g = span.enter();
         let writer = outbox::current_traceparent().unwrap();
         let e = outbox::Event::json(&topic, "order-1", "OrderCreated", &1).unwrap();
-        conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
+        conn.transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+            .unwrap();
         writer
     };
     let relay =

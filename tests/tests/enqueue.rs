@@ -45,7 +45,7 @@ fn atomic_writer(conn: &mut PgConnection, _url: &str, id: i64, fail: bool) -> Re
         diesel::sql_query("INSERT INTO orders VALUES ($1, 100)")
             .bind::<BigInt, _>(id)
             .execute(conn)?;
-        outbox::enqueue(conn, &order_event(id))?;
+        outbox::Outbox::new().enqueue(conn, &order_event(id))?;
         if fail {
             return Err(Error::InvalidConfig("business rule failed".into()));
         }
@@ -57,7 +57,7 @@ fn atomic_writer(conn: &mut PgConnection, _url: &str, id: i64, fail: bool) -> Re
 /// articles), so it commits even when the business transaction rolls back.
 fn dual_writer(conn: &mut PgConnection, url: &str, id: i64, fail: bool) -> Result<(), Error> {
     let mut other = PgConnection::establish(url).unwrap();
-    other.transaction(|c| outbox::enqueue(c, &order_event(id)))?;
+    other.transaction(|c| outbox::Outbox::new().enqueue(c, &order_event(id)))?;
     conn.transaction(|conn| {
         diesel::sql_query("INSERT INTO orders VALUES ($1, 100)")
             .bind::<BigInt, _>(id)
@@ -104,10 +104,14 @@ fn the_atomicity_check_catches_a_dual_write() {
 fn enqueue_outside_a_transaction_is_refused_and_writes_nothing() {
     let db = TestDb::migrated().unwrap();
     let mut conn = db.conn().unwrap();
-    let err = outbox::enqueue(&mut conn, &order_event(1)).unwrap_err();
+    let err = outbox::Outbox::new()
+        .enqueue(&mut conn, &order_event(1))
+        .unwrap_err();
     assert!(matches!(err, Error::NotInTransaction), "{err}");
     assert!(err.to_string().contains("conn.transaction"));
-    let err = outbox::enqueue_batch(&mut conn, &[order_event(1)]).unwrap_err();
+    let err = outbox::Outbox::new()
+        .enqueue_batch(&mut conn, &[order_event(1)])
+        .unwrap_err();
     assert!(matches!(err, Error::NotInTransaction), "{err}");
     assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox"), 0);
 }
@@ -118,7 +122,7 @@ fn batch_is_one_multi_row_insert_in_order() {
     let mut conn = db.conn().unwrap();
     let events: Vec<Event> = (0..5000).map(order_event).collect();
     let enqueued = conn
-        .transaction(|c| outbox::enqueue_batch(c, &events))
+        .transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
     assert_eq!(enqueued.len(), 5000);
     // ids follow the batch order, also across the statement split at 4096 rows
@@ -137,12 +141,13 @@ fn batch_is_all_or_nothing_and_names_the_duplicate() {
     let db = TestDb::migrated().unwrap();
     let mut conn = db.conn().unwrap();
     let existing = order_event(1);
-    conn.transaction(|c| outbox::enqueue(c, &existing)).unwrap();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &existing))
+        .unwrap();
 
     // repeated inside the batch
     let fresh = order_event(2);
     let err = conn
-        .transaction(|c| outbox::enqueue_batch(c, &[fresh.clone(), fresh.clone()]))
+        .transaction(|c| outbox::Outbox::new().enqueue_batch(c, &[fresh.clone(), fresh.clone()]))
         .unwrap_err();
     assert!(
         matches!(err, Error::DuplicateEventId(id) if id == fresh.event_id()),
@@ -153,7 +158,7 @@ fn batch_is_all_or_nothing_and_names_the_duplicate() {
     // transaction stays usable (the batch ran in a savepoint)
     let batch = vec![order_event(3), existing.clone(), order_event(4)];
     let result: Result<i64, Error> = conn.transaction(|c| {
-        let err = outbox::enqueue_batch(c, &batch).unwrap_err();
+        let err = outbox::Outbox::new().enqueue_batch(c, &batch).unwrap_err();
         assert!(
             matches!(err, Error::DuplicateEventId(id) if id == existing.event_id()),
             "{err}"
@@ -170,8 +175,11 @@ fn duplicate_single_enqueue_names_the_id_and_aborts() {
     let db = TestDb::migrated().unwrap();
     let mut conn = db.conn().unwrap();
     let e = order_event(1);
-    conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
-    let err = conn.transaction(|c| outbox::enqueue(c, &e)).unwrap_err();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+        .unwrap();
+    let err = conn
+        .transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+        .unwrap_err();
     assert!(
         matches!(err, Error::DuplicateEventId(id) if id == e.event_id()),
         "{err}"
@@ -194,7 +202,8 @@ fn plain_sql_insert_with_four_columns_reads_back_like_a_library_event() {
         .without_trace()
         .build()
         .unwrap();
-    conn.transaction(|c| outbox::enqueue(c, &lib)).unwrap();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &lib))
+        .unwrap();
 
     let rows = Outbox::new().pending(&mut conn, 10).unwrap();
     let [sql, ours] = rows.as_slice() else {
@@ -370,7 +379,9 @@ fn every_bad_input_gets_its_own_clear_error_and_writes_nothing() {
     );
     let big = vec![b'x'; outbox::DEFAULT_MAX_PAYLOAD_BYTES + 1];
     let err = conn
-        .transaction(|c| outbox::enqueue(c, &b().bytes(big, "application/octet-stream").build()?))
+        .transaction(|c| {
+            outbox::Outbox::new().enqueue(c, &b().bytes(big, "application/octet-stream").build()?)
+        })
         .unwrap_err();
     assert!(matches!(err, Error::PayloadTooLarge { .. }), "{err}");
     assert!(matches!(
@@ -533,7 +544,8 @@ fn the_writers_span_becomes_the_events_traceparent() {
         let _g = span.enter();
         let expected = outbox::current_traceparent().unwrap();
         let e = order_event(1);
-        conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
+        conn.transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+            .unwrap();
         (e, expected)
     });
     assert_eq!(written.traceparent(), Some(expected));
@@ -614,7 +626,7 @@ mod roundtrip {
             }
             let event = builder.build().unwrap();
             let (q, stored) = conn.test_transaction::<_, Error, _>(|c| {
-                let q = outbox::enqueue(c, &event)?;
+                let q = outbox::Outbox::new().enqueue(c, &event)?;
                 let stored = Outbox::new().pending(c, 1)?.pop().unwrap();
                 Ok((q, stored))
             });

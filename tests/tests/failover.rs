@@ -279,7 +279,7 @@ async fn postgres_crash_under_load_nothing_lost_nothing_uncommitted_order_kept()
     let url = cluster.create_db("app").unwrap();
     {
         let mut conn = diesel::Connection::establish(&url).unwrap();
-        outbox::run_migrations(&mut conn, &outbox::TableRef::default()).unwrap();
+        outbox::Outbox::new().migrate(&mut conn).unwrap();
         create_keys(&mut conn, 50).unwrap();
     }
     let broker = Tansu::start().unwrap();
@@ -549,7 +549,7 @@ async fn broken_variant_a_dual_write_publishes_what_a_postgres_crash_rolled_back
     let url = cluster.create_db("app").unwrap();
     {
         let mut conn = diesel::Connection::establish(&url).unwrap();
-        outbox::run_migrations(&mut conn, &outbox::TableRef::default()).unwrap();
+        outbox::Outbox::new().migrate(&mut conn).unwrap();
         create_keys(&mut conn, 50).unwrap();
     }
     let broker = Tansu::start().unwrap();

@@ -128,9 +128,10 @@ fn private_cluster_survives_immediate_stop_and_kill_9() {
         .get_result(&mut conn)
         .unwrap();
     assert_eq!(wal.v, "logical");
-    outbox::run_migrations(&mut conn, &outbox::TableRef::default()).unwrap();
+    outbox::Outbox::new().migrate(&mut conn).unwrap();
     let event = outbox::Event::json("orders", "k", "t", &1).unwrap();
-    conn.transaction(|c| outbox::enqueue(c, &event)).unwrap();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &event))
+        .unwrap();
     drop(conn);
 
     cluster.stop_immediate().unwrap();

@@ -180,7 +180,7 @@ fn consume_and_publish_commit_together() {
     let inbox = Inbox::new("inventory").unwrap();
     let reply = |c: &mut PgConnection, fail: bool| -> Result<(), Error> {
         deduct(c, 3)?;
-        outbox::enqueue(
+        outbox::Outbox::new().enqueue(
             c,
             &Event::json("inventory", "order-9", "InventoryReserved", &3)?,
         )?;
@@ -321,7 +321,8 @@ fn a_deadlock_is_classified_as_retriable() {
         .or(rb.err())
         .expect("one of them is the deadlock victim");
     assert!(err.to_string().contains("deadlock"), "{err}");
-    assert!(outbox::is_retriable_db(&err), "{err}");
+    let err = outbox::Error::from(err);
+    assert!(err.is_retriable(), "{err}");
 }
 
 /// S4: a statement timeout, a read-only server (a standby during a switchover) and a cancel
@@ -339,12 +340,14 @@ fn timeouts_cancels_and_a_read_only_server_are_retriable() {
         timeout.to_string().contains("statement timeout"),
         "{timeout}"
     );
-    assert!(outbox::is_retriable_db(&timeout), "{timeout}");
+    let timeout = outbox::Error::from(timeout);
+    assert!(timeout.is_retriable(), "{timeout}");
     let read_only = c
         .batch_execute("BEGIN READ ONLY; CREATE TABLE ro (id int)")
         .unwrap_err();
     c.batch_execute("ROLLBACK").unwrap();
-    assert!(outbox::is_retriable_db(&read_only), "{read_only}");
+    let read_only = outbox::Error::from(read_only);
+    assert!(read_only.is_retriable(), "{read_only}");
     let mut other = db.conn().unwrap();
     #[derive(diesel::QueryableByName)]
     struct Pid {
@@ -361,9 +364,11 @@ fn timeouts_cancels_and_a_read_only_server_are_retriable() {
         .execute(&mut c)
         .unwrap();
     let cancelled = t.join().unwrap().unwrap_err();
-    assert!(outbox::is_retriable_db(&cancelled), "{cancelled}");
+    let cancelled = outbox::Error::from(cancelled);
+    assert!(cancelled.is_retriable(), "{cancelled}");
     c.batch_execute("CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1)")
         .unwrap();
     let dup = c.batch_execute("INSERT INTO u VALUES (1)").unwrap_err();
-    assert!(!outbox::is_retriable_db(&dup), "{dup}");
+    let dup = outbox::Error::from(dup);
+    assert!(!dup.is_retriable(), "{dup}");
 }

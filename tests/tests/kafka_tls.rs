@@ -47,7 +47,7 @@ fn enqueue(conn: &mut PgConnection, topic: &str, n: usize) {
     let events: Vec<outbox::Event> = (0..n)
         .map(|i| outbox::Event::json(topic, format!("k{}", i % 3), "T", &i).unwrap())
         .collect();
-    conn.transaction(|c| outbox::enqueue_batch(c, &events))
+    conn.transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
 }
 

@@ -267,7 +267,7 @@ async fn the_relay_delivers_as_the_least_privilege_role_and_names_a_missing_gran
         .map(|i| outbox::Event::json(&topic, format!("k{}", i % 3), "T", &i).unwrap())
         .collect();
     admin
-        .transaction(|c| outbox::enqueue_batch(c, &events))
+        .transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
     let relay = RelayProcess::spawn(BIN, &url, &bootstrap, &[]).unwrap();
     wait_until(
@@ -610,7 +610,8 @@ fn no_password_appears_in_any_log_line_or_error() {
     assert_ne!(url, db.url());
     let mut conn = db.conn().unwrap();
     let e = outbox::Event::json("orders", "k", "T", &1).unwrap();
-    conn.transaction(|c| outbox::enqueue(c, &e)).unwrap();
+    conn.transaction(|c| outbox::Outbox::new().enqueue(c, &e))
+        .unwrap();
     for format in ["text", "json"] {
         let mut args = vec![
             "--log-format",

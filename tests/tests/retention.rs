@@ -88,7 +88,7 @@ fn enqueue(conn: &mut PgConnection, topic: &str, first: usize, n: usize) -> Vec<
     let events: Vec<outbox::Event> = (first..first + n)
         .map(|i| outbox::Event::json(topic, format!("k{}", i % 4), "T", &i).unwrap())
         .collect();
-    conn.transaction(|c| outbox::enqueue_batch(c, &events))
+    conn.transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
     events.iter().map(|e| e.event_id().to_string()).collect()
 }

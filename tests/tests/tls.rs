@@ -40,14 +40,14 @@ async fn the_relay_delivers_over_postgres_tls_with_sslmode_require() {
     let cluster = PgCluster::start_tls().unwrap();
     let url = format!("{}?sslmode=require", cluster.create_db("app").unwrap());
     let mut conn = PgConnection::establish(&url).unwrap();
-    outbox::run_migrations(&mut conn, &outbox::TableRef::default()).unwrap();
+    outbox::Outbox::new().migrate(&mut conn).unwrap();
     let broker = Tansu::start().unwrap();
     let topic = unique_name("tls");
     create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
     let events: Vec<outbox::Event> = (0..20)
         .map(|i| outbox::Event::json(&topic, format!("k{}", i % 3), "T", &i).unwrap())
         .collect();
-    conn.transaction(|c| outbox::enqueue_batch(c, &events))
+    conn.transaction(|c| outbox::Outbox::new().enqueue_batch(c, &events))
         .unwrap();
     let relay = InProcessRelay::start(relay_config(&url, &broker.bootstrap())).unwrap();
     wait_until(Duration::from_secs(30), "delivery over TLS", || {

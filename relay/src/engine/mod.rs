@@ -133,7 +133,7 @@ impl Relay {
     /// Only what retrying cannot fix: a schema mismatch, a superuser role without
     /// `allow_superuser`, a producer configuration librdkafka refuses.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
-        let app_name = crate::status::application_name(&self.instance);
+        let app_name = store::application_name(&self.instance);
         let mut db = Db::new(
             &self.cfg.database_url,
             &app_name,
@@ -221,7 +221,7 @@ impl Relay {
             let r = db
                 .call(move |c| {
                     crate::grants::check(c, &tables, &required)?;
-                    outbox::verify_schema(c, &tables)?;
+                    outbox::Outbox::with_tables(tables.clone()).verify_schema(c)?;
                     if store::is_superuser(c)? && !allow_superuser {
                         return Err(Error::Superuser);
                     }
@@ -266,7 +266,7 @@ impl Relay {
         let purge_stop = shutdown.child_token();
         let purge = crate::retention::spawn(
             &self.cfg,
-            crate::status::application_name(&self.instance),
+            store::application_name(&self.instance),
             purge_stop.clone(),
         );
         let result = self.lead_term(capture, &mut term).await;

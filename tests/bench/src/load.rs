@@ -74,9 +74,9 @@ fn app_tx(
             })
             .collect::<outbox::Result<Vec<_>>>()?;
         let rows = if per_tx == 1 {
-            vec![outbox::enqueue(c, &events[0])?]
+            vec![outbox::Outbox::new().enqueue(c, &events[0])?]
         } else {
-            outbox::enqueue_batch(c, &events)?
+            outbox::Outbox::new().enqueue_batch(c, &events)?
         };
         Ok(rows
             .iter()
@@ -519,7 +519,7 @@ pub async fn hold_open(url: &str, topic: &str, _planned_secs: u64) -> Result<Hel
         let e = Event::builder(&topic, "held", "Held")
             .bytes(crate::payload(), "application/octet-stream")
             .build()?;
-        outbox::enqueue(&mut c, &e)?;
+        outbox::Outbox::new().enqueue(&mut c, &e)?;
         let started = Instant::now();
         let _ = opened_tx.send(());
         let _ = wait.recv();

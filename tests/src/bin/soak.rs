@@ -140,7 +140,7 @@ async fn hold_transaction_open(
         .bind::<diesel::sql_types::Text, _>(e.event_id().to_string())
         .bind::<diesel::sql_types::Text, _>(&key)
         .execute(&mut c)?;
-    outbox::enqueue(&mut c, &e)?;
+    outbox::Outbox::new().enqueue(&mut c, &e)?;
     let opened = Instant::now();
     let mut worst = 0.0_f64;
     while opened.elapsed() < hold {
@@ -188,10 +188,10 @@ async fn main() -> Result<()> {
     let consumer_url = cluster.create_db("consumer")?;
     {
         let mut c = PgConnection::establish(&url)?;
-        outbox::run_migrations(&mut c, &outbox::TableRef::default())?;
+        outbox::Outbox::new().migrate(&mut c)?;
         create_keys(&mut c, 200)?;
         let mut c = PgConnection::establish(&consumer_url)?;
-        outbox::run_migrations(&mut c, &outbox::TableRef::default())?;
+        outbox::Outbox::new().migrate(&mut c)?;
         effects::create(&mut c)?;
     }
     let topic = unique_name("soak");

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use outbox::shutdown::TaskTracker;
 use tokio_util::sync::CancellationToken;
 
+mod render;
+
 use crate::config::RelayConfig;
 use crate::error::scrub_url;
 use crate::{dead_letters, metrics, replay, status, store, Relay};
@@ -357,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             let tables = cfg.tables()?;
             require_url(&cfg)?;
             let mut conn = store::connect(cfg.database_url())?;
-            let applied = outbox::run_migrations(&mut conn, &tables)?;
+            let applied = outbox::Outbox::with_tables(tables.clone()).migrate(&mut conn)?;
             if applied.is_empty() {
                 println!("schema is up to date ({})", scrub_url(cfg.database_url()));
             } else {
@@ -375,7 +377,7 @@ fn run(cli: Cli) -> Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                print!("{}", s.render());
+                print!("{}", render::status(&s));
             }
             Ok(())
         }
@@ -389,7 +391,7 @@ fn run(cli: Cli) -> Result<()> {
             let tables = cfg.tables()?;
             require_url(&cfg)?;
             let mut conn = store::connect(cfg.database_url())?;
-            outbox::verify_schema(&mut conn, &tables)?;
+            outbox::Outbox::with_tables(tables.clone()).verify_schema(&mut conn)?;
             run_replay(&mut conn, &tables, args)
         }
         Command::Run(args) => {
@@ -426,7 +428,7 @@ fn run_dead_letters(
             if *json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", dead_letters::render(&rows));
+                print!("{}", render::dead_letters(&rows));
             }
         }
         DeadLetterCommand::Show { id } => {
@@ -531,7 +533,7 @@ fn run_replay(
             .map(|c| vec![c.topic.clone(), c.events.to_string()])
             .collect();
         if !rows.is_empty() {
-            print!("{}", status::table(&["topic", "events"], &rows));
+            print!("{}", render::table(&["topic", "events"], &rows));
         }
         println!("dry run: {total} events would be re-published ({span})");
         return Ok(());
@@ -593,7 +595,7 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
         tasks.spawn(metrics::serve(addr, handle, shutdown.clone()).await?);
         tasks.spawn(metrics::spawn_backlog_poller(
             cfg.database_url().to_owned(),
-            status::application_name(relay.instance_id()),
+            store::application_name(relay.instance_id()),
             cfg.tables()?,
             Duration::from_secs(5),
             shutdown.clone(),
