@@ -3,12 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::error::{scrub_url, Error, Result};
+pub use crate::settings::RelayConfig;
 
 /// What happens to later events of a key after one of its events is dead-lettered.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -37,106 +37,6 @@ impl std::str::FromStr for PoisonPolicy {
     }
 }
 
-/// Everything the relay needs. Build with [`RelayConfig::new`] and the setters, or deserialize
-/// from a TOML file (unknown keys are refused). Call [`RelayConfig::validate`] (the relay does).
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RelayConfig {
-    #[serde(default)]
-    pub(crate) database_url: String,
-    #[serde(default)]
-    pub(crate) brokers: String,
-    #[serde(default)]
-    pub(crate) schema: Option<String>,
-    #[serde(default)]
-    pub(crate) source: Option<String>,
-    #[serde(default)]
-    pub(crate) instance_id: Option<String>,
-    #[serde(default = "defaults::page_size")]
-    pub(crate) page_size: i64,
-    #[serde(default = "defaults::max_pages_in_flight")]
-    pub(crate) max_pages_in_flight: usize,
-    #[serde(default = "defaults::idle_poll_max_ms")]
-    pub(crate) idle_poll_max_ms: u64,
-    #[serde(default = "defaults::lease_ms")]
-    pub(crate) lease_ms: u64,
-    #[serde(default = "defaults::standby_poll_ms")]
-    pub(crate) standby_poll_ms: u64,
-    #[serde(default = "defaults::max_attempts")]
-    pub(crate) max_attempts: u32,
-    #[serde(default)]
-    pub(crate) poison_policy: PoisonPolicy,
-    #[serde(default = "defaults::shutdown_timeout_ms")]
-    pub(crate) shutdown_timeout_ms: u64,
-    #[serde(default = "defaults::ack_overdue_ms")]
-    pub(crate) ack_overdue_ms: u64,
-    #[serde(default)]
-    pub(crate) metrics_addr: Option<SocketAddr>,
-    #[serde(default)]
-    pub(crate) allow_superuser: bool,
-    #[serde(default = "defaults::synchronous_commit")]
-    pub(crate) synchronous_commit: String,
-    #[serde(default)]
-    pub(crate) keep_delivered_hours: u64,
-    #[serde(default)]
-    pub(crate) dead_letters_keep_days: u64,
-    #[serde(default = "defaults::purge_interval_ms")]
-    pub(crate) purge_interval_ms: u64,
-    /// Raw librdkafka producer properties.
-    #[serde(default)]
-    pub(crate) kafka: BTreeMap<String, String>,
-}
-
-mod defaults {
-    /// Rows per fetch: large enough to amortise a round trip, small enough to delete quickly.
-    pub fn page_size() -> i64 {
-        1000
-    }
-    /// Pages produced ahead of acknowledgement: keeps DB and Kafka busy at once.
-    pub fn max_pages_in_flight() -> usize {
-        4
-    }
-    /// Longest sleep when idle; polling speeds up again as soon as a batch has rows.
-    pub fn idle_poll_max_ms() -> u64 {
-        100
-    }
-    /// A leader that has not renewed for this long is replaced.
-    pub fn lease_ms() -> u64 {
-        5000
-    }
-    /// How often a standby checks whether the lease expired.
-    pub fn standby_poll_ms() -> u64 {
-        500
-    }
-    /// Delivery attempts before an event is dead-lettered (permanent errors: at once).
-    pub fn max_attempts() -> u32 {
-        5
-    }
-    /// How long shutdown waits for outstanding acknowledgements.
-    pub fn shutdown_timeout_ms() -> u64 {
-        10_000
-    }
-    /// An event unacknowledged for this long is set aside with the later events of its key:
-    /// an unavailable partition (no leader, too few in-sync replicas) holds up only its own
-    /// keys. Long enough that a broker's ordinary hiccup (leader election, a retry) is waited
-    /// out in line.
-    pub fn ack_overdue_ms() -> u64 {
-        10_000
-    }
-    /// The relay's own session: its commits (lease, batch snapshots, removals) need not wait
-    /// for the WAL flush. Losing the last of them in a database crash moves the relay's state
-    /// back (WAL is replayed in order), which re-sends events (duplicates) and never skips one.
-    /// Applications' commits are not affected.
-    pub fn synchronous_commit() -> String {
-        "off".to_owned()
-    }
-    /// How often the leader purges expired delivered events and dead letters: often enough that
-    /// each run deletes little, rarely enough that the index scan costs nothing.
-    pub fn purge_interval_ms() -> u64 {
-        300_000
-    }
-}
-
 /// Longest `keep_delivered_hours` (one year): replay is for recent incidents; longer archives
 /// belong in a warehouse, not next to the hot outbox.
 pub(crate) const MAX_KEEP_DELIVERED_HOURS: u64 = 8760;
@@ -153,29 +53,15 @@ impl fmt::Debug for RelayConfig {
                 (k.as_str(), v)
             })
             .collect();
-        f.debug_struct("RelayConfig")
-            .field("database_url", &scrub_url(&self.database_url))
-            .field("brokers", &self.brokers)
-            .field("schema", &self.schema)
-            .field("source", &self.source)
-            .field("instance_id", &self.instance_id)
-            .field("page_size", &self.page_size)
-            .field("max_pages_in_flight", &self.max_pages_in_flight)
-            .field("idle_poll_max_ms", &self.idle_poll_max_ms)
-            .field("lease_ms", &self.lease_ms)
-            .field("standby_poll_ms", &self.standby_poll_ms)
-            .field("max_attempts", &self.max_attempts)
-            .field("poison_policy", &self.poison_policy)
-            .field("shutdown_timeout_ms", &self.shutdown_timeout_ms)
-            .field("ack_overdue_ms", &self.ack_overdue_ms)
-            .field("metrics_addr", &self.metrics_addr)
-            .field("allow_superuser", &self.allow_superuser)
-            .field("synchronous_commit", &self.synchronous_commit)
-            .field("keep_delivered_hours", &self.keep_delivered_hours)
-            .field("dead_letters_keep_days", &self.dead_letters_keep_days)
-            .field("purge_interval_ms", &self.purge_interval_ms)
-            .field("kafka", &kafka)
-            .finish()
+        let mut d = f.debug_struct("RelayConfig");
+        for (key, value) in self.shown() {
+            if key == "database_url" {
+                d.field(key, &scrub_url(&value));
+            } else {
+                d.field(key, &value);
+            }
+        }
+        d.field("kafka", &kafka).finish()
     }
 }
 
@@ -233,25 +119,7 @@ impl RelayConfig {
         Self {
             database_url: database_url.into(),
             brokers: brokers.into(),
-            schema: None,
-            source: None,
-            instance_id: None,
-            page_size: defaults::page_size(),
-            max_pages_in_flight: defaults::max_pages_in_flight(),
-            idle_poll_max_ms: defaults::idle_poll_max_ms(),
-            lease_ms: defaults::lease_ms(),
-            standby_poll_ms: defaults::standby_poll_ms(),
-            max_attempts: defaults::max_attempts(),
-            poison_policy: PoisonPolicy::default(),
-            shutdown_timeout_ms: defaults::shutdown_timeout_ms(),
-            ack_overdue_ms: defaults::ack_overdue_ms(),
-            metrics_addr: None,
-            allow_superuser: false,
-            synchronous_commit: defaults::synchronous_commit(),
-            keep_delivered_hours: 0,
-            dead_letters_keep_days: 0,
-            purge_interval_ms: defaults::purge_interval_ms(),
-            kafka: BTreeMap::new(),
+            ..Self::default()
         }
     }
 
@@ -261,143 +129,6 @@ impl RelayConfig {
     /// [`Error::Config`] naming the unknown or malformed key.
     pub fn from_toml(text: &str) -> Result<Self> {
         toml::from_str(text).map_err(|e| Error::Config(e.to_string()))
-    }
-
-    /// Schema holding the outbox tables. Defaults to the connection's `search_path`.
-    #[must_use]
-    pub fn schema(mut self, schema: impl Into<String>) -> Self {
-        self.schema = Some(schema.into());
-        self
-    }
-
-    /// `ce_source` of every message. Defaults to `/outbox-relay/<schema or "default">`.
-    #[must_use]
-    pub fn source(mut self, source: impl Into<String>) -> Self {
-        self.source = Some(source.into());
-        self
-    }
-
-    /// This process's name in the lease. Defaults to `<hostname>-<pid>-<random>`.
-    #[must_use]
-    pub fn instance_id(mut self, id: impl Into<String>) -> Self {
-        self.instance_id = Some(id.into());
-        self
-    }
-
-    /// Rows per fetch. Defaults to 1000.
-    #[must_use]
-    pub fn page_size(mut self, n: i64) -> Self {
-        self.page_size = n;
-        self
-    }
-
-    /// Pages produced ahead of acknowledgement. Defaults to 4.
-    #[must_use]
-    pub fn max_pages_in_flight(mut self, n: usize) -> Self {
-        self.max_pages_in_flight = n;
-        self
-    }
-
-    /// Longest idle sleep between polls. Defaults to 100 ms.
-    #[must_use]
-    pub fn idle_poll_max(mut self, d: Duration) -> Self {
-        self.idle_poll_max_ms = millis(d);
-        self
-    }
-
-    /// Lease length: a leader silent this long is replaced. Defaults to 5 s.
-    #[must_use]
-    pub fn lease(mut self, d: Duration) -> Self {
-        self.lease_ms = millis(d);
-        self
-    }
-
-    /// How often a standby checks the lease. Defaults to 500 ms.
-    #[must_use]
-    pub fn standby_poll(mut self, d: Duration) -> Self {
-        self.standby_poll_ms = millis(d);
-        self
-    }
-
-    /// Delivery attempts before dead-lettering. Defaults to 5.
-    #[must_use]
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-
-    /// What happens to later events of a dead-lettered key. Defaults to
-    /// [`PoisonPolicy::Continue`].
-    #[must_use]
-    pub fn poison_policy(mut self, p: PoisonPolicy) -> Self {
-        self.poison_policy = p;
-        self
-    }
-
-    /// How long shutdown waits for acknowledgements. Defaults to 10 s.
-    #[must_use]
-    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
-        self.shutdown_timeout_ms = millis(d);
-        self
-    }
-
-    /// An event whose acknowledgement is overdue by this long is set aside, still in flight,
-    /// and the later events of its key wait for it (they stay in the outbox); every other key
-    /// keeps flowing. So a partition that is unavailable (its leader down, too few in-sync
-    /// replicas) holds up only the keys on it. Defaults to 10 s.
-    #[must_use]
-    pub fn ack_overdue(mut self, d: Duration) -> Self {
-        self.ack_overdue_ms = millis(d);
-        self
-    }
-
-    /// Serve `/metrics` and `/healthz` here. Defaults to off.
-    #[must_use]
-    pub fn metrics_addr(mut self, addr: SocketAddr) -> Self {
-        self.metrics_addr = Some(addr);
-        self
-    }
-
-    /// Run even when the database role is a superuser. Defaults to false (least privilege).
-    #[must_use]
-    pub fn allow_superuser(mut self, yes: bool) -> Self {
-        self.allow_superuser = yes;
-        self
-    }
-
-    /// `synchronous_commit` of the relay's own database session (default `off`: its commits do
-    /// not wait for the WAL flush; a database crash can only make it re-send, never skip). Use
-    /// `on` to trade relay throughput and latency for fewer duplicates after a crash.
-    #[must_use]
-    pub fn synchronous_commit(mut self, value: impl Into<String>) -> Self {
-        self.synchronous_commit = value.into();
-        self
-    }
-
-    /// Keep delivered events this many hours in `outbox_delivered` (for `outbox-relay replay`),
-    /// then purge them. Defaults to 0: delete them at once. When positive, removal after
-    /// acknowledgement becomes a move in the same fenced statement, and the leader purges
-    /// expired rows every [`RelayConfig::purge_interval`] in batches of 10,000.
-    #[must_use]
-    pub fn keep_delivered_hours(mut self, hours: u64) -> Self {
-        self.keep_delivered_hours = hours;
-        self
-    }
-
-    /// Purge dead letters older than this many days (by `dead_lettered_at`). Defaults to 0:
-    /// keep them until an operator retries or purges them.
-    #[must_use]
-    pub fn dead_letters_keep_days(mut self, days: u64) -> Self {
-        self.dead_letters_keep_days = days;
-        self
-    }
-
-    /// How often the leader purges expired delivered events and dead letters (also once when it
-    /// becomes leader). Defaults to 5 minutes.
-    #[must_use]
-    pub fn purge_interval(mut self, d: Duration) -> Self {
-        self.purge_interval_ms = millis(d);
-        self
     }
 
     /// Sets a raw librdkafka producer property (checked by [`RelayConfig::validate`]).
@@ -475,13 +206,13 @@ impl RelayConfig {
         }
         for (name, v) in [
             ("max_pages_in_flight", self.max_pages_in_flight as u64),
-            ("idle_poll_max_ms", self.idle_poll_max_ms),
-            ("lease_ms", self.lease_ms),
-            ("standby_poll_ms", self.standby_poll_ms),
+            ("idle_poll_max_ms", self.idle_poll_max.as_ms()),
+            ("lease_ms", self.lease.as_ms()),
+            ("standby_poll_ms", self.standby_poll.as_ms()),
             ("max_attempts", u64::from(self.max_attempts)),
-            ("shutdown_timeout_ms", self.shutdown_timeout_ms),
-            ("ack_overdue_ms", self.ack_overdue_ms),
-            ("purge_interval_ms", self.purge_interval_ms),
+            ("shutdown_timeout_ms", self.shutdown_timeout.as_ms()),
+            ("ack_overdue_ms", self.ack_overdue.as_ms()),
+            ("purge_interval_ms", self.purge_interval.as_ms()),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive, got 0"));
@@ -493,10 +224,10 @@ impl RelayConfig {
                 self.max_pages_in_flight
             ));
         }
-        if self.lease_ms < 1000 {
+        if self.lease.as_ms() < 1000 {
             return bad(format!(
                 "lease_ms must be at least 1000 (a shorter lease flaps on ordinary pauses), got {}",
-                self.lease_ms
+                self.lease.as_ms()
             ));
         }
         if self.keep_delivered_hours > MAX_KEEP_DELIVERED_HOURS {
@@ -511,19 +242,19 @@ impl RelayConfig {
                 self.dead_letters_keep_days
             ));
         }
-        if self.purge_interval_ms < 1000 {
+        if self.purge_interval.as_ms() < 1000 {
             return bad(format!(
                 "purge_interval_ms must be at least 1000, got {}",
-                self.purge_interval_ms
+                self.purge_interval.as_ms()
             ));
         }
-        if self.standby_poll_ms >= self.lease_ms {
+        if self.standby_poll.as_ms() >= self.lease.as_ms() {
             return bad("standby_poll_ms must be shorter than lease_ms".into());
         }
-        if self.idle_poll_max_ms >= self.lease_ms / 4 {
+        if self.idle_poll_max.as_ms() >= self.lease.as_ms() / 4 {
             return bad(format!(
                 "idle_poll_max_ms must be shorter than lease_ms / 4 ({} ms), or the lease lapses while idle",
-                self.lease_ms / 4
+                self.lease.as_ms() / 4
             ));
         }
         let mut seen = std::collections::HashMap::new();
@@ -568,12 +299,8 @@ impl RelayConfig {
     }
 
     pub(crate) fn lease_duration(&self) -> Duration {
-        Duration::from_millis(self.lease_ms)
+        Duration::from_millis(self.lease.as_ms())
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Settings the relay sets itself; giving them again is refused rather than silently ignored.

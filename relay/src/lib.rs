@@ -35,10 +35,12 @@ pub mod metrics;
 pub mod producer;
 pub mod replay;
 pub mod retention;
+pub mod settings;
 pub mod status;
 #[doc(hidden)]
 pub mod store;
 
-pub use config::{is_secret_key, PoisonPolicy, RelayConfig};
+pub use config::{is_secret_key, PoisonPolicy};
 pub use engine::{AckListener, Acknowledged, Relay};
 pub use error::{scrub_url, Error, Result};
+pub use settings::RelayConfig;

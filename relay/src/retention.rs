@@ -145,7 +145,7 @@ pub(crate) fn spawn(
         return None;
     }
     let cfg = cfg.clone();
-    let interval = Duration::from_millis(cfg.purge_interval_ms);
+    let interval = cfg.purge_interval.0;
     Some(tokio::spawn(async move {
         loop {
             let (c, name, token) = (cfg.clone(), application_name.clone(), stop.clone());

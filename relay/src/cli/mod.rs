@@ -1,6 +1,5 @@
 //! The `outbox-relay` command line.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,6 +13,7 @@ mod render;
 
 use crate::config::RelayConfig;
 use crate::error::scrub_url;
+use crate::settings::{Scope, Setting, SETTINGS};
 use crate::{dead_letters, metrics, replay, status, store, Relay};
 
 /// Moves committed outbox events from Postgres to Kafka (one active relay per outbox; start
@@ -185,55 +185,74 @@ impl FilterArgs {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Serve /metrics and /healthz here (e.g. 127.0.0.1:9464).
-    #[arg(long, env = "OUTBOX_RELAY_METRICS_ADDR")]
-    metrics_addr: Option<SocketAddr>,
-    /// Name of this process in the lease (default: host-pid-random).
-    #[arg(long)]
-    instance_id: Option<String>,
-    /// Rows per fetch (default 1000).
-    #[arg(long)]
-    page_size: Option<i64>,
-    /// Pages produced ahead of acknowledgement (default 4).
-    #[arg(long)]
-    max_pages_in_flight: Option<usize>,
-    /// Lease length in ms (default 5000): a silent leader is replaced after this.
-    #[arg(long)]
-    lease_ms: Option<u64>,
-    /// Standby lease check interval in ms (default 500).
-    #[arg(long)]
-    standby_poll_ms: Option<u64>,
-    /// Longest idle poll interval in ms (default 100).
-    #[arg(long)]
-    idle_poll_max_ms: Option<u64>,
-    /// Delivery attempts before dead-lettering (default 5).
-    #[arg(long)]
-    max_attempts: Option<u32>,
-    /// continue | hold-key (default continue).
-    #[arg(long)]
-    poison_policy: Option<String>,
-    /// Shutdown wait for acknowledgements in ms (default 10000).
-    #[arg(long)]
-    shutdown_timeout_ms: Option<u64>,
-    /// An event unacknowledged this many ms is set aside with its key's later events; other
-    /// keys go on (default 10000).
-    #[arg(long)]
-    ack_overdue_ms: Option<u64>,
-    /// Keep delivered events this many hours for `replay` (default 0: delete at once).
-    #[arg(long)]
-    keep_delivered_hours: Option<u64>,
-    /// Purge dead letters older than this many days (default 0: keep them).
-    #[arg(long)]
-    dead_letters_keep_days: Option<u64>,
-    /// How often the leader purges expired rows, in ms (default 300000).
-    #[arg(long)]
-    purge_interval_ms: Option<u64>,
-    /// Allow running as a database superuser.
-    #[arg(long)]
-    allow_superuser: bool,
+    /// One flag per setting of `outbox-relay run` (see `crate::settings`).
+    #[command(flatten)]
+    settings: RunFlags,
     /// Raw librdkafka producer property, KEY=VALUE (repeatable).
     #[arg(short = 'X', long = "kafka-option", value_parser = parse_kv)]
     kafka: Vec<(String, String)>,
+}
+
+/// The flags of `outbox-relay run`, made from the settings table: `--<key>` and its
+/// environment variable for every [`Scope::Run`] setting, checked as the setting parses.
+#[derive(Debug, Clone, Default)]
+struct RunFlags {
+    given: Vec<(&'static str, String)>,
+}
+
+fn run_settings() -> impl Iterator<Item = &'static Setting> {
+    SETTINGS.iter().filter(|s| s.scope == Scope::Run)
+}
+
+impl clap::FromArgMatches for RunFlags {
+    fn from_arg_matches(m: &clap::ArgMatches) -> std::result::Result<Self, clap::Error> {
+        let mut given = Vec::new();
+        for s in run_settings() {
+            if s.default == "false" {
+                if m.get_flag(s.key) {
+                    given.push((s.key, "true".to_owned()));
+                }
+            } else if let Some(v) = m.get_one::<String>(s.key) {
+                given.push((s.key, v.clone()));
+            }
+        }
+        Ok(Self { given })
+    }
+
+    fn update_from_arg_matches(
+        &mut self,
+        m: &clap::ArgMatches,
+    ) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for RunFlags {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        run_settings().fold(cmd, |cmd, s| {
+            let key = s.key;
+            let arg = clap::Arg::new(key)
+                .long(key.replace('_', "-"))
+                .env(s.env)
+                .help(format!(
+                    "{} [default: {}]",
+                    s.meaning.replace('`', ""),
+                    s.default.replace('`', "")
+                ));
+            cmd.arg(if s.default == "false" {
+                arg.action(clap::ArgAction::SetTrue)
+            } else {
+                arg.value_parser(move |v: &str| {
+                    RelayConfig::default().set(key, v).map(|()| v.to_owned())
+                })
+            })
+        })
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 fn parse_kv(s: &str) -> std::result::Result<(String, String), String> {
@@ -269,49 +288,10 @@ impl Cli {
 
 impl RunArgs {
     fn apply(&self, mut cfg: RelayConfig) -> Result<RelayConfig> {
-        if let Some(v) = self.metrics_addr {
-            cfg.metrics_addr = Some(v);
+        for (key, value) in &self.settings.given {
+            cfg.set(key, value)
+                .map_err(|e| anyhow::anyhow!("--{}: {e}", key.replace('_', "-")))?;
         }
-        if let Some(v) = &self.instance_id {
-            cfg.instance_id = Some(v.clone());
-        }
-        if let Some(v) = self.page_size {
-            cfg.page_size = v;
-        }
-        if let Some(v) = self.max_pages_in_flight {
-            cfg.max_pages_in_flight = v;
-        }
-        if let Some(v) = self.lease_ms {
-            cfg.lease_ms = v;
-        }
-        if let Some(v) = self.standby_poll_ms {
-            cfg.standby_poll_ms = v;
-        }
-        if let Some(v) = self.idle_poll_max_ms {
-            cfg.idle_poll_max_ms = v;
-        }
-        if let Some(v) = self.max_attempts {
-            cfg.max_attempts = v;
-        }
-        if let Some(v) = &self.poison_policy {
-            cfg.poison_policy = v.parse()?;
-        }
-        if let Some(v) = self.shutdown_timeout_ms {
-            cfg.shutdown_timeout_ms = v;
-        }
-        if let Some(v) = self.ack_overdue_ms {
-            cfg.ack_overdue_ms = v;
-        }
-        if let Some(v) = self.keep_delivered_hours {
-            cfg.keep_delivered_hours = v;
-        }
-        if let Some(v) = self.dead_letters_keep_days {
-            cfg.dead_letters_keep_days = v;
-        }
-        if let Some(v) = self.purge_interval_ms {
-            cfg.purge_interval_ms = v;
-        }
-        cfg.allow_superuser |= self.allow_superuser;
         for (k, v) in &self.kafka {
             cfg.kafka.insert(k.clone(), v.clone());
         }
@@ -606,4 +586,58 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
     tasks.close();
     tasks.wait().await;
     Ok(result?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every setting with a flag has it, with its environment variable: the global ones on
+    /// every command, the others on `run` (made from the table, so this guards the global ones
+    /// written by hand above).
+    #[test]
+    fn every_setting_has_its_flag_and_variable() {
+        let cli = Cli::command();
+        let run = cli.find_subcommand("run").expect("run").clone();
+        for s in SETTINGS {
+            let Some(flag) = s.flag() else { continue };
+            let cmd = if s.scope == Scope::Global { &cli } else { &run };
+            let arg = cmd
+                .get_arguments()
+                .find(|a| a.get_long().map(|l| format!("--{l}")) == Some(flag.clone()))
+                .unwrap_or_else(|| panic!("{flag} missing"));
+            assert_eq!(
+                arg.get_env().and_then(|e| e.to_str()),
+                Some(s.env),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_run_flag_is_checked_as_its_setting_parses() {
+        let err = Cli::try_parse_from(["outbox-relay", "run", "--lease-ms", "soon"]).unwrap_err();
+        assert!(err.to_string().contains("milliseconds"), "{err}");
+        let cli = Cli::try_parse_from([
+            "outbox-relay",
+            "run",
+            "--lease-ms",
+            "7000",
+            "--allow-superuser",
+            "--poison-policy",
+            "hold-key",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let cfg = args
+            .apply(RelayConfig::new("postgres://x", "k:9092"))
+            .unwrap();
+        assert_eq!(cfg.lease.as_ms(), 7000);
+        assert!(cfg.allow_superuser);
+        assert_eq!(cfg.poison_policy, crate::PoisonPolicy::HoldKey);
+    }
 }

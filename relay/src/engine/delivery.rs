@@ -335,7 +335,7 @@ impl Relay {
                 () = tokio::time::sleep(renew_in) => term.session.renew_if_due().await?,
                 () = term.shutdown.cancelled(), if deadline.is_none() => {
                     term.deadline = Some(
-                        tokio::time::Instant::now() + Duration::from_millis(self.cfg.shutdown_timeout_ms),
+                        tokio::time::Instant::now() + self.cfg.shutdown_timeout.0,
                     );
                 }
                 () = async {
@@ -357,7 +357,7 @@ impl Relay {
     ) -> Result<PageEnd> {
         let mut settled = Settled::default();
         let mut end = PageEnd::default();
-        let overdue_after = Duration::from_millis(self.cfg.ack_overdue_ms);
+        let overdue_after = self.cfg.ack_overdue.0;
         for mut entry in page {
             let failure = match std::mem::replace(&mut entry.outcome, Outcome::NotSent) {
                 Outcome::Pending(mut future) => {

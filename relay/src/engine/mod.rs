@@ -149,7 +149,7 @@ impl Relay {
             }
             let sql = Arc::clone(&self.sql);
             let instance = self.instance.clone();
-            let lease_ms = self.cfg.lease_ms;
+            let lease_ms = self.cfg.lease.as_ms();
             match db
                 .call(move |c| store::try_acquire(c, &sql, &instance, lease_ms))
                 .await
@@ -176,8 +176,7 @@ impl Relay {
                             self.release(&mut db, lease).await;
                             // Give the standbys a full round to take the lease first.
                             sleep_or_cancel(
-                                self.cfg.lease_duration()
-                                    + Duration::from_millis(self.cfg.standby_poll_ms) * 2,
+                                self.cfg.lease_duration() + self.cfg.standby_poll.0 * 2,
                                 &shutdown,
                             )
                             .await;
@@ -195,8 +194,7 @@ impl Relay {
                     }
                 }
                 Ok(None) => {
-                    sleep_or_cancel(Duration::from_millis(self.cfg.standby_poll_ms), &shutdown)
-                        .await;
+                    sleep_or_cancel(self.cfg.standby_poll.0, &shutdown).await;
                 }
                 Err(e) if e.is_retriable() => {
                     tracing::warn!(target: TARGET, error = %e, "cannot reach the database; retrying");
@@ -285,7 +283,7 @@ impl Relay {
     }
 
     async fn lead_term<C: Capture>(&self, capture: &C, term: &mut Term<'_>) -> Result<()> {
-        let idle_max = Duration::from_millis(self.cfg.idle_poll_max_ms);
+        let idle_max = self.cfg.idle_poll_max.0;
         let mut idle = Duration::from_millis(1);
         let mut retry = backoff_policy();
         // The batch just delivered in full: its snapshot is the next one's lower bound. `None`
@@ -306,8 +304,7 @@ impl Relay {
             }
             term.session.renew_if_due().await?;
             self.settle_overdue(term).await?;
-            let silent_for =
-                Duration::from_millis(self.cfg.ack_overdue_ms) * STEP_DOWN_AFTER_OVERDUE;
+            let silent_for = self.cfg.ack_overdue.0 * STEP_DOWN_AFTER_OVERDUE;
             if !term.overdue.is_empty()
                 && term.last_ack.elapsed() >= silent_for
                 && !self.brokers_answer(term).await
