@@ -38,6 +38,7 @@ mod store;
 mod stored;
 pub mod trace;
 
+#[cfg(feature = "kafka")]
 pub(crate) use error::is_retriable_db;
 pub use error::{Error, Result};
 pub use event::{
