@@ -24,6 +24,8 @@
 //! with a plain `INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES (..)`.
 
 #[cfg(feature = "kafka")]
+pub mod blocking;
+#[cfg(feature = "kafka")]
 pub mod consumer;
 mod error;
 mod event;
