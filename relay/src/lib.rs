@@ -36,6 +36,7 @@ pub mod retention;
 pub mod status;
 pub mod store;
 
-pub use config::{is_secret_key, PoisonPolicy, RelayConfig};
+pub use config::{PoisonPolicy, RelayConfig};
 pub use error::{scrub_url, Error, Result};
+pub use outbox::redact::is_secret_key;
 pub use relay::{AckListener, Acknowledged, Relay};

@@ -40,7 +40,7 @@ impl std::fmt::Debug for ConsumerConfig {
             .field("brokers", &self.brokers)
             .field("group_id", &self.group_id)
             .field("topics", &self.topics)
-            .field("database_url", &"***")
+            .field("database_url", &crate::redact::REDACTED)
             .field("dead_letter_topic", &self.dead_letter_topic)
             .field("message_id", &self.message_id)
             .field("max_attempts", &self.max_attempts)
@@ -175,25 +175,10 @@ impl ConsumerConfig {
                 return bad("retention: keep and every must be positive".into());
             }
         }
-        for (k, v) in &self.kafka {
-            let v = v.trim().to_ascii_lowercase();
-            let refuse = |why: &str| bad(format!("kafka option {k} is refused: {why}"));
-            match k.as_str() {
-                "enable.auto.offset.store" if v != "false" => {
-                    return refuse("offsets must be stored only after the database commit, or a crash loses the message");
-                }
-                "isolation.level" if v != "read_committed" => {
-                    return refuse("read_uncommitted would apply messages of aborted transactions");
-                }
-                "group.id" | "bootstrap.servers" => {
-                    return refuse("set it through the typed configuration");
-                }
-                "enable.ssl.certificate.verification" if v == "false" => {
-                    return refuse("certificate verification must stay on");
-                }
-                _ => {}
-            }
-        }
+        crate::kafka_settings::check_consumer_options(
+            self.kafka.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(|r| Error::InvalidConfig(r.to_string()))?;
         Ok(())
     }
 
@@ -202,5 +187,67 @@ impl ConsumerConfig {
         self.dead_letter_topic
             .clone()
             .unwrap_or_else(|| format!("{}.dlq", self.group_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        for url in [
+            "postgres://app:s3cr3t@db/app",
+            "host=db user=app password=s3cr3t dbname=app",
+            "host=db password='s3cr3t x'",
+        ] {
+            let c = ConsumerConfig::new("b:1", "g", &["t"], url)
+                .kafka_option("sasl.password", "hunter2")
+                .kafka_option("ssl.key.password", "hunter3");
+            let dbg = format!("{c:?}");
+            assert!(
+                !dbg.contains("s3cr3t") && !dbg.contains("hunter2") && !dbg.contains("hunter3"),
+                "{dbg}"
+            );
+        }
+    }
+
+    #[test]
+    fn unsafe_kafka_options_are_refused_with_the_reason() {
+        let base = || ConsumerConfig::new("b:1", "g", &["t"], "postgres://x");
+        for (k, v, why) in [
+            (
+                "enable.auto.offset.store",
+                "true",
+                "after the database commit",
+            ),
+            (
+                "isolation.level",
+                "read_uncommitted",
+                "aborted transactions",
+            ),
+            ("group.id", "other", "typed configuration"),
+            ("bootstrap.servers", "x:1", "typed configuration"),
+            (
+                "enable.ssl.certificate.verification",
+                "false",
+                "must stay on",
+            ),
+        ] {
+            let err = base().kafka_option(k, v).validate().unwrap_err();
+            assert!(matches!(err, Error::InvalidConfig(_)), "{err:?}");
+            let err = err.to_string();
+            assert!(
+                err.contains(&format!("kafka option {k} is refused: ")) && err.contains(why),
+                "{k}={v}: {err}"
+            );
+        }
+        for (k, v) in [
+            ("enable.auto.offset.store", "false"),
+            ("isolation.level", " Read_Committed "),
+            ("fetch.min.bytes", "1"),
+        ] {
+            base().kafka_option(k, v).validate().unwrap();
+        }
     }
 }

@@ -12,12 +12,12 @@ use crate::Error;
 
 /// The dead-letter producer: idempotent, `acks=all`, keys partitioned as Java clients do.
 pub(super) fn producer(brokers: &str) -> Result<FutureProducer, Error> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .create()
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in crate::kafka_settings::DEAD_LETTER_PRODUCER_ENFORCED {
+        c.set(*k, *v);
+    }
+    c.create()
         .map_err(|e| Error::InvalidConfig(format!("kafka dead-letter producer: {e}")))
 }
 

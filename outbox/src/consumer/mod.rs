@@ -32,7 +32,7 @@ use rdkafka::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Error, Inbox};
+use crate::{kafka_settings, Error, Inbox};
 
 mod config;
 mod dead_letters;
@@ -131,17 +131,17 @@ impl ConsumerRunner {
 
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("isolation.level", "read_committed")
-            .set("partition.assignment.strategy", "cooperative-sticky");
+        for (k, v) in kafka_settings::CONSUMER_DEFAULTS {
+            c.set(*k, *v);
+        }
         for (k, v) in &self.cfg.kafka {
             c.set(k, v);
         }
         c.set("bootstrap.servers", &self.cfg.brokers)
-            .set("group.id", &self.cfg.group_id)
-            .set("enable.auto.offset.store", "false");
+            .set("group.id", &self.cfg.group_id);
+        for e in kafka_settings::CONSUMER_ENFORCED {
+            c.set(e.key, e.value);
+        }
         c.set_log_level(RDKafkaLogLevel::Warning);
         c
     }
@@ -374,18 +374,4 @@ fn hand_over_waiting(
         }
         false
     });
-}
-
-/// Replaces the password of `url` in `text` with `***`.
-fn scrub(text: &str, url: &str) -> String {
-    match url
-        .split_once("://")
-        .and_then(|(_, rest)| rest.split_once('@'))
-    {
-        Some((creds, _)) => match creds.split_once(':') {
-            Some((_, pw)) if !pw.is_empty() => text.replace(pw, "***"),
-            _ => text.to_owned(),
-        },
-        None => text.to_owned(),
-    }
 }

@@ -25,8 +25,9 @@ pub(super) fn spawn_purger(
             let (inbox, url) = (inbox.clone(), url.clone());
             let r = crate::blocking::run(move || {
                 use diesel::Connection;
-                let mut conn = PgConnection::establish(&url)
-                    .map_err(|e| Error::InvalidConfig(super::scrub(&e.to_string(), &url)))?;
+                let mut conn = PgConnection::establish(&url).map_err(|e| {
+                    Error::InvalidConfig(crate::redact::text_with_url(&e.to_string(), &url))
+                })?;
                 inbox.purge(&mut conn, keep, 10_000)
             })
             .await;

@@ -263,7 +263,7 @@ fn reuse_or_connect(conn: Option<PgConnection>, url: &str) -> Result<PgConnectio
         None => PgConnection::establish(url).map_err(|e| {
             HandlerError::Transient(format!(
                 "connect to the database: {}",
-                super::scrub(&e.to_string(), url)
+                crate::redact::text_with_url(&e.to_string(), url)
             ))
         }),
     }
