@@ -25,13 +25,17 @@
 //! with a plain `INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES (..)`.
 
 #[cfg(feature = "kafka")]
+pub mod blocking;
+#[cfg(feature = "kafka")]
 pub mod consumer;
 pub mod contract;
 mod error;
 mod event;
 mod ident;
 mod inbox;
+pub mod kafka_settings;
 mod migrate;
+pub mod redact;
 #[cfg(feature = "runtime")]
 pub mod shutdown;
 mod store;

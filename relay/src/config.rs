@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use outbox::kafka_settings::{self, canonical_key};
+use outbox::redact::{is_secret_key, REDACTED};
+
 use crate::error::{scrub_url, Error, Result};
 pub use crate::settings::RelayConfig;
 
@@ -49,7 +52,11 @@ impl fmt::Debug for RelayConfig {
             .kafka
             .iter()
             .map(|(k, v)| {
-                let v = if is_secret_key(k) { "***" } else { v.as_str() };
+                let v = if is_secret_key(k) {
+                    REDACTED
+                } else {
+                    v.as_str()
+                };
                 (k.as_str(), v)
             })
             .collect();
@@ -62,53 +69,6 @@ impl fmt::Debug for RelayConfig {
             }
         }
         d.field("kafka", &kafka).finish()
-    }
-}
-
-/// librdkafka properties whose values are secrets (redacted in Debug output and logs).
-#[must_use]
-pub fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password")
-        || k.contains("secret")
-        || k.contains("passphrase")
-        || k.contains("private.key")
-        || k == "ssl.key.pem"
-        || k == "ssl_key"
-        || k == "sasl.oauthbearer.config"
-}
-
-/// librdkafka's aliases, mapped to the primary property name, so that checks and merges see
-/// one name per setting.
-const ALIASES: &[(&str, &str)] = &[
-    ("request.required.acks", "acks"),
-    ("max.in.flight", "max.in.flight.requests.per.connection"),
-    ("retries", "message.send.max.retries"),
-    ("delivery.timeout.ms", "message.timeout.ms"),
-    ("queue.buffering.max.ms", "linger.ms"),
-    ("retry.backoff.ms", "retry.backoff.ms"),
-    ("metadata.broker.list", "bootstrap.servers"),
-    (
-        "topic.metadata.refresh.interval.ms",
-        "topic.metadata.refresh.interval.ms",
-    ),
-];
-
-/// The primary name of a librdkafka property.
-#[must_use]
-pub fn canonical_key(key: &str) -> &str {
-    ALIASES
-        .iter()
-        .find(|(alias, _)| *alias == key)
-        .map_or(key, |(_, primary)| primary)
-}
-
-/// A librdkafka boolean, parsed as librdkafka does (true/t/1, false/f/0, any case).
-fn parse_bool(v: &str) -> Option<bool> {
-    match v.trim().to_ascii_lowercase().as_str() {
-        "true" | "t" | "1" => Some(true),
-        "false" | "f" | "0" => Some(false),
-        _ => None,
     }
 }
 
@@ -257,15 +217,10 @@ impl RelayConfig {
                 self.lease.as_ms() / 4
             ));
         }
-        let mut seen = std::collections::HashMap::new();
-        for (key, value) in &self.kafka {
-            check_kafka_option(key, value)?;
-            if let Some(other) = seen.insert(canonical_key(key), key) {
-                return bad(format!(
-                    "kafka options {other} and {key} are the same librdkafka setting: give one"
-                ));
-            }
-        }
+        kafka_settings::check_producer_options(
+            self.kafka.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .map_err(|r| Error::Config(r.to_string()))?;
         let in_flight_rows = self
             .page_size
             .saturating_mul(self.max_pages_in_flight as i64);
@@ -300,67 +255,6 @@ impl RelayConfig {
 
     pub(crate) fn lease_duration(&self) -> Duration {
         Duration::from_millis(self.lease.as_ms())
-    }
-}
-
-/// Settings the relay sets itself; giving them again is refused rather than silently ignored.
-const OWNED_BY_RELAY: &[(&str, &str)] = &[
-    (
-        "bootstrap.servers",
-        "use brokers / --brokers / KAFKA_BROKERS",
-    ),
-    (
-        "metadata.broker.list",
-        "use brokers / --brokers / KAFKA_BROKERS",
-    ),
-];
-
-/// Refuses librdkafka settings that would lose, duplicate, reorder or expose events.
-fn check_kafka_option(key: &str, value: &str) -> Result<()> {
-    let refuse = |why: &str| {
-        Err(Error::Config(format!(
-            "kafka option {key}={} is refused: {why}",
-            if is_secret_key(key) { "***" } else { value }
-        )))
-    };
-    let v = value.trim().to_ascii_lowercase();
-    if let Some((_, hint)) = OWNED_BY_RELAY
-        .iter()
-        .find(|(k, _)| canonical_key(key) == *k)
-    {
-        return refuse(&format!("the relay sets it ({hint})"));
-    }
-    match canonical_key(key) {
-        "enable.idempotence" if parse_bool(&v) != Some(true) => {
-            refuse("the idempotent producer is what keeps retries from reordering or duplicating a partition")
-        }
-        "acks" if v != "all" && v != "-1" => {
-            refuse("only acks=all survives the loss of a broker after acknowledgement")
-        }
-        "max.in.flight.requests.per.connection" => match v.parse::<u32>() {
-            Ok(1..=5) => Ok(()),
-            _ => refuse("must be 1 to 5: the idempotent producer keeps order only with at most 5 requests in flight"),
-        },
-        "message.send.max.retries" => refuse(
-            "the relay keeps librdkafka's unlimited retries: a retry budget that runs out turns a broker hiccup into a failed event that can be overtaken by later events of its key",
-        ),
-        "message.timeout.ms" if v != "0" => refuse(
-            "must be 0 (never give up, the relay's setting): a timed-out message may still be written, and re-sending it reorders its key",
-        ),
-        "partitioner" if v != "murmur2_random" => {
-            refuse("only murmur2_random puts a key on the same partition as Java clients do")
-        }
-        "enable.ssl.certificate.verification" if parse_bool(&v) != Some(true) => {
-            refuse("certificate verification must stay on")
-        }
-        "ssl.endpoint.identification.algorithm" if v != "https" => {
-            refuse("host name verification must stay on (https)")
-        }
-        "transactional.id" => refuse("transactions are not supported by this relay mode"),
-        "enable.gapless.guarantee" if parse_bool(&v) != Some(true) => refuse(
-            "must stay on: without it a failed produce request lets the requests behind it (later events of the same keys) be written first",
-        ),
-        _ => Ok(()),
     }
 }
 
@@ -514,6 +408,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"));
+        for url in [
+            "postgres://relay:s3cr3t@db/app?sslpassword=k3y",
+            "host=db user=relay password=s3cr3t sslpassword=k3y dbname=app",
+            "host=db password='s3cr3t x' dbname=app",
+        ] {
+            let c = RelayConfig::new(url, "b:1")
+                .kafka_option("sasl.oauthbearer.client.secret", "hunter4");
+            let dbg = format!("{c:?}");
+            assert!(
+                !dbg.contains("s3cr3t") && !dbg.contains("k3y") && !dbg.contains("hunter4"),
+                "{dbg}"
+            );
+        }
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub mod status;
 #[doc(hidden)]
 pub mod store;
 
-pub use config::{is_secret_key, PoisonPolicy};
+pub use config::PoisonPolicy;
 pub use engine::{AckListener, Acknowledged, Relay};
 pub use error::{scrub_url, Error, Result};
+pub use outbox::redact::is_secret_key;
 pub use settings::RelayConfig;

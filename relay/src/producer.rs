@@ -9,7 +9,10 @@ use rdkafka::ClientContext;
 
 use outbox::StoredEvent;
 
-use crate::config::{is_secret_key, RelayConfig};
+use outbox::kafka_settings::{canonical_key, PRODUCER_ENFORCED};
+use outbox::redact::{is_secret_key, REDACTED};
+
+use crate::config::RelayConfig;
 use crate::error::Result;
 
 /// Routes librdkafka's logs and errors into `tracing` (target `outbox::relay::kafka`).
@@ -45,20 +48,9 @@ impl ClientContext for RelayContext {
 /// The relay's producer.
 pub type Producer = FutureProducer<RelayContext>;
 
-/// The producer settings the relay enforces (user options cannot weaken them; see
-/// [`RelayConfig::validate`]).
-pub const ENFORCED: &[(&str, &str)] = &[
-    ("enable.idempotence", "true"),
-    ("acks", "all"),
-    ("max.in.flight.requests.per.connection", "5"),
-    ("partitioner", "murmur2_random"),
-    // A produce request that fails for good (not authorised, unknown server error, too large)
-    // stops the producer instead of letting librdkafka bump the epoch and write the requests
-    // queued behind it: those hold later events of the same keys, which would then overtake
-    // the failed ones when the relay sends them again. The relay counts the failure, starts a
-    // new producer and sends everything unacknowledged again, in order.
-    ("enable.gapless.guarantee", "true"),
-];
+/// The producer settings the relay enforces, with the reasons (user options cannot weaken
+/// them; see [`RelayConfig::validate`]): [`outbox::kafka_settings::PRODUCER_ENFORCED`].
+pub use outbox::kafka_settings::PRODUCER_ENFORCED as ENFORCED;
 
 /// Defaults that the user may override.
 pub const DEFAULTS: &[(&str, &str)] = &[
@@ -91,10 +83,10 @@ pub fn client_config(cfg: &RelayConfig) -> ClientConfig {
     }
     for (k, v) in &cfg.kafka {
         // One name per setting, so a user value always replaces the relay's default.
-        c.set(crate::config::canonical_key(k), v);
+        c.set(canonical_key(k), v);
     }
-    for (k, v) in ENFORCED {
-        c.set(*k, *v);
+    for e in PRODUCER_ENFORCED {
+        c.set(e.key, e.value);
     }
     c.set("bootstrap.servers", &cfg.brokers);
     c.set_log_level(RDKafkaLogLevel::Warning);
@@ -112,7 +104,7 @@ pub fn create(cfg: &RelayConfig) -> Result<Producer> {
         .iter()
         .map(|(k, v)| {
             if is_secret_key(k) {
-                format!("{k}=***")
+                format!("{k}={REDACTED}")
             } else {
                 format!("{k}={v}")
             }

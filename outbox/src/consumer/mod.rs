@@ -1,0 +1,377 @@
+//! The consumer runner (feature `kafka`): Kafka messages applied once through the inbox.
+//!
+//! For each message: one transaction records `(consumer, message id)` in the inbox and, when it
+//! is new, runs the handler's business change (and any outbox events it enqueues); then, and only
+//! then, the offset is stored. Offsets are committed every second and synchronously when
+//! partitions are revoked or the runner stops. Messages of one partition are handled in order,
+//! partitions in parallel (one worker and one database connection per assigned partition).
+//!
+//! Batching: when several messages of a partition are already waiting, up to 1,024 of them are
+//! applied in ONE transaction, their inbox rows recorded by one statement
+//! ([`Inbox::record_batch`]), so a backlog costs one commit and one dedup statement per batch
+//! instead of per message; the handler gets the batch's new messages at once through
+//! [`Handler::handle_batch`] (by default one [`Handler::handle`] call each; a handler built with
+//! [`batch_handler`] makes the business write of the whole batch one statement too). Any
+//! failure in a batch rolls the whole batch back and
+//! the runner applies those messages one by one, with the per-message retries and dead letters
+//! below; so batching never changes what is applied, only how many commits it takes.
+//!
+//! Handler errors: [`HandlerError::Transient`] is retried with exponential backoff (the message
+//! stays in hand, so its partition waits and order is kept); after `max_attempts`, or at once for
+//! [`HandlerError::Permanent`], the message goes to the dead-letter topic with headers saying why,
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{kafka_settings, Error, Inbox};
+
+mod config;
+mod dead_letters;
+mod handler;
+mod rebalance;
+mod retention;
+mod worker;
+
+pub use config::{ConsumerConfig, MessageId};
+pub use handler::{batch_handler, BatchHandler, Handler, HandlerError, IncomingMessage};
+
+use rebalance::{PartitionKey, RunnerContext, Shared};
+use worker::Worker;
+
+const TARGET: &str = "outbox::consumer";
+
+/// Counters of a runner (for reports and health endpoints).
+#[derive(Debug, Default)]
+pub struct RunnerStats {
+    applied: std::sync::atomic::AtomicU64,
+    duplicates: std::sync::atomic::AtomicU64,
+    dead_lettered: std::sync::atomic::AtomicU64,
+}
+
+impl RunnerStats {
+    /// Messages whose effect was applied.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Redelivered messages the inbox skipped.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// Messages sent to the dead-letter topic.
+    pub fn dead_lettered(&self) -> u64 {
+        self.dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs a [`Handler`] over a consumer group; see the [module docs](self).
+pub struct ConsumerRunner {
+    cfg: ConsumerConfig,
+    inbox: Inbox,
+    handler: Arc<dyn Handler>,
+    stats: Arc<RunnerStats>,
+}
+
+impl std::fmt::Debug for ConsumerRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerRunner")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A partition's messages buffered beyond its queue, in queues' worth, before the dispatch
+/// waits for its worker (memory bound).
+const WAITING_PER_QUEUE: usize = 10;
+
+/// Most messages of one partition applied in one transaction.
+const BATCH_MAX: usize = 1024;
+
+struct Job {
+    message: IncomingMessage,
+    generation: u64,
+}
+
+impl ConsumerRunner {
+    /// A runner for `cfg` and `handler`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] for an invalid or unsafe configuration.
+    pub fn new(cfg: ConsumerConfig, handler: impl Handler) -> Result<Self, Error> {
+        cfg.validate()?;
+        let inbox = match &cfg.inbox {
+            Some(i) => i.clone(),
+            None => Inbox::new(cfg.group_id.clone())?,
+        };
+        Ok(Self {
+            cfg,
+            inbox,
+            handler: Arc::new(handler),
+            stats: Arc::default(),
+        })
+    }
+
+    /// The runner's counters.
+    #[must_use]
+    pub fn stats(&self) -> Arc<RunnerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        for (k, v) in kafka_settings::CONSUMER_DEFAULTS {
+            c.set(*k, *v);
+        }
+        for (k, v) in &self.cfg.kafka {
+            c.set(k, v);
+        }
+        c.set("bootstrap.servers", &self.cfg.brokers)
+            .set("group.id", &self.cfg.group_id);
+        for e in kafka_settings::CONSUMER_ENFORCED {
+            c.set(e.key, e.value);
+        }
+        c.set_log_level(RDKafkaLogLevel::Warning);
+        c
+    }
+
+    /// Consumes until `shutdown`, then finishes the messages in hand, commits and returns.
+    ///
+    /// # Errors
+    /// [`Error::InvalidConfig`] when the Kafka clients cannot be created or subscribed.
+    pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
+        let shared = Arc::new(Shared::default());
+        let consumer: Arc<StreamConsumer<RunnerContext>> = Arc::new(
+            self.client_config()
+                .create_with_context(RunnerContext {
+                    shared: Arc::clone(&shared),
+                })
+                .map_err(|e| Error::InvalidConfig(format!("kafka consumer: {e}")))?,
+        );
+        let dlq_producer = dead_letters::producer(&self.cfg.brokers)?;
+        let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| Error::InvalidConfig(format!("subscribe {topics:?}: {e}")))?;
+        let purger = self.cfg.retention.map(|(keep, every)| {
+            retention::spawn_purger(
+                self.inbox.clone(),
+                self.cfg.database_url.clone(),
+                keep,
+                every,
+                shutdown.clone(),
+            )
+        });
+        let workers_done = CancellationToken::new();
+        let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
+            HashMap::new();
+        // Messages of partitions whose worker queue is full, in order, handed over as room
+        // frees up (see `queue_per_partition`). Not paused in the client: a pause drops what
+        // the client fetched ahead, and the resume that follows was seen to skip those
+        // messages (librdkafka 2.12 with this stream consumer), which the offsets stored after
+        // them would then lose.
+        let mut waiting: HashMap<PartitionKey, std::collections::VecDeque<Job>> = HashMap::new();
+        let waiting_max = self
+            .cfg
+            .queue_per_partition
+            .saturating_mul(WAITING_PER_QUEUE);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tracing::info!(target: TARGET, group = %self.cfg.group_id, topics = ?self.cfg.topics, "consumer runner started");
+        loop {
+            let msg = tokio::select! {
+                () = shutdown.cancelled() => break,
+                m = consumer.recv() => m,
+                _ = tick.tick(), if !waiting.is_empty() => {
+                    hand_over_waiting(&mut waiting, &workers, &shared);
+                    continue;
+                }
+            };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(target: TARGET, error = %e, "consume error");
+                    continue;
+                }
+            };
+            let key = (msg.topic().to_owned(), msg.partition());
+            let generation = shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(key.clone())
+                .or_default()
+                .generation;
+            let job = Job {
+                message: self.incoming(&msg),
+                generation,
+            };
+            let alive = workers
+                .get(&key)
+                .is_some_and(|(tx, h)| !tx.is_closed() && !h.is_finished());
+            if !alive {
+                let (tx, rx) = mpsc::channel(self.cfg.queue_per_partition);
+                let worker = self.worker(
+                    key.clone(),
+                    Arc::clone(&consumer),
+                    dlq_producer.clone(),
+                    Arc::clone(&shared),
+                    workers_done.clone(),
+                );
+                let handle = tokio::spawn(worker.run(rx));
+                workers.insert(key.clone(), (tx, handle));
+            }
+            let Some((tx, _)) = workers.get(&key) else {
+                continue;
+            };
+            if let Some(queue) = waiting.get_mut(&key) {
+                if queue.len() < waiting_max {
+                    // Behind the partition's earlier messages.
+                    queue.push_back(job);
+                    continue;
+                }
+                // Far behind (`queue_per_partition` x WAITING_PER_QUEUE messages): memory is
+                // bounded by waiting here, which holds every partition up (as a slow partition
+                // did in earlier releases) until this one's worker takes its queue.
+                tracing::warn!(target: TARGET, topic = %key.0, partition = key.1, waiting = queue.len(), "a partition's worker is far behind: waiting for it");
+                let tx = tx.clone();
+                let mut queue = waiting.remove(&key).unwrap_or_default();
+                queue.push_back(job);
+                for job in queue {
+                    if tx.send(job).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+            match tx.try_send(job) {
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    // Never wait here: every other partition would wait too, and a consumer
+                    // that stops polling is evicted from the group.
+                    tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "a partition's worker is behind: buffering its messages");
+                    waiting.entry(key).or_default().push_back(job);
+                }
+            }
+        }
+        // Shutdown: workers finish the message in hand (queued ones are left for redelivery).
+        workers_done.cancel();
+        for (_, (tx, handle)) in workers.drain() {
+            drop(tx);
+            let _ = handle.await;
+        }
+        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+            tracing::debug!(target: TARGET, error = %e, "final commit");
+        }
+        if let Some(p) = purger {
+            let _ = p.await;
+        }
+        tracing::info!(target: TARGET, "consumer runner stopped");
+        Ok(())
+    }
+
+    fn incoming(&self, msg: &BorrowedMessage<'_>) -> IncomingMessage {
+        let headers: Vec<(String, Vec<u8>)> = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let message_id = match &self.cfg.message_id {
+            MessageId::Header(name) => headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .and_then(|(_, v)| String::from_utf8(v.clone()).ok())
+                .unwrap_or_default(),
+            MessageId::TopicPartitionOffset => {
+                format!("{}/{}/{}", msg.topic(), msg.partition(), msg.offset())
+            }
+        };
+        IncomingMessage {
+            message_id,
+            topic: msg.topic().to_owned(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    fn worker(
+        &self,
+        key: PartitionKey,
+        consumer: Arc<StreamConsumer<RunnerContext>>,
+        dlq: FutureProducer,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) -> Worker {
+        Worker {
+            key,
+            url: self.cfg.database_url.clone(),
+            inbox: self.inbox.clone(),
+            handler: Arc::clone(&self.handler),
+            max_attempts: self.cfg.max_attempts,
+            retry_initial: self.cfg.retry_initial,
+            retry_max: self.cfg.retry_max,
+            dlq_topic: self.cfg.dlq(),
+            consumer_name: self.inbox.consumer().to_owned(),
+            stats: Arc::clone(&self.stats),
+            consumer,
+            dlq,
+            shared,
+            stop,
+        }
+    }
+}
+
+/// Moves waiting messages to their workers' queues as room frees up. Messages of a partition
+/// revoked since are dropped (Kafka delivers them again to whoever owns the partition now).
+fn hand_over_waiting(
+    waiting: &mut HashMap<PartitionKey, std::collections::VecDeque<Job>>,
+    workers: &HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
+    shared: &Shared,
+) {
+    waiting.retain(|key, queue| {
+        let generation = shared
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .map(|s| s.generation);
+        queue.retain(|j| Some(j.generation) == generation);
+        let Some((tx, _)) = workers.get(key) else {
+            return false;
+        };
+        while let Some(job) = queue.pop_front() {
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    queue.push_front(job);
+                    return true;
+                }
+                // The worker ended (shutdown): nothing more to hand over.
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+        }
+        false
+    });
+}
