@@ -1,4 +1,5 @@
-//! Blocking diesel calls from async code (feature `kafka`, which brings tokio).
+//! Blocking diesel calls from async code (feature `runtime`, which brings tokio; `kafka`
+//! implies it): the one way the consumer runner and the relay run them.
 //!
 //! A database connection is blocking: calls on it run on tokio's blocking thread pool, never on
 //! a runtime thread, and a connection kept between calls travels into the pool and back in an

@@ -24,7 +24,7 @@
 //! The tables are a stable SQL contract (`docs/TABLES.md`): services in other languages enqueue
 //! with a plain `INSERT INTO outbox (topic, partition_key, event_type, payload) VALUES (..)`.
 
-#[cfg(feature = "kafka")]
+#[cfg(feature = "runtime")]
 pub mod blocking;
 #[cfg(feature = "kafka")]
 pub mod consumer;

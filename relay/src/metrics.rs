@@ -160,7 +160,7 @@ pub fn spawn_backlog_poller(
         loop {
             let (sql, url, name) = (sql.clone(), database_url.clone(), application_name.clone());
             let c = conn.take();
-            let r = tokio::task::spawn_blocking(move || {
+            let r = outbox::blocking::run(move || {
                 let mut c = match c {
                     Some(c) => c,
                     None => crate::store::connect_as(&url, Some(&name))?,

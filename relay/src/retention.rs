@@ -150,7 +150,7 @@ pub(crate) fn spawn(
         loop {
             let (c, name, token) = (cfg.clone(), application_name.clone(), stop.clone());
             let started = std::time::Instant::now();
-            match tokio::task::spawn_blocking(move || purge_once(&c, &name, &token)).await {
+            match outbox::blocking::run(move || purge_once(&c, &name, &token)).await {
                 Ok(Ok((delivered, dead))) => {
                     if delivered.rows > 0 || dead.rows > 0 {
                         tracing::info!(

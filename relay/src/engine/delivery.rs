@@ -246,7 +246,7 @@ impl Relay {
     ) -> Option<i32> {
         if !term.partitions.contains_key(topic) {
             let (producer, t) = (term.producer.clone(), topic.to_owned());
-            let count = tokio::task::spawn_blocking(move || {
+            let count = outbox::blocking::run(move || {
                 producer
                     .client()
                     .fetch_metadata(Some(&t), Duration::from_millis(500))
@@ -272,7 +272,7 @@ impl Relay {
     /// life: the next check is a full period later.
     pub(super) async fn brokers_answer(&self, term: &mut Term<'_>) -> bool {
         let producer = term.producer.clone();
-        let ok = tokio::task::spawn_blocking(move || {
+        let ok = outbox::blocking::run(move || {
             producer
                 .client()
                 .fetch_metadata(None, Duration::from_secs(2))

@@ -34,20 +34,19 @@ impl Db {
         }
     }
 
-    /// Runs `f` on the connection in `spawn_blocking`, connecting first if needed. The connection
+    /// Runs `f` on the connection on the blocking pool, connecting first if needed. The connection
     /// is dropped after a database error, so the next call reconnects.
     pub(super) async fn call<T, F>(&mut self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut PgConnection) -> Result<T> + Send + 'static,
     {
-        let conn = self.conn.take();
         let (url, name, sync) = (
             Arc::clone(&self.url),
             Arc::clone(&self.name),
             Arc::clone(&self.synchronous_commit),
         );
-        let (conn, result) = tokio::task::spawn_blocking(move || {
+        outbox::blocking::with_connection(&mut self.conn, move |conn| {
             let mut conn = match conn {
                 Some(c) => c,
                 None => match store::connect_as(&url, Some(&name))
@@ -58,14 +57,12 @@ impl Db {
                 },
             };
             let result = f(&mut conn);
-            (Some(conn), result)
+            // Kept unless a database error may have left it broken: the next call reconnects.
+            let keep = matches!(result, Ok(_) | Err(Error::LostLeadership(_)));
+            (keep.then_some(conn), result)
         })
         .await
-        .map_err(Error::TaskFailed)?;
-        if matches!(result, Ok(_) | Err(Error::LostLeadership(_))) {
-            self.conn = conn;
-        }
-        result
+        .map_err(Error::TaskFailed)?
     }
 }
 
