@@ -224,8 +224,9 @@ pub fn parse_age(s: &str) -> Result<Duration> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| Error::InvalidValue {
+        what: "age",
         value: s.to_owned(),
-        expected: "an age such as 90s, 15m, 6h or 7d".into(),
+        expected: "expected e.g. 90s, 15m, 6h, 7d".into(),
     })?;
     let secs = match unit {
         "" | "s" => n,
@@ -234,8 +235,9 @@ pub fn parse_age(s: &str) -> Result<Duration> {
         "d" => n * 86_400,
         _ => {
             return Err(Error::InvalidValue {
+                what: "age",
                 value: s.to_owned(),
-                expected: "an age whose unit is s, m, h or d".into(),
+                expected: "unit must be s, m, h or d".into(),
             })
         }
     };

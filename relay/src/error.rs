@@ -60,8 +60,10 @@ pub enum Error {
     NoSuchDeadLetter(i64),
     /// A command-line or configuration value could not be parsed; the message says which and
     /// what was expected.
-    #[error("invalid value {value:?}: {expected}")]
+    #[error("invalid {what} {value:?}: {expected}")]
     InvalidValue {
+        /// What kind of value (`age`, ...).
+        what: &'static str,
         /// The value as given.
         value: String,
         /// What was expected.

@@ -113,7 +113,7 @@ struct Acquired {
 }
 
 /// Pre-built SQL for one outbox table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Sql {
     key: String,
     acquire: String,
@@ -147,10 +147,25 @@ struct Hot {
     move_delivered: Vec<Segment>,
 }
 
-impl Sql {
-    /// SQL for the tables at `tables`.
-    #[must_use]
-    pub fn new(tables: &TableRef) -> Self {
+/// The pieces the relay's statements are built from.
+struct Fragments {
+    /// The outbox, state, dead-letter and delivered tables, qualified.
+    t: String,
+    s: String,
+    d: String,
+    k: String,
+    /// The event row's columns.
+    all: &'static str,
+    dead_letter_updates: String,
+    lease_cond: &'static str,
+    guard: String,
+    server: &'static str,
+    locked_lease: String,
+    start_after: String,
+}
+
+impl Fragments {
+    fn new(tables: &TableRef) -> (String, Self) {
         let t = tables.qualify(Table::Outbox);
         let s = tables.qualify(Table::RelayState);
         let d = tables.qualify(Table::DeadLetters);
@@ -192,144 +207,40 @@ impl Sql {
              AND NOT pg_visible_in_snapshot(b.tx_id, prev_snapshot)), \
              9223372036854775807) END AS start_after"
         );
-        let mut sql = Self {
-            hot: Hot::default(),
+        (
             key,
-            ensure_row: format!(
-                "INSERT INTO {s} (outbox_table) VALUES ($1) ON CONFLICT DO NOTHING"
-            ),
-            acquire: format!(
-                "UPDATE {s} SET leader_id = $2, leader_epoch = leader_epoch + 1, \
-                 lease_expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
-                 updated_at = clock_timestamp() \
-                 WHERE outbox_table = $1 AND (leader_id IS NULL \
-                 OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()) \
-                 RETURNING leader_epoch, {server} AS server"
-            ),
-            renew: format!(
-                "UPDATE {s} SET lease_expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
-                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
-            ),
-            release: format!(
-                "UPDATE {s} SET leader_id = NULL, lease_expires_at = NULL, \
-                 updated_at = clock_timestamp() \
-                 WHERE outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
-                 RETURNING leader_epoch"
-            ),
-            open_batch: format!(
-                "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
-                 updated_at = clock_timestamp() WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
-                 {server} AS server"
-            ),
-            // The same, but the batch's upper snapshot is taken now even when a saved one is
-            // open (a superset of it: nothing is skipped), so that what was read just before
-            // (`hold-key`'s held keys) is older than the batch.
-            open_fresh_batch: format!(
-                "UPDATE {s} SET cur_snapshot = pg_current_snapshot(), \
-                 updated_at = clock_timestamp() WHERE {lease_cond} \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
-                 {server} AS server"
-            ),
-            close_batch: format!(
-                "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
-                 updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
-            ),
-            advance_batch: format!(
-                "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, \
-                 cur_snapshot = pg_current_snapshot(), updated_at = clock_timestamp() \
-                 WHERE {lease_cond} AND {server} = $5 \
-                 AND pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($4::pg_snapshot) \
-                 RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
-                 {server} AS server"
-            ),
-            // The same next batch without writing the state row (see `advance_batch`).
-            advance_in_memory: format!(
-                "SELECT prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
-                 {server} AS server \
-                 FROM (SELECT $4::pg_snapshot AS prev_snapshot, \
-                       pg_current_snapshot() AS cur_snapshot) b0 \
-                 WHERE {guard} AND {server} = $5 \
-                 AND pg_snapshot_xmax(cur_snapshot) >= pg_snapshot_xmax(prev_snapshot)"
-            ),
-            save_batch: format!(
-                "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
-                 updated_at = clock_timestamp() WHERE {lease_cond} AND {server} = $6 \
-                 RETURNING leader_epoch"
-            ),
-            // Every row the table accepts comes back readable: a `created_at` no Kafka
-            // timestamp can carry, or an event over `message.max.bytes` ($8), is returned as a
-            // small stand-in with its defect named (it is dead-lettered in SQL, by id, so its
-            // payload never enters the relay). Rows past the page's byte budget ($9) come back
-            // without their payload, marked, and are fetched again by the next page.
-            fetch: format!(
-                "SELECT id, event_id, topic, \
-                   CASE WHEN fits THEN partition_key ELSE left(partition_key, 200) END AS partition_key, \
-                   CASE WHEN fits THEN event_type ELSE left(event_type, 200) END AS event_type, \
-                   CASE WHEN fits AND NOT over_budget THEN payload ELSE ''::bytea END AS payload, \
-                   CASE WHEN fits THEN headers ELSE '{{}}'::jsonb END AS headers, \
-                   CASE WHEN fits THEN content_type ELSE left(content_type, 200) END AS content_type, \
-                   traceparent, tx_id, \
-                   CASE WHEN time_ok THEN created_at ELSE 'epoch'::timestamptz END AS created_at, \
-                   CASE WHEN NOT time_ok THEN 'created_at ' || created_at::text \
-                          || ' is outside what a Kafka timestamp and ce_time carry (1970 to 9999)' \
-                        WHEN NOT fits THEN 'the event is too large: ' || size::text \
-                          || ' bytes, over message.max.bytes (' || $8::text || ')' END AS defect, \
-                   over_budget \
-                 FROM (SELECT *, fits AND loaded - size >= $9 AS over_budget \
-                       FROM (SELECT *, sum(CASE WHEN fits THEN size ELSE 0 END) \
-                               OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS loaded \
-                             FROM (SELECT *, size <= $8 AS fits FROM \
-                                   (SELECT o.*, octet_length(payload)::bigint \
-                                       + octet_length(partition_key) + octet_length(event_type) \
-                                       + octet_length(content_type) + pg_column_size(headers) AS size, \
-                                     (isfinite(created_at) AND created_at >= 'epoch' \
-                                      AND created_at < '10000-01-01') AS time_ok \
-                                    FROM {t} o \
-                                    WHERE id > $4 AND pg_visible_in_snapshot(tx_id, $5::pg_snapshot) \
-                                    AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(tx_id, $6::pg_snapshot)) \
-                                    AND {guard} ORDER BY id LIMIT $7) s0) s1) s2) s3 \
-                 ORDER BY id"
-            ),
-            delete: format!(
-                "WITH lease AS ({locked_lease}), \
-                 del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
-                 RETURNING 1) \
-                 SELECT (SELECT count(*) FROM lease) AS leased, \
-                 (SELECT count(*) FROM del) AS affected"
-            ),
-            // The same fenced removal, keeping the rows in `outbox_delivered` (one statement:
-            // a row is either still pending or kept, never both, never neither). An id already
-            // kept can only come from a reset identity (a restore); the old copy stays.
-            move_delivered: format!(
-                "WITH lease AS ({locked_lease}), \
-                 del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
-                 RETURNING *), \
-                 ins AS (INSERT INTO {k} ({all}) SELECT {all} FROM del \
-                         ON CONFLICT (id) DO NOTHING RETURNING 1) \
-                 SELECT (SELECT count(*) FROM lease) AS leased, \
-                 (SELECT count(*) FROM del) AS affected"
-            ),
+            Self {
+                t,
+                s,
+                d,
+                k,
+                all,
+                dead_letter_updates,
+                lease_cond,
+                guard,
+                server,
+                locked_lease,
+                start_after,
+            },
+        )
+    }
+}
+
+impl Sql {
+    /// SQL for the tables at `tables`.
+    #[must_use]
+    pub fn new(tables: &TableRef) -> Self {
+        let (key, f) = Fragments::new(tables);
+        let mut sql = Self {
+            key,
             keep_delivered: false,
             max_event_bytes: DEFAULT_MAX_EVENT_BYTES,
             page_bytes: DEFAULT_PAGE_BYTES,
-            dead_letter: format!(
-                "WITH lease AS ({locked_lease}), \
-                 f AS (SELECT * FROM unnest($4::bigint[], $6::text[], $7::int[]) \
-                       AS f(id, error, attempts)), \
-                 moved AS (DELETE FROM {t} o USING f \
-                           WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
-                           RETURNING o.*, f.error AS dl_error, f.attempts AS dl_attempts), \
-                 ins AS (INSERT INTO {d} ({all}, attempts, last_error) \
-                         SELECT {all}, dl_attempts, dl_error FROM moved \
-                         ON CONFLICT (id, event_id) DO UPDATE SET \
-                           {dead_letter_updates}, dead_lettered_at = now() \
-                         RETURNING 1) \
-                 SELECT (SELECT count(*) FROM lease) AS leased, \
-                 (SELECT count(*) FROM ins) AS affected"
-            ),
-            held_keys: format!("SELECT DISTINCT topic, partition_key FROM {d}"),
+            ..Self::default()
         };
+        sql.lease_statements(&f);
+        sql.capture_statements(&f);
+        sql.removal_statements(&f);
         sql.hot = Hot {
             advance_batch: Segment::parse(&sql.advance_batch),
             advance_in_memory: Segment::parse(&sql.advance_in_memory),
@@ -338,6 +249,173 @@ impl Sql {
             move_delivered: Segment::parse(&sql.move_delivered),
         };
         sql
+    }
+
+    /// The leadership statements: the state row, taking, renewing and giving up the lease.
+    fn lease_statements(&mut self, f: &Fragments) {
+        let Fragments {
+            s,
+            lease_cond,
+            server,
+            ..
+        } = f;
+        self.ensure_row =
+            format!("INSERT INTO {s} (outbox_table) VALUES ($1) ON CONFLICT DO NOTHING");
+        self.acquire = format!(
+            "UPDATE {s} SET leader_id = $2, leader_epoch = leader_epoch + 1, \
+             lease_expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
+             updated_at = clock_timestamp() \
+             WHERE outbox_table = $1 AND (leader_id IS NULL \
+             OR lease_expires_at IS NULL OR lease_expires_at <= clock_timestamp()) \
+             RETURNING leader_epoch, {server} AS server"
+        );
+        self.renew = format!(
+            "UPDATE {s} SET lease_expires_at = clock_timestamp() + $4 * interval '1 millisecond', \
+             updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+        );
+        self.release = format!(
+            "UPDATE {s} SET leader_id = NULL, lease_expires_at = NULL, \
+             updated_at = clock_timestamp() \
+             WHERE outbox_table = $1 AND leader_id = $2 AND leader_epoch = $3 \
+             RETURNING leader_epoch"
+        );
+    }
+
+    /// The capture statements: the batch snapshots (open, advance, save) and the page fetch.
+    fn capture_statements(&mut self, f: &Fragments) {
+        let Fragments {
+            t,
+            s,
+            d,
+            lease_cond,
+            guard,
+            server,
+            start_after,
+            ..
+        } = f;
+        self.open_batch = format!(
+            "UPDATE {s} SET cur_snapshot = coalesce(cur_snapshot, pg_current_snapshot()), \
+             updated_at = clock_timestamp() WHERE {lease_cond} \
+             RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+             {server} AS server"
+        );
+        // The same, but the batch's upper snapshot is taken now even when a saved one is
+        // open (a superset of it: nothing is skipped), so that what was read just before
+        // (`hold-key`'s held keys) is older than the batch.
+        self.open_fresh_batch = format!(
+            "UPDATE {s} SET cur_snapshot = pg_current_snapshot(), \
+             updated_at = clock_timestamp() WHERE {lease_cond} \
+             RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+             {server} AS server"
+        );
+        self.close_batch = format!(
+            "UPDATE {s} SET prev_snapshot = cur_snapshot, cur_snapshot = NULL, \
+             updated_at = clock_timestamp() WHERE {lease_cond} RETURNING leader_epoch"
+        );
+        self.advance_batch = format!(
+            "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, \
+             cur_snapshot = pg_current_snapshot(), updated_at = clock_timestamp() \
+             WHERE {lease_cond} AND {server} = $5 \
+             AND pg_snapshot_xmax(pg_current_snapshot()) >= pg_snapshot_xmax($4::pg_snapshot) \
+             RETURNING prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+             {server} AS server"
+        );
+        // The same next batch without writing the state row (see `advance_batch`).
+        self.advance_in_memory = format!(
+            "SELECT prev_snapshot::text AS prev, cur_snapshot::text AS cur, {start_after}, \
+             {server} AS server \
+             FROM (SELECT $4::pg_snapshot AS prev_snapshot, \
+                   pg_current_snapshot() AS cur_snapshot) b0 \
+             WHERE {guard} AND {server} = $5 \
+             AND pg_snapshot_xmax(cur_snapshot) >= pg_snapshot_xmax(prev_snapshot)"
+        );
+        self.save_batch = format!(
+            "UPDATE {s} SET prev_snapshot = $4::pg_snapshot, cur_snapshot = $5::pg_snapshot, \
+             updated_at = clock_timestamp() WHERE {lease_cond} AND {server} = $6 \
+             RETURNING leader_epoch"
+        );
+        // Every row the table accepts comes back readable: a `created_at` no Kafka
+        // timestamp can carry, or an event over `message.max.bytes` ($8), is returned as a
+        // small stand-in with its defect named (it is dead-lettered in SQL, by id, so its
+        // payload never enters the relay). Rows past the page's byte budget ($9) come back
+        // without their payload, marked, and are fetched again by the next page.
+        self.fetch = format!(
+            "SELECT id, event_id, topic, \
+               CASE WHEN fits THEN partition_key ELSE left(partition_key, 200) END AS partition_key, \
+               CASE WHEN fits THEN event_type ELSE left(event_type, 200) END AS event_type, \
+               CASE WHEN fits AND NOT over_budget THEN payload ELSE ''::bytea END AS payload, \
+               CASE WHEN fits THEN headers ELSE '{{}}'::jsonb END AS headers, \
+               CASE WHEN fits THEN content_type ELSE left(content_type, 200) END AS content_type, \
+               traceparent, tx_id, \
+               CASE WHEN time_ok THEN created_at ELSE 'epoch'::timestamptz END AS created_at, \
+               CASE WHEN NOT time_ok THEN 'created_at ' || created_at::text \
+                      || ' is outside what a Kafka timestamp and ce_time carry (1970 to 9999)' \
+                    WHEN NOT fits THEN 'the event is too large: ' || size::text \
+                      || ' bytes, over message.max.bytes (' || $8::text || ')' END AS defect, \
+               over_budget \
+             FROM (SELECT *, fits AND loaded - size >= $9 AS over_budget \
+                   FROM (SELECT *, sum(CASE WHEN fits THEN size ELSE 0 END) \
+                           OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS loaded \
+                         FROM (SELECT *, size <= $8 AS fits FROM \
+                               (SELECT o.*, octet_length(payload)::bigint \
+                                   + octet_length(partition_key) + octet_length(event_type) \
+                                   + octet_length(content_type) + pg_column_size(headers) AS size, \
+                                 (isfinite(created_at) AND created_at >= 'epoch' \
+                                  AND created_at < '10000-01-01') AS time_ok \
+                                FROM {t} o \
+                                WHERE id > $4 AND pg_visible_in_snapshot(tx_id, $5::pg_snapshot) \
+                                AND ($6::text IS NULL OR NOT pg_visible_in_snapshot(tx_id, $6::pg_snapshot)) \
+                                AND {guard} ORDER BY id LIMIT $7) s0) s1) s2) s3 \
+             ORDER BY id"
+        );
+        self.held_keys = format!("SELECT DISTINCT topic, partition_key FROM {d}");
+    }
+
+    /// The fenced removals: delete, move to `outbox_delivered`, move to the dead letters.
+    fn removal_statements(&mut self, f: &Fragments) {
+        let Fragments {
+            t,
+            d,
+            k,
+            all,
+            dead_letter_updates,
+            locked_lease,
+            ..
+        } = f;
+        self.delete = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM del) AS affected"
+        );
+        // The same fenced removal, keeping the rows in `outbox_delivered` (one statement:
+        // a row is either still pending or kept, never both, never neither). An id already
+        // kept can only come from a reset identity (a restore); the old copy stays.
+        self.move_delivered = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING *), \
+             ins AS (INSERT INTO {k} ({all}) SELECT {all} FROM del \
+                     ON CONFLICT (id) DO NOTHING RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM del) AS affected"
+        );
+        self.dead_letter = format!(
+            "WITH lease AS ({locked_lease}), \
+             f AS (SELECT * FROM unnest($4::bigint[], $6::text[], $7::int[]) \
+                   AS f(id, error, attempts)), \
+             moved AS (DELETE FROM {t} o USING f \
+                       WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
+                       RETURNING o.*, f.error AS dl_error, f.attempts AS dl_attempts), \
+             ins AS (INSERT INTO {d} ({all}, attempts, last_error) \
+                     SELECT {all}, dl_attempts, dl_error FROM moved \
+                     ON CONFLICT (id, event_id) DO UPDATE SET \
+                       {dead_letter_updates}, dead_lettered_at = now() \
+                     RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM ins) AS affected"
+        );
     }
 
     /// With `keep`, [`delete`] moves delivered rows to `outbox_delivered` instead of deleting

@@ -50,7 +50,23 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 /// `outbox-relay status` as text.
 #[must_use]
 pub fn status(status: &Status) -> String {
-    let mut out = String::from("BACKLOG\n");
+    let mut out = String::new();
+    for section in [
+        backlog,
+        leader,
+        relays,
+        dead_letters_by_topic,
+        oldest_transaction,
+        inbox,
+    ] {
+        section(status, &mut out);
+    }
+    out
+}
+
+/// The events waiting, per topic.
+fn backlog(status: &Status, out: &mut String) {
+    out.push_str("BACKLOG\n");
     if status.backlog.is_empty() {
         out.push_str("(empty: every committed event was delivered)\n");
     } else {
@@ -67,6 +83,10 @@ pub fn status(status: &Status) -> String {
             .collect();
         out.push_str(&table(&["topic", "events", "oldest"], &rows));
     }
+}
+
+/// The lease.
+fn leader(status: &Status, out: &mut String) {
     out.push_str("\nLEADER\n");
     let rows: Vec<Vec<String>> = status
         .leaders
@@ -90,6 +110,10 @@ pub fn status(status: &Status) -> String {
             &rows,
         ));
     }
+}
+
+/// The relay sessions connected now.
+fn relays(status: &Status, out: &mut String) {
     out.push_str("\nRELAYS (connected now)\n");
     if status.relays.is_empty() {
         out.push_str("(no relay is connected)\n");
@@ -133,6 +157,10 @@ pub fn status(status: &Status) -> String {
             &rows,
         ));
     }
+}
+
+/// Dead letters per topic.
+fn dead_letters_by_topic(status: &Status, out: &mut String) {
     out.push_str("\nDEAD LETTERS\n");
     if status.dead_letters.is_empty() {
         out.push_str("(none)\n");
@@ -150,6 +178,10 @@ pub fn status(status: &Status) -> String {
             .collect();
         out.push_str(&table(&["topic", "events", "last_error"], &rows));
     }
+}
+
+/// The oldest open transaction (it holds back the xmin horizon).
+fn oldest_transaction(status: &Status, out: &mut String) {
     out.push_str("\nOLDEST OPEN TRANSACTION\n");
     match &status.oldest_transaction {
         None => out.push_str("(none)\n"),
@@ -163,6 +195,10 @@ pub fn status(status: &Status) -> String {
             ]],
         )),
     }
+}
+
+/// The inbox sizes per consumer.
+fn inbox(status: &Status, out: &mut String) {
     out.push_str(&format!("\nINBOX ({})\n", status.inbox.table));
     if !status.inbox.exists {
         out.push_str("(no inbox table in this database)\n");
@@ -189,7 +225,6 @@ pub fn status(status: &Status) -> String {
             &rows,
         ));
     }
-    out
 }
 
 /// Dead letters as a table.
