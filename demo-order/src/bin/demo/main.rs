@@ -18,7 +18,7 @@ mod report;
 mod scratch;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -150,6 +150,18 @@ fn run(args: Args) -> Result<bool> {
     Ok(ok)
 }
 
+/// The relays' flags after `--database-url` and `--brokers`: short leases and polls, so a killed
+/// relay's standby takes over within seconds.
+const RELAY_FLAGS: [&str; 7] = [
+    "--allow-superuser",
+    "--lease-ms",
+    "2000",
+    "--standby-poll-ms",
+    "200",
+    "--idle-poll-max-ms",
+    "20",
+];
+
 /// The sibling binaries the demo starts.
 struct Binaries {
     order: PathBuf,
@@ -205,6 +217,20 @@ impl Services {
             .unwrap_or_default()
     }
 
+    /// Waits (up to 60 s each) until both services answer GET /healthz.
+    fn wait_healthy(&self, logs: &Path) -> Result<()> {
+        for api in [&self.order_api, &self.inventory_api] {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while self.agent.get(&format!("{api}/healthz")).call().is_err() {
+                if Instant::now() > deadline {
+                    bail!("{api} did not come up (see {})", logs.display());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
     /// SIGTERM every process (SIGKILL after 15 s).
     fn terminate(&mut self) {
         for p in self.procs.values_mut() {
@@ -224,6 +250,16 @@ struct Load {
     secs: f64,
 }
 
+/// Runs a one-shot subcommand of a sibling binary; fails with `what` and its stderr unless it
+/// exits 0.
+fn run_tool(bin: &Path, args: &[&str], what: &str) -> Result<()> {
+    let out = Command::new(bin).args(args).output()?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 #[derive(QueryableByName)]
 struct N {
     #[diesel(sql_type = BigInt)]
@@ -239,36 +275,33 @@ impl Demo {
     fn seed_and_migrate(&self) -> Result<()> {
         self.seed("scarce-", self.args.scarce_products, 20)?;
         self.seed("ample-", self.args.ample_products, 100_000)?;
-        let out = Command::new(&self.bins.order)
-            .args(["migrate", "--database-url", &self.scratch.orders_url])
-            .output()?;
-        if !out.status.success() {
-            bail!("migrate orders: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+        let orders_url = &self.scratch.orders_url;
+        run_tool(
+            &self.bins.order,
+            &["migrate", "--database-url", orders_url],
+            "migrate orders",
+        )
     }
 
     /// `demo-inventory seed`: products `<prefix>0..<products>` with `stock` units each.
     fn seed(&self, prefix: &str, products: u32, stock: i32) -> Result<()> {
-        let out = Command::new(&self.bins.inventory)
-            .args([
+        let (products, stock) = (products.to_string(), stock.to_string());
+        let inventory_url = &self.scratch.inventory_url;
+        run_tool(
+            &self.bins.inventory,
+            &[
                 "seed",
                 "--database-url",
-                &self.scratch.inventory_url,
+                inventory_url,
                 "--prefix",
                 prefix,
-            ])
-            .args([
                 "--products",
-                &products.to_string(),
+                &products,
                 "--stock",
-                &stock.to_string(),
-            ])
-            .output()?;
-        if !out.status.success() {
-            bail!("seed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(())
+                &stock,
+            ],
+            "seed",
+        )
     }
 
     /// Step 4: the processes, each with its log; returns once both services answer.
@@ -283,7 +316,7 @@ impl Demo {
             ("relay-inventory-a", &s.inventory_url),
             ("relay-inventory-b", &s.inventory_url),
         ] {
-            let a = self.relay_args(url);
+            let a = self.command_line("run", url, &RELAY_FLAGS);
             procs.insert(name, Proc::start(&self.bins.relay, name, &a, &env, logs)?);
         }
         for (name, bin, url, port) in [
@@ -295,7 +328,7 @@ impl Demo {
                 inventory_port,
             ),
         ] {
-            let a = self.serve_args(url, port);
+            let a = self.command_line("serve", url, &["--listen", &format!("127.0.0.1:{port}")]);
             procs.insert(name, Proc::start(bin, name, &a, &env, logs)?);
         }
         let services = Services {
@@ -306,50 +339,24 @@ impl Demo {
                 .timeout(Duration::from_secs(10))
                 .build(),
         };
-        for api in [&services.order_api, &services.inventory_api] {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while services
-                .agent
-                .get(&format!("{api}/healthz"))
-                .call()
-                .is_err()
-            {
-                if Instant::now() > deadline {
-                    bail!("{api} did not come up (see {})", logs.display());
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
+        services.wait_healthy(logs)?;
         Ok(services)
     }
 
-    fn relay_args(&self, url: &str) -> Vec<String> {
-        vec![
-            "run".into(),
-            "--database-url".into(),
-            url.into(),
-            "--brokers".into(),
-            self.broker.bootstrap.clone(),
-            "--allow-superuser".into(),
-            "--lease-ms".into(),
-            "2000".into(),
-            "--standby-poll-ms".into(),
-            "200".into(),
-            "--idle-poll-max-ms".into(),
-            "20".into(),
+    /// `<subcommand> --database-url <url> --brokers <bootstrap> <rest>`: a relay's or a
+    /// service's command line.
+    fn command_line(&self, subcommand: &str, url: &str, rest: &[&str]) -> Vec<String> {
+        [
+            subcommand,
+            "--database-url",
+            url,
+            "--brokers",
+            &self.broker.bootstrap,
         ]
-    }
-
-    fn serve_args(&self, url: &str, port: u16) -> Vec<String> {
-        vec![
-            "serve".into(),
-            "--database-url".into(),
-            url.into(),
-            "--brokers".into(),
-            self.broker.bootstrap.clone(),
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-        ]
+        .iter()
+        .chain(rest)
+        .map(|a| (*a).to_owned())
+        .collect()
     }
 
     /// Warm-up: one order through the whole loop, so consumer groups have their partitions

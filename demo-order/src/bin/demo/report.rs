@@ -196,22 +196,27 @@ fn print_client_figures(c: &Counters) {
 fn print_consumer_figures(m: &Measured, chaos: &Chaos) {
     let (banked_dups, banked_dead) = chaos.banked;
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
-    line(
-        "inbox redeliveries absorbed (order, inventory)",
-        format!(
-            "{} / {}",
-            n(&m.order_stats["duplicates"]),
-            n(&m.inventory_stats["duplicates"]) + banked_dups
+    for (what, key, banked) in [
+        (
+            "inbox redeliveries absorbed (order, inventory)",
+            "duplicates",
+            banked_dups,
         ),
-    );
-    line(
-        "dead-lettered messages (order, inventory)",
-        format!(
-            "{} / {}",
-            n(&m.order_stats["dead_lettered"]),
-            n(&m.inventory_stats["dead_lettered"]) + banked_dead
+        (
+            "dead-lettered messages (order, inventory)",
+            "dead_lettered",
+            banked_dead,
         ),
-    );
+    ] {
+        line(
+            what,
+            format!(
+                "{} / {}",
+                n(&m.order_stats[key]),
+                n(&m.inventory_stats[key]) + banked
+            ),
+        );
+    }
     let ms = |v: Option<f64>| v.map_or_else(|| "-".into(), |v| format!("{v:.1} ms"));
     let lat = &m.latency;
     line(
