@@ -113,30 +113,67 @@ pub fn run(
         diesel::sql_query("SELECT product, available FROM stock").load(inventory)?;
 
     let mut report = Report::default();
-    let mut reserved: HashMap<&str, &LedgerRow> = HashMap::new();
-    let mut restored: HashMap<&str, &LedgerRow> = HashMap::new();
-    let mut ledger_sum: HashMap<&str, i64> = HashMap::new();
-    let mut initial: HashMap<&str, i64> = HashMap::new();
-    for l in &ledger {
-        *ledger_sum.entry(&l.product).or_default() += i64::from(l.delta);
-        match l.kind.as_str() {
-            "reserve" => {
-                reserved.insert(&l.order_id, l);
-            }
-            "restore" => {
-                restored.insert(&l.order_id, l);
-            }
-            _ => {
-                initial.insert(&l.product, i64::from(l.delta));
+    let ledger = Ledger::index(&ledger);
+    let confirmed_units = check_orders(&mut report, &order_rows, &ledger);
+    check_orphans(&mut report, &order_rows, &ledger);
+    check_stock(&mut report, &stock, &ledger, &confirmed_units);
+    if repair {
+        repair_from_ledger(inventory, &mut report)?;
+    }
+    Ok(report)
+}
+
+/// The stock ledger by order and by product.
+struct Ledger<'a> {
+    /// Reservations by order id.
+    reserved: HashMap<&'a str, &'a LedgerRow>,
+    /// Restores by order id.
+    restored: HashMap<&'a str, &'a LedgerRow>,
+    /// Sum of all deltas by product.
+    sum: HashMap<&'a str, i64>,
+    /// Initial stock by product.
+    initial: HashMap<&'a str, i64>,
+}
+
+impl<'a> Ledger<'a> {
+    fn index(rows: &'a [LedgerRow]) -> Self {
+        let mut ledger = Self {
+            reserved: HashMap::new(),
+            restored: HashMap::new(),
+            sum: HashMap::new(),
+            initial: HashMap::new(),
+        };
+        for l in rows {
+            *ledger.sum.entry(&l.product).or_default() += i64::from(l.delta);
+            match l.kind.as_str() {
+                "reserve" => {
+                    ledger.reserved.insert(&l.order_id, l);
+                }
+                "restore" => {
+                    ledger.restored.insert(&l.order_id, l);
+                }
+                _ => {
+                    ledger.initial.insert(&l.product, i64::from(l.delta));
+                }
             }
         }
+        ledger
     }
+}
+
+/// Counts orders per status and finds those whose reservation does not match their status;
+/// returns the confirmed units per product.
+fn check_orders<'a>(
+    report: &mut Report,
+    order_rows: &'a [OrderRow],
+    ledger: &Ledger<'_>,
+) -> HashMap<&'a str, i64> {
     let mut confirmed_units: HashMap<&str, i64> = HashMap::new();
-    for o in &order_rows {
+    for o in order_rows {
         *report.orders_by_status.entry(o.status.clone()).or_default() += 1;
         let (res, rest) = (
-            reserved.contains_key(o.id.as_str()),
-            restored.contains_key(o.id.as_str()),
+            ledger.reserved.contains_key(o.id.as_str()),
+            ledger.restored.contains_key(o.id.as_str()),
         );
         match o.status.as_str() {
             "CONFIRMED" => {
@@ -150,21 +187,35 @@ pub fn run(
             _ => {}
         }
     }
+    confirmed_units
+}
+
+/// Reservations whose order does not exist.
+fn check_orphans(report: &mut Report, order_rows: &[OrderRow], ledger: &Ledger<'_>) {
     let known: std::collections::HashSet<&str> = order_rows.iter().map(|o| o.id.as_str()).collect();
-    for id in reserved.keys() {
+    for id in ledger.reserved.keys() {
         if !known.contains(id) {
             report.orphan_reservations.push((*id).to_owned());
         }
     }
-    for s in &stock {
-        let sum = ledger_sum.get(s.product.as_str()).copied().unwrap_or(0);
+}
+
+/// Stock against its ledger, and expected against actual stock, per product.
+fn check_stock(
+    report: &mut Report,
+    stock: &[StockRow],
+    ledger: &Ledger<'_>,
+    confirmed_units: &HashMap<&str, i64>,
+) {
+    for s in stock {
+        let sum = ledger.sum.get(s.product.as_str()).copied().unwrap_or(0);
         if sum != i64::from(s.available) {
             report.stock_vs_ledger.push(format!(
                 "{}: stock {} vs ledger {sum}",
                 s.product, s.available
             ));
         }
-        let init = initial.get(s.product.as_str()).copied().unwrap_or(0);
+        let init = ledger.initial.get(s.product.as_str()).copied().unwrap_or(0);
         report.products.push(ProductStock {
             product: s.product.clone(),
             initial: init,
@@ -177,38 +228,40 @@ pub fn run(
         });
     }
     report.products.sort_by(|a, b| a.product.cmp(&b.product));
-    if repair {
-        let to_release: Vec<String> = report
-            .cancelled_not_restored
-            .iter()
-            .chain(&report.rejected_with_reservation)
-            .cloned()
-            .collect();
-        inventory.transaction::<_, Error, _>(|c| {
-            for id in &to_release {
-                crate::restore(
-                    c,
-                    &crate::OrderCancelled {
-                        order_id: id.clone(),
-                    },
-                )?;
-                report
-                    .repaired
-                    .push(format!("restored the reservation of order {id}"));
-            }
-            let n = diesel::sql_query(
-                "UPDATE stock s SET available = l.total FROM \
-                 (SELECT product, sum(delta)::int AS total FROM stock_ledger GROUP BY product) l \
-                 WHERE s.product = l.product AND s.available <> l.total",
-            )
-            .execute(c)?;
-            if n > 0 {
-                report
-                    .repaired
-                    .push(format!("reset {n} stock rows to their ledger sum"));
-            }
-            Ok(())
-        })?;
-    }
-    Ok(report)
+}
+
+/// In one transaction: restores the reservations of cancelled and rejected orders, and resets
+/// stock rows to their ledger sum; records what it changed in `report.repaired`.
+fn repair_from_ledger(inventory: &mut PgConnection, report: &mut Report) -> Result<(), Error> {
+    let to_release: Vec<String> = report
+        .cancelled_not_restored
+        .iter()
+        .chain(&report.rejected_with_reservation)
+        .cloned()
+        .collect();
+    inventory.transaction::<_, Error, _>(|c| {
+        for id in &to_release {
+            crate::restore(
+                c,
+                &crate::OrderCancelled {
+                    order_id: id.clone(),
+                },
+            )?;
+            report
+                .repaired
+                .push(format!("restored the reservation of order {id}"));
+        }
+        let n = diesel::sql_query(
+            "UPDATE stock s SET available = l.total FROM \
+             (SELECT product, sum(delta)::int AS total FROM stock_ledger GROUP BY product) l \
+             WHERE s.product = l.product AND s.available <> l.total",
+        )
+        .execute(c)?;
+        if n > 0 {
+            report
+                .repaired
+                .push(format!("reset {n} stock rows to their ledger sum"));
+        }
+        Ok(())
+    })
 }

@@ -159,22 +159,24 @@ fn parse_id(id: &str) -> Result<Uuid, Response> {
 }
 
 async fn get_order(State(app): State<App>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
-        Ok(id) => id,
-        Err(r) => return r,
-    };
-    match blocking(&app, move |c| demo_order::get(c, id)).await {
-        Ok(order) => Json(order).into_response(),
-        Err(r) => r,
-    }
+    order_by_id(&app, &id, demo_order::get).await
 }
 
 async fn cancel_order(State(app): State<App>, Path(id): Path<String>) -> Response {
-    let id = match parse_id(&id) {
+    order_by_id(&app, &id, demo_order::cancel).await
+}
+
+/// The routes on one order: parse the id, run `f` on it, answer with the order.
+async fn order_by_id(
+    app: &App,
+    id: &str,
+    f: fn(&mut PgConnection, Uuid) -> Result<demo_order::Order, Error>,
+) -> Response {
+    let id = match parse_id(id) {
         Ok(id) => id,
         Err(r) => return r,
     };
-    match blocking(&app, move |c| demo_order::cancel(c, id)).await {
+    match blocking(app, move |c| f(c, id)).await {
         Ok(order) => Json(order).into_response(),
         Err(r) => r,
     }
