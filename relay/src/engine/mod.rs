@@ -304,37 +304,13 @@ impl Relay {
             }
             term.session.renew_if_due().await?;
             self.settle_overdue(term).await?;
-            let silent_for = self.cfg.ack_overdue.0 * STEP_DOWN_AFTER_OVERDUE;
-            if !term.overdue.is_empty()
-                && term.last_ack.elapsed() >= silent_for
-                && !self.brokers_answer(term).await
-            {
+            if self.cut_off(term).await {
                 // Cut off from the brokers (events overdue, nothing acknowledged, no metadata):
                 // keeping the lease would keep a standby that reaches them from delivering.
                 term.session.flush_removals().await;
                 return Err(Error::SteppedDown(term.last_ack.elapsed()));
             }
-            let overdue_keys: HashSet<TopicKey> = term
-                .overdue
-                .iter()
-                .map(|e| (e.topic.clone(), e.key.clone()))
-                .collect();
-            let now = tokio::time::Instant::now();
-            let (partitions, overdue_partitions) = (&term.partitions, &term.overdue_partitions);
-            let still_waits = |k: &TopicKey, at: &Option<tokio::time::Instant>| {
-                overdue_keys.contains(k)
-                    || at.is_some_and(|t| t > now)
-                    || on_overdue_partition(partitions, overdue_partitions, k)
-            };
-            if term.waiting.iter().any(|(k, at)| !still_waits(k, at)) {
-                // Some waiting keys have nothing overdue any more and their retry is due:
-                // resume from the saved position (older than every row left behind), which
-                // sends their events in order; the other keys go on waiting. Nothing else is
-                // in flight here, and what was delivered since that position was removed.
-                let before = term.waiting.len();
-                term.waiting.retain(|k, at| still_waits(k, at));
-                tracing::info!(target: TARGET, resumed = before - term.waiting.len(), still_waiting = term.waiting.len(), "waiting keys are due again; resuming them from the saved position");
-                m::waiting(term.waiting.len(), term.overdue.len());
+            if resume_due_keys(term) {
                 again = None;
                 done = None;
             }
@@ -342,34 +318,8 @@ impl Relay {
             let (batch, first_page) = match (again.take(), done.take()) {
                 (Some(b), _) => (b, None),
                 (None, previous) => {
-                    // One blocking call: remove the previous batch's last acknowledged rows,
-                    // open the next batch, fetch its first page.
-                    let save = (previous.is_none() || saved.elapsed() >= SAVE_BATCH_EVERY)
-                        && term.waiting.is_empty();
-                    // Which keys have dead letters (`hold-key`): read when the term starts;
-                    // after that only this leader adds any (and records them itself), so they
-                    // are read again only while some key is held, to see an operator's retry
-                    // or purge (see `Open::read_held` for why before the batch's position).
-                    let read_held = self.cfg.poison_policy == PoisonPolicy::HoldKey
-                        && (!held_read || !term.held.is_empty());
-                    let open = Open {
-                        save,
-                        read_held,
-                        page_size: self.cfg.page_size,
-                    };
-                    let Opened {
-                        batch: b,
-                        first_page: rows,
-                        held,
-                    } = capture.open(&mut term.session, previous, open).await?;
-                    if save {
-                        saved = Instant::now();
-                    }
-                    if let Some(held) = held {
-                        term.held = held.into_iter().collect();
-                        held_read = true;
-                    }
-                    (b, rows)
+                    self.open_next(capture, term, previous, &mut saved, &mut held_read)
+                        .await?
                 }
             };
             term.blocked.clear();
@@ -417,6 +367,55 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Whether the leader is cut off from the brokers: events overdue, no acknowledgement for
+    /// `STEP_DOWN_AFTER_OVERDUE` x `ack_overdue`, and no broker answering a metadata request.
+    async fn cut_off(&self, term: &mut Term<'_>) -> bool {
+        let silent_for = self.cfg.ack_overdue.0 * STEP_DOWN_AFTER_OVERDUE;
+        !term.overdue.is_empty()
+            && term.last_ack.elapsed() >= silent_for
+            && !self.brokers_answer(term).await
+    }
+
+    /// Opens the batch after `previous` (or resumes the saved position) with its first page.
+    /// One blocking call: it removes the previous batch's last acknowledged rows first.
+    async fn open_next<C: Capture>(
+        &self,
+        capture: &C,
+        term: &mut Term<'_>,
+        previous: Option<C::Batch>,
+        saved: &mut Instant,
+        held_read: &mut bool,
+    ) -> Result<(C::Batch, Option<Vec<Fetched>>)> {
+        // One blocking call: remove the previous batch's last acknowledged rows,
+        // open the next batch, fetch its first page.
+        let save =
+            (previous.is_none() || saved.elapsed() >= SAVE_BATCH_EVERY) && term.waiting.is_empty();
+        // Which keys have dead letters (`hold-key`): read when the term starts;
+        // after that only this leader adds any (and records them itself), so they
+        // are read again only while some key is held, to see an operator's retry
+        // or purge (see `Open::read_held` for why before the batch's position).
+        let read_held = self.cfg.poison_policy == PoisonPolicy::HoldKey
+            && (!*held_read || !term.held.is_empty());
+        let open = Open {
+            save,
+            read_held,
+            page_size: self.cfg.page_size,
+        };
+        let Opened {
+            batch: b,
+            first_page: rows,
+            held,
+        } = capture.open(&mut term.session, previous, open).await?;
+        if save {
+            *saved = Instant::now();
+        }
+        if let Some(held) = held {
+            term.held = held.into_iter().collect();
+            *held_read = true;
+        }
+        Ok((b, rows))
     }
 
     async fn deliver_batch<C: Capture>(
@@ -497,6 +496,34 @@ impl Relay {
             BatchEnd::Done { rows: rows_total }
         })
     }
+}
+
+/// Keys that waited and whose time has come (nothing of theirs overdue, their retry due, their
+/// partition no longer overdue) stop waiting. Returns whether any did: capture then resumes
+/// from the saved position (older than every row left behind), which sends their events in
+/// order; the other keys go on waiting. Nothing else is in flight then, and what was delivered
+/// since that position was removed.
+fn resume_due_keys(term: &mut Term<'_>) -> bool {
+    let overdue_keys: HashSet<TopicKey> = term
+        .overdue
+        .iter()
+        .map(|e| (e.topic.clone(), e.key.clone()))
+        .collect();
+    let now = tokio::time::Instant::now();
+    let (partitions, overdue_partitions) = (&term.partitions, &term.overdue_partitions);
+    let still_waits = |k: &TopicKey, at: &Option<tokio::time::Instant>| {
+        overdue_keys.contains(k)
+            || at.is_some_and(|t| t > now)
+            || on_overdue_partition(partitions, overdue_partitions, k)
+    };
+    if !term.waiting.iter().any(|(k, at)| !still_waits(k, at)) {
+        return false;
+    }
+    let before = term.waiting.len();
+    term.waiting.retain(|k, at| still_waits(k, at));
+    tracing::info!(target: TARGET, resumed = before - term.waiting.len(), still_waiting = term.waiting.len(), "waiting keys are due again; resuming them from the saved position");
+    m::waiting(term.waiting.len(), term.overdue.len());
+    true
 }
 
 /// Removes what was acknowledged and records the position at the end of a term (best effort:
