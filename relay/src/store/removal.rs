@@ -1,0 +1,112 @@
+//! Removal SQL: the fenced delete (or move to `outbox_delivered`) of acknowledged rows, and the
+//! move to the dead letters, under the lease and on the server it was taken on.
+
+use diesel::sql_types::{Array, BigInt, Integer, Text};
+use diesel::{PgConnection, RunQueryDsl};
+
+use super::lease::lost;
+use super::prepared::{Prepared, Value};
+use super::{DeadLetter, Fenced, Fragments, Lease, Sql};
+use crate::error::Result;
+
+impl Sql {
+    /// The fenced removals: delete, move to `outbox_delivered`, move to the dead letters.
+    pub(super) fn removal_statements(&mut self, f: &Fragments) {
+        let Fragments {
+            t,
+            d,
+            k,
+            all,
+            dead_letter_updates,
+            locked_lease,
+            ..
+        } = f;
+        self.delete = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM del) AS affected"
+        );
+        // The same fenced removal, keeping the rows in `outbox_delivered` (one statement:
+        // a row is either still pending or kept, never both, never neither). An id already
+        // kept can only come from a reset identity (a restore); the old copy stays.
+        self.move_delivered = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING *), \
+             ins AS (INSERT INTO {k} ({all}) SELECT {all} FROM del \
+                     ON CONFLICT (id) DO NOTHING RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM del) AS affected"
+        );
+        self.dead_letter = format!(
+            "WITH lease AS ({locked_lease}), \
+             f AS (SELECT * FROM unnest($4::bigint[], $6::text[], $7::int[]) \
+                   AS f(id, error, attempts)), \
+             moved AS (DELETE FROM {t} o USING f \
+                       WHERE o.id = f.id AND EXISTS (SELECT 1 FROM lease) \
+                       RETURNING o.*, f.error AS dl_error, f.attempts AS dl_attempts), \
+             ins AS (INSERT INTO {d} ({all}, attempts, last_error) \
+                     SELECT {all}, dl_attempts, dl_error FROM moved \
+                     ON CONFLICT (id, event_id) DO UPDATE SET \
+                       {dead_letter_updates}, dead_lettered_at = now() \
+                     RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM ins) AS affected"
+        );
+    }
+}
+
+/// Removes delivered rows (or moves them to `outbox_delivered`, see [`Sql::keep_delivered`]),
+/// only while the lease is ours. Returns how many were removed.
+///
+/// # Errors
+/// [`Error::LostLeadership`] (nothing removed), [`Error::Database`].
+pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) -> Result<u64> {
+    let statement = if sql.keep_delivered {
+        &sql.hot.move_delivered
+    } else {
+        &sql.hot.delete
+    };
+    let binds = [
+        Value::Text(&sql.key),
+        Value::Text(&lease.instance),
+        Value::BigInt(lease.epoch),
+        Value::BigIntArray(ids),
+        Value::Text(&lease.server),
+    ];
+    let r: Fenced = Prepared::new(statement, &binds).get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(u64::try_from(r.affected).unwrap_or(0))
+}
+
+/// Moves rows to the dead letters, only while the lease is ours.
+///
+/// # Errors
+/// [`Error::LostLeadership`] (nothing moved), [`Error::Database`].
+pub fn dead_letter(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    rows: &[DeadLetter],
+) -> Result<u64> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+    let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
+    let r: Fenced = diesel::sql_query(&sql.dead_letter)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Array<BigInt>, _>(&ids)
+        .bind::<Text, _>(&lease.server)
+        .bind::<Array<Text>, _>(&errors)
+        .bind::<Array<Integer>, _>(&attempts)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(u64::try_from(r.affected).unwrap_or(0))
+}
