@@ -98,6 +98,18 @@ pub enum Error {
     /// The database returned an error.
     #[error("database error: {0}")]
     Database(#[from] diesel::result::Error),
+    /// The consumer runner's Kafka client could not be made or set up (`what` says which step:
+    /// the consumer, the subscription, the dead-letter producer); the client's error is the
+    /// source.
+    #[cfg(feature = "kafka")]
+    #[error("kafka {what}: {source}")]
+    Kafka {
+        /// Which step failed.
+        what: String,
+        /// What the client said.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
 }
 
 impl Error {

@@ -30,6 +30,7 @@ use diesel::sql_types::{BigInt, Double};
 use diesel::{QueryableByName, RunQueryDsl};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use outbox::contract::Table;
 
@@ -95,7 +96,7 @@ pub fn install() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until `shutdown`.
+/// Serves `/metrics` and `/healthz` on `addr` until `shutdown` (a task on `tasks`).
 ///
 /// # Errors
 /// [`Error::Io`] when the address cannot be bound.
@@ -103,7 +104,8 @@ pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     shutdown: CancellationToken,
-) -> Result<tokio::task::JoinHandle<()>> {
+    tasks: &TaskTracker,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(target: "outbox::relay", %addr, "serving /metrics and /healthz");
     let app = Router::new()
@@ -117,22 +119,24 @@ pub async fn serve(
                 )
             }),
         );
-    Ok(tokio::spawn(async move {
+    tasks.spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
-    }))
+    });
+    Ok(())
 }
 
 /// Updates the backlog gauges every `every` from its own connection (named
-/// `application_name`), until `shutdown`.
+/// `application_name`), until `shutdown` (a task on `tasks`).
 pub fn spawn_backlog_poller(
     database_url: String,
     application_name: String,
     tables: outbox::TableRef,
     every: Duration,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
+    tasks: &TaskTracker,
+) {
     #[derive(QueryableByName)]
     struct Backlog {
         #[diesel(sql_type = BigInt)]
@@ -155,7 +159,7 @@ pub fn spawn_backlog_poller(
         t = tables.qualify(Table::Outbox),
         d = tables.qualify(Table::DeadLetters)
     );
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut conn = None;
         loop {
             let (sql, url, name) = (sql.clone(), database_url.clone(), application_name.clone());
@@ -185,5 +189,5 @@ pub fn spawn_backlog_poller(
                 () = shutdown.cancelled() => return,
             }
         }
-    })
+    });
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use diesel::sql_types::{BigInt, Double};
 use diesel::{PgConnection, RunQueryDsl};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use outbox::contract::Table;
 
@@ -140,13 +141,14 @@ pub(crate) fn spawn(
     cfg: &RelayConfig,
     application_name: String,
     stop: CancellationToken,
-) -> Option<tokio::task::JoinHandle<()>> {
+    tasks: &TaskTracker,
+) {
     if !cfg.purges() {
-        return None;
+        return;
     }
     let cfg = cfg.clone();
     let interval = cfg.purge_interval.0;
-    Some(tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let (c, name, token) = (cfg.clone(), application_name.clone(), stop.clone());
             let started = std::time::Instant::now();
@@ -173,5 +175,5 @@ pub(crate) fn spawn(
                 () = stop.cancelled() => return,
             }
         }
-    }))
+    });
 }

@@ -17,8 +17,10 @@ pub(super) fn producer(brokers: &str) -> Result<FutureProducer, Error> {
     for (k, v) in crate::kafka_settings::DEAD_LETTER_PRODUCER_ENFORCED {
         c.set(*k, *v);
     }
-    c.create()
-        .map_err(|e| Error::InvalidConfig(format!("kafka dead-letter producer: {e}")))
+    c.create().map_err(|source| Error::Kafka {
+        what: "dead-letter producer".into(),
+        source,
+    })
 }
 
 /// Publishes `message` to the dead-letter topic with the reason; retries until it is written or

@@ -31,6 +31,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::{kafka_settings, Error, Inbox};
 
@@ -157,22 +158,29 @@ impl ConsumerRunner {
                 .create_with_context(RunnerContext {
                     shared: Arc::clone(&shared),
                 })
-                .map_err(|e| Error::InvalidConfig(format!("kafka consumer: {e}")))?,
+                .map_err(|source| Error::Kafka {
+                    what: "consumer".into(),
+                    source,
+                })?,
         );
         let dlq_producer = dead_letters::producer(&self.cfg.brokers)?;
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(|e| Error::InvalidConfig(format!("subscribe {topics:?}: {e}")))?;
-        let purger = self.cfg.retention.map(|(keep, every)| {
+        consumer.subscribe(&topics).map_err(|source| Error::Kafka {
+            what: format!("subscribe {topics:?}"),
+            source,
+        })?;
+        // Every task of the runner (partition workers, the purger): shutdown waits for all.
+        let tasks = TaskTracker::new();
+        if let Some((keep, every)) = self.cfg.retention {
             retention::spawn_purger(
                 self.inbox.clone(),
                 self.cfg.database_url.clone(),
                 keep,
                 every,
                 shutdown.clone(),
-            )
-        });
+                &tasks,
+            );
+        }
         let workers_done = CancellationToken::new();
         let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
             HashMap::new();
@@ -229,7 +237,7 @@ impl ConsumerRunner {
                     Arc::clone(&shared),
                     workers_done.clone(),
                 );
-                let handle = tokio::spawn(worker.run(rx));
+                let handle = tasks.spawn(worker.run(rx));
                 workers.insert(key.clone(), (tx, handle));
             }
             let Some((tx, _)) = workers.get(&key) else {
@@ -267,15 +275,12 @@ impl ConsumerRunner {
         }
         // Shutdown: workers finish the message in hand (queued ones are left for redelivery).
         workers_done.cancel();
-        for (_, (tx, handle)) in workers.drain() {
-            drop(tx);
-            let _ = handle.await;
-        }
+        // Closing the queues lets each worker end after the message in hand.
+        workers.clear();
+        tasks.close();
+        tasks.wait().await;
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(target: TARGET, error = %e, "final commit");
-        }
-        if let Some(p) = purger {
-            let _ = p.await;
         }
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())

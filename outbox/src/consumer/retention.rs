@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use diesel::PgConnection;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::TARGET;
 use crate::{Error, Inbox};
@@ -15,8 +16,9 @@ pub(super) fn spawn_purger(
     keep: Duration,
     every: Duration,
     shutdown: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+    tasks: &TaskTracker,
+) {
+    tasks.spawn(async move {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(every) => {}
@@ -37,5 +39,5 @@ pub(super) fn spawn_purger(
                 Err(e) => tracing::warn!(target: TARGET, error = %e, "inbox retention task failed"),
             }
         }
-    })
+    });
 }

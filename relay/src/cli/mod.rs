@@ -572,14 +572,15 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
     outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
     if let Some(addr) = cfg.metrics_addr {
         let handle = metrics::install()?;
-        tasks.spawn(metrics::serve(addr, handle, shutdown.clone()).await?);
-        tasks.spawn(metrics::spawn_backlog_poller(
+        metrics::serve(addr, handle, shutdown.clone(), &tasks).await?;
+        metrics::spawn_backlog_poller(
             cfg.database_url().to_owned(),
             store::application_name(relay.instance_id()),
             cfg.tables()?,
             Duration::from_secs(5),
             shutdown.clone(),
-        ));
+            &tasks,
+        );
     }
     let result = relay.run(shutdown.clone()).await;
     shutdown.cancel();

@@ -9,6 +9,7 @@ use backoff::ExponentialBackoff;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer as _, PurgeConfig};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{PoisonPolicy, RelayConfig};
 use crate::producer;
@@ -262,10 +263,12 @@ impl Relay {
         };
         // Retention purges run beside delivery, on their own short-lived connection.
         let purge_stop = shutdown.child_token();
-        let purge = crate::retention::spawn(
+        let tasks = TaskTracker::new();
+        crate::retention::spawn(
             &self.cfg,
             store::application_name(&self.instance),
             purge_stop.clone(),
+            &tasks,
         );
         let result = self.lead_term(capture, &mut term).await;
         m::waiting(0, 0);
@@ -275,10 +278,9 @@ impl Relay {
             term.producer
                 .purge(PurgeConfig::default().queue().inflight().non_blocking());
         }
-        if let Some(purge) = purge {
-            // Ends after the batch in progress, if any.
-            let _ = purge.await;
-        }
+        // The purge ends after the batch in progress, if any.
+        tasks.close();
+        tasks.wait().await;
         result
     }
 
