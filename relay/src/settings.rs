@@ -83,6 +83,9 @@ impl Value for String {
 
 impl Value for Option<String> {
     fn parse(s: &str) -> Result<Self, String> {
+        if s.trim().is_empty() {
+            return Err("must not be empty (leave it out for the default)".into());
+        }
         Ok(Some(s.to_owned()))
     }
     fn show(&self) -> String {
@@ -418,5 +421,10 @@ mod tests {
             .unwrap_err()
             .contains("milliseconds"));
         assert!(values.set("no_such", "1").is_err());
+        // An empty variable (`OUTBOX_RELAY_INSTANCE_ID=`) is refused, not taken as a name.
+        assert!(values
+            .set("instance_id", " ")
+            .unwrap_err()
+            .contains("empty"));
     }
 }
