@@ -191,7 +191,7 @@ fn json_error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn stock(State(app): State<App>, Path(product): Path<String>) -> Response {
-    let r = tokio::task::spawn_blocking(move || -> Result<Option<i32>> {
+    let r = outbox::blocking::run(move || -> Result<Option<i32>> {
         let mut conn = app.pool.get()?;
         Ok(demo_inventory::available(&mut conn, &product)?)
     })
@@ -232,7 +232,7 @@ fn handle(conn: &mut PgConnection, m: &IncomingMessage) -> Result<(), HandlerErr
 async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Result<()> {
     {
         let url = database_url.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        outbox::blocking::run(move || -> Result<()> {
             demo_inventory::migrate(&mut PgConnection::establish(&url)?)?;
             Ok(())
         })

@@ -109,7 +109,7 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&mut PgConnection) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Response> {
     let pool = app.pool.clone();
-    match tokio::task::spawn_blocking(move || {
+    match outbox::blocking::run(move || {
         let mut conn = pool
             .get()
             .map_err(|e| json_error(StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}")))?;
@@ -203,7 +203,7 @@ fn handle(conn: &mut PgConnection, m: &IncomingMessage) -> Result<(), HandlerErr
 async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Result<()> {
     {
         let url = database_url.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        outbox::blocking::run(move || -> Result<()> {
             demo_order::migrate(&mut PgConnection::establish(&url)?)?;
             Ok(())
         })
