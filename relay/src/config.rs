@@ -136,6 +136,14 @@ impl RelayConfig {
     /// # Errors
     /// [`Error::Config`] or [`Error::Outbox`] (schema identifier).
     pub fn validate(&self) -> Result<()> {
+        self.check_connection()?;
+        self.check_ranges()?;
+        self.check_timing()?;
+        self.check_kafka()
+    }
+
+    /// The database, the brokers, the schema and the relay session's commits.
+    fn check_connection(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.database_url.trim().is_empty() {
             return bad("database_url is empty (set DATABASE_URL or --database-url)".into());
@@ -152,6 +160,12 @@ impl RelayConfig {
                 self.synchronous_commit
             )));
         }
+        Ok(())
+    }
+
+    /// Each number within its limits.
+    fn check_ranges(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
         if self.page_size <= 0 {
             return bad(format!(
                 "page_size must be positive, got {}",
@@ -208,6 +222,12 @@ impl RelayConfig {
                 self.purge_interval.as_ms()
             ));
         }
+        Ok(())
+    }
+
+    /// The timings against each other: a lease that cannot lapse while idle or on standby.
+    fn check_timing(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
         if self.standby_poll.as_ms() >= self.lease.as_ms() {
             return bad("standby_poll_ms must be shorter than lease_ms".into());
         }
@@ -217,6 +237,12 @@ impl RelayConfig {
                 self.lease.as_ms() / 4
             ));
         }
+        Ok(())
+    }
+
+    /// The raw librdkafka options (the shared Kafka safety policy) and the producer queue.
+    fn check_kafka(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
         kafka_settings::check_producer_options(
             self.kafka.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         )
@@ -227,7 +253,7 @@ impl RelayConfig {
         if let Some(v) = self.kafka_value("queue.buffering.max.messages") {
             if v.parse::<i64>().is_ok_and(|n| n < in_flight_rows) {
                 return bad(format!(
-                    "queue.buffering.max.messages={v} is below page_size x max_pages_in_flight                      ({in_flight_rows}): the producer queue would fill before a page completes"
+                    "queue.buffering.max.messages={v} is below page_size x max_pages_in_flight ({in_flight_rows}): the producer queue would fill before a page completes"
                 ));
             }
         }
