@@ -132,7 +132,7 @@ impl Inbox {
         &self.consumer
     }
 
-    /// Runs `handler` once per message id: see the [module docs](self). Opens its own
+    /// Runs `handler` once per message id: see the module docs. Opens its own
     /// transaction (a savepoint when already inside one).
     ///
     /// # Errors

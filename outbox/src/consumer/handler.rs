@@ -98,7 +98,7 @@ impl From<Error> for HandlerError {
 }
 
 /// Applies one message inside the inbox transaction. Use `conn` for every change (and for
-/// [`crate::enqueue`] to publish replies in the same transaction).
+/// [`crate::Outbox::enqueue`] to publish replies in the same transaction).
 ///
 /// A closure `Fn(&mut PgConnection, &IncomingMessage) -> Result<(), HandlerError>` is a handler.
 /// For a backlog, implement [`Handler::handle_batch`] as well (or wrap a batch function with

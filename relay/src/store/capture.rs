@@ -104,7 +104,7 @@ impl Sql {
 /// The batch in progress, or a new one from the current snapshot.
 ///
 /// # Errors
-/// [`Error::LostLeadership`], [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`](crate::Error::Database).
 pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
     batch_statement(conn, sql, &sql.open_batch, lease)
 }
@@ -113,7 +113,7 @@ pub fn open_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<B
 /// batch is then a superset of the saved one).
 ///
 /// # Errors
-/// [`Error::LostLeadership`], [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`](crate::Error::Database).
 pub fn open_fresh_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<Batch> {
     batch_statement(conn, sql, &sql.open_fresh_batch, lease)
 }
@@ -137,7 +137,7 @@ fn batch_statement(
 /// Marks the batch done: its snapshot becomes the lower bound of the next one.
 ///
 /// # Errors
-/// [`Error::LostLeadership`], [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`](crate::Error::Database).
 pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<()> {
     diesel::sql_query(&sql.close_batch)
         .bind::<Text, _>(&sql.key)
@@ -160,11 +160,11 @@ pub fn close_batch(conn: &mut PgConnection, sql: &Sql, lease: &Lease) -> Result<
 /// leave a chain of dead row versions that every lease check walks.
 ///
 /// Runs only on the server `done` came from ([`Batch::server`]): on another one (a failover
-/// behind a pooler that kept the connection) it returns [`Error::LostLeadership`] and writes
+/// behind a pooler that kept the connection) it returns [`Error::LostLeadership`](crate::Error::LostLeadership) and writes
 /// nothing, so the next term starts from the state row of the server it now talks to.
 ///
 /// # Errors
-/// [`Error::LostLeadership`], [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`](crate::Error::Database).
 pub fn advance_batch(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -194,7 +194,7 @@ pub fn advance_batch(
 /// so the next leader starts after it.
 ///
 /// # Errors
-/// [`Error::LostLeadership`], [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`](crate::Error::Database).
 pub fn save_batch(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -225,7 +225,7 @@ pub fn save_batch(
 /// Empty when the lease is gone.
 ///
 /// # Errors
-/// [`Error::Database`].
+/// [`Error::Database`](crate::Error::Database).
 pub fn fetch(
     conn: &mut PgConnection,
     sql: &Sql,
@@ -251,7 +251,7 @@ pub fn fetch(
 /// `(topic, key)` pairs that have dead letters (for [`crate::PoisonPolicy::HoldKey`]).
 ///
 /// # Errors
-/// [`Error::Database`].
+/// [`Error::Database`](crate::Error::Database).
 pub fn held_keys(conn: &mut PgConnection, sql: &Sql) -> Result<Vec<(String, String)>> {
     #[derive(QueryableByName)]
     struct Key {

@@ -62,7 +62,7 @@ impl Sql {
 /// only while the lease is ours. Returns how many were removed.
 ///
 /// # Errors
-/// [`Error::LostLeadership`] (nothing removed), [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership) (nothing removed), [`Error::Database`](crate::Error::Database).
 pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) -> Result<u64> {
     let statement = if sql.keep_delivered {
         &sql.hot.move_delivered
@@ -86,7 +86,7 @@ pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) ->
 /// Moves rows to the dead letters, only while the lease is ours.
 ///
 /// # Errors
-/// [`Error::LostLeadership`] (nothing moved), [`Error::Database`].
+/// [`Error::LostLeadership`](crate::Error::LostLeadership) (nothing moved), [`Error::Database`](crate::Error::Database).
 pub fn dead_letter(
     conn: &mut PgConnection,
     sql: &Sql,
