@@ -181,19 +181,19 @@ impl ConsumerRunner {
                 &tasks,
             );
         }
-        let workers_done = CancellationToken::new();
-        let mut workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)> =
-            HashMap::new();
-        // Messages of partitions whose worker queue is full, in order, handed over as room
-        // frees up (see `queue_per_partition`). Not paused in the client: a pause drops what
-        // the client fetched ahead, and the resume that follows was seen to skip those
-        // messages (librdkafka 2.12 with this stream consumer), which the offsets stored after
-        // them would then lose.
-        let mut waiting: HashMap<PartitionKey, std::collections::VecDeque<Job>> = HashMap::new();
-        let waiting_max = self
-            .cfg
-            .queue_per_partition
-            .saturating_mul(WAITING_PER_QUEUE);
+        let mut dispatch = Dispatch {
+            workers: HashMap::new(),
+            waiting: HashMap::new(),
+            waiting_max: self
+                .cfg
+                .queue_per_partition
+                .saturating_mul(WAITING_PER_QUEUE),
+            workers_done: CancellationToken::new(),
+            tasks,
+            consumer: Arc::clone(&consumer),
+            dlq_producer,
+            shared: Arc::clone(&shared),
+        };
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(target: TARGET, group = %self.cfg.group_id, topics = ?self.cfg.topics, "consumer runner started");
@@ -201,89 +201,43 @@ impl ConsumerRunner {
             let msg = tokio::select! {
                 () = shutdown.cancelled() => break,
                 m = consumer.recv() => m,
-                _ = tick.tick(), if !waiting.is_empty() => {
-                    hand_over_waiting(&mut waiting, &workers, &shared);
+                _ = tick.tick(), if !dispatch.waiting.is_empty() => {
+                    dispatch.hand_over_waiting();
                     continue;
                 }
             };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(target: TARGET, error = %e, "consume error");
-                    continue;
+            match msg {
+                Ok(m) => {
+                    let (key, job) = self.job(&shared, &m);
+                    dispatch.hand(self, key, job).await;
                 }
-            };
-            let key = (msg.topic().to_owned(), msg.partition());
-            let generation = shared
-                .partitions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entry(key.clone())
-                .or_default()
-                .generation;
-            let job = Job {
-                message: self.incoming(&msg),
-                generation,
-            };
-            let alive = workers
-                .get(&key)
-                .is_some_and(|(tx, h)| !tx.is_closed() && !h.is_finished());
-            if !alive {
-                let (tx, rx) = mpsc::channel(self.cfg.queue_per_partition);
-                let worker = self.worker(
-                    key.clone(),
-                    Arc::clone(&consumer),
-                    dlq_producer.clone(),
-                    Arc::clone(&shared),
-                    workers_done.clone(),
-                );
-                let handle = tasks.spawn(worker.run(rx));
-                workers.insert(key.clone(), (tx, handle));
-            }
-            let Some((tx, _)) = workers.get(&key) else {
-                continue;
-            };
-            if let Some(queue) = waiting.get_mut(&key) {
-                if queue.len() < waiting_max {
-                    // Behind the partition's earlier messages.
-                    queue.push_back(job);
-                    continue;
-                }
-                // Far behind (`queue_per_partition` x WAITING_PER_QUEUE messages): memory is
-                // bounded by waiting here, which holds every partition up (as a slow partition
-                // did in earlier releases) until this one's worker takes its queue.
-                tracing::warn!(target: TARGET, topic = %key.0, partition = key.1, waiting = queue.len(), "a partition's worker is far behind: waiting for it");
-                let tx = tx.clone();
-                let mut queue = waiting.remove(&key).unwrap_or_default();
-                queue.push_back(job);
-                for job in queue {
-                    if tx.send(job).await.is_err() {
-                        break;
-                    }
-                }
-                continue;
-            }
-            match tx.try_send(job) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(job)) => {
-                    // Never wait here: every other partition would wait too, and a consumer
-                    // that stops polling is evicted from the group.
-                    tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "a partition's worker is behind: buffering its messages");
-                    waiting.entry(key).or_default().push_back(job);
-                }
+                Err(e) => tracing::warn!(target: TARGET, error = %e, "consume error"),
             }
         }
-        // Shutdown: workers finish the message in hand (queued ones are left for redelivery).
-        workers_done.cancel();
-        // Closing the queues lets each worker end after the message in hand.
-        workers.clear();
-        tasks.close();
-        tasks.wait().await;
+        dispatch.finish().await;
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(target: TARGET, error = %e, "final commit");
         }
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())
+    }
+
+    /// The message as its partition's worker takes it, tagged with the partition's current
+    /// assignment (a job of an earlier assignment is dropped, not applied).
+    fn job(&self, shared: &Shared, msg: &BorrowedMessage<'_>) -> (PartitionKey, Job) {
+        let key = (msg.topic().to_owned(), msg.partition());
+        let generation = shared
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key.clone())
+            .or_default()
+            .generation;
+        let job = Job {
+            message: self.incoming(msg),
+            generation,
+        };
+        (key, job)
     }
 
     fn incoming(&self, msg: &BorrowedMessage<'_>) -> IncomingMessage {
@@ -348,35 +302,116 @@ impl ConsumerRunner {
     }
 }
 
-/// Moves waiting messages to their workers' queues as room frees up. Messages of a partition
-/// revoked since are dropped (Kafka delivers them again to whoever owns the partition now).
-fn hand_over_waiting(
-    waiting: &mut HashMap<PartitionKey, std::collections::VecDeque<Job>>,
-    workers: &HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
-    shared: &Shared,
-) {
-    waiting.retain(|key, queue| {
-        let generation = shared
-            .partitions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key)
-            .map(|s| s.generation);
-        queue.retain(|j| Some(j.generation) == generation);
-        let Some((tx, _)) = workers.get(key) else {
-            return false;
+/// The dispatch loop's state: one worker per partition (its queue and task), and the messages
+/// of partitions whose queue is full, in order, handed over as room frees up (see
+/// `queue_per_partition`). Not paused in the client: a pause drops what the client fetched
+/// ahead, and the resume that follows was seen to skip those messages (librdkafka 2.12 with
+/// this stream consumer), which the offsets stored after them would then lose.
+struct Dispatch {
+    workers: HashMap<PartitionKey, (mpsc::Sender<Job>, tokio::task::JoinHandle<()>)>,
+    waiting: HashMap<PartitionKey, std::collections::VecDeque<Job>>,
+    waiting_max: usize,
+    workers_done: CancellationToken,
+    /// Every task of the runner (partition workers, the purger): shutdown waits for all.
+    tasks: TaskTracker,
+    consumer: Arc<StreamConsumer<RunnerContext>>,
+    dlq_producer: FutureProducer,
+    shared: Arc<Shared>,
+}
+
+impl Dispatch {
+    /// Hands `job` to its partition's worker (started if it has none, or its last one ended),
+    /// behind the partition's messages already waiting. Never waits for a worker, except for
+    /// one far behind (then memory is bounded by waiting here).
+    async fn hand(&mut self, runner: &ConsumerRunner, key: PartitionKey, job: Job) {
+        let alive = self
+            .workers
+            .get(&key)
+            .is_some_and(|(tx, h)| !tx.is_closed() && !h.is_finished());
+        if !alive {
+            let (tx, rx) = mpsc::channel(runner.cfg.queue_per_partition);
+            let worker = runner.worker(
+                key.clone(),
+                Arc::clone(&self.consumer),
+                self.dlq_producer.clone(),
+                Arc::clone(&self.shared),
+                self.workers_done.clone(),
+            );
+            let handle = self.tasks.spawn(worker.run(rx));
+            self.workers.insert(key.clone(), (tx, handle));
+        }
+        let Some((tx, _)) = self.workers.get(&key) else {
+            return;
         };
-        while let Some(job) = queue.pop_front() {
-            match tx.try_send(job) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(job)) => {
-                    queue.push_front(job);
-                    return true;
+        if let Some(queue) = self.waiting.get_mut(&key) {
+            if queue.len() < self.waiting_max {
+                // Behind the partition's earlier messages.
+                queue.push_back(job);
+                return;
+            }
+            // Far behind (`queue_per_partition` x WAITING_PER_QUEUE messages): memory is
+            // bounded by waiting here, which holds every partition up (as a slow partition
+            // did in earlier releases) until this one's worker takes its queue.
+            tracing::warn!(target: TARGET, topic = %key.0, partition = key.1, waiting = queue.len(), "a partition's worker is far behind: waiting for it");
+            let tx = tx.clone();
+            let mut queue = self.waiting.remove(&key).unwrap_or_default();
+            queue.push_back(job);
+            for job in queue {
+                if tx.send(job).await.is_err() {
+                    break;
                 }
-                // The worker ended (shutdown): nothing more to hand over.
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            }
+            return;
+        }
+        match tx.try_send(job) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                // Never wait here: every other partition would wait too, and a consumer
+                // that stops polling is evicted from the group.
+                tracing::debug!(target: TARGET, topic = %key.0, partition = key.1, "a partition's worker is behind: buffering its messages");
+                self.waiting.entry(key).or_default().push_back(job);
             }
         }
-        false
-    });
+    }
+
+    /// Hands waiting messages to their workers as far as their queues have room (dropping
+    /// those of an assignment revoked since: Kafka delivers them again to whoever owns the
+    /// partition now).
+    fn hand_over_waiting(&mut self) {
+        let (workers, shared) = (&self.workers, &self.shared);
+        self.waiting.retain(|key, queue| {
+            let generation = shared
+                .partitions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(key)
+                .map(|s| s.generation);
+            queue.retain(|j| Some(j.generation) == generation);
+            let Some((tx, _)) = workers.get(key) else {
+                return false;
+            };
+            while let Some(job) = queue.pop_front() {
+                match tx.try_send(job) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(job)) => {
+                        queue.push_front(job);
+                        return true;
+                    }
+                    // The worker ended (shutdown): nothing more to hand over.
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            false
+        });
+    }
+
+    /// Shutdown: workers finish the message in hand (queued ones are left for redelivery), and
+    /// every task ends.
+    async fn finish(mut self) {
+        self.workers_done.cancel();
+        // Closing the queues lets each worker end after the message in hand.
+        self.workers.clear();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
 }
