@@ -124,3 +124,62 @@ pub use outbox::redact::database_url as scrub_url;
 /// Removes the connection string's secrets from `text` (driver messages may echo them):
 /// [`outbox::redact::text_with_url`].
 pub(crate) use outbox::redact::text_with_url as scrub_text;
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+    use super::*;
+
+    /// What the relay backs off and retries (database or broker weather) and what stops it (a
+    /// configuration, a role or an input an operator must fix).
+    #[test]
+    fn retriable_classification_by_purpose() {
+        let retriable = [
+            Error::Database(diesel::result::Error::NotFound),
+            Error::Connect {
+                url: "postgres://h/d".into(),
+                message: "refused".into(),
+            },
+            Error::LostLeadership("outbox".into()),
+            Error::SteppedDown(std::time::Duration::from_secs(60)),
+            Error::Kafka(KafkaError::MessageProduction(
+                RDKafkaErrorCode::BrokerTransportFailure,
+            )),
+        ];
+        for e in &retriable {
+            assert!(e.is_retriable(), "{e}");
+        }
+        let fatal = [
+            Error::Config("page_size must be positive, got 0".into()),
+            Error::Superuser,
+            Error::MissingGrants {
+                role: "relay".into(),
+                missing: vec!["DELETE on outbox".into()],
+            },
+            Error::NoSuchDeadLetter(42),
+            Error::InvalidValue {
+                what: "age",
+                value: "1x".into(),
+                expected: "unit must be s, m, h or d".into(),
+            },
+            Error::Metrics("a recorder is installed".into()),
+            Error::Kafka(KafkaError::ClientCreation("bad config".into())),
+            Error::Outbox(outbox::Error::SchemaMismatch("pending migrations".into())),
+        ];
+        for e in &fatal {
+            assert!(!e.is_retriable(), "{e}");
+        }
+        // The messages name the problem (no catch-all prefix).
+        assert_eq!(
+            Error::NoSuchDeadLetter(42).to_string(),
+            "no dead letter with id 42"
+        );
+        assert!(Error::MissingGrants {
+            role: "relay".into(),
+            missing: vec!["DELETE on outbox".into(), "SELECT on outbox".into()],
+        }
+        .to_string()
+        .contains("\"relay\" lacks DELETE on outbox, SELECT on outbox"));
+    }
+}
