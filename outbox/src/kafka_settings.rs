@@ -259,14 +259,21 @@ pub const DEAD_LETTER_PRODUCER_ENFORCED: &[(&str, &str)] = &[
 pub fn check_consumer_option(key: &str, value: &str) -> Result<(), Refusal> {
     let v = value.trim().to_ascii_lowercase();
     let refuse = |why: &str| Err(Refusal::without_value(key, why));
-    match key {
-        "enable.auto.offset.store" if v != "false" => refuse(CONSUMER_ENFORCED[0].reason),
+    // By the primary name, booleans as librdkafka reads them: an alias or `0` for `false` must
+    // not get past a rule.
+    match canonical_key(key) {
+        "enable.auto.offset.store" if parse_bool(&v) != Some(false) => {
+            refuse(CONSUMER_ENFORCED[0].reason)
+        }
         "isolation.level" if v != "read_committed" => {
             refuse("read_uncommitted would apply messages of aborted transactions")
         }
         "group.id" | "bootstrap.servers" => refuse("set it through the typed configuration"),
-        "enable.ssl.certificate.verification" if v == "false" => {
+        "enable.ssl.certificate.verification" if parse_bool(&v) != Some(true) => {
             refuse("certificate verification must stay on")
+        }
+        "ssl.endpoint.identification.algorithm" if v != "https" => {
+            refuse("host name verification must stay on (https)")
         }
         _ => Ok(()),
     }
@@ -287,6 +294,33 @@ pub fn check_consumer_options<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The consumer's rules see through aliases and librdkafka's boolean spellings (they did
+    /// not before: `enable.ssl.certificate.verification=0` turned verification off).
+    #[test]
+    fn consumer_rules_see_aliases_and_every_boolean_spelling() {
+        for (k, v) in [
+            ("enable.ssl.certificate.verification", "0"),
+            ("enable.ssl.certificate.verification", "F"),
+            ("enable.ssl.certificate.verification", "off"),
+            ("ssl.endpoint.identification.algorithm", "none"),
+            ("metadata.broker.list", "evil:9092"),
+            ("enable.auto.offset.store", "1"),
+            ("enable.auto.offset.store", "true"),
+            ("isolation.level", "read_uncommitted"),
+        ] {
+            assert!(check_consumer_option(k, v).is_err(), "{k}={v} passed");
+        }
+        for (k, v) in [
+            ("enable.auto.offset.store", "0"),
+            ("enable.auto.offset.store", "false"),
+            ("enable.ssl.certificate.verification", "1"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+            ("fetch.wait.max.ms", "10"),
+        ] {
+            check_consumer_option(k, v).unwrap();
+        }
+    }
 
     #[test]
     fn aliases_resolve_to_the_primary_name() {
