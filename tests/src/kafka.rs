@@ -1,5 +1,6 @@
 //! Kafka-protocol brokers for tests: `tansu` (a real broker process) and librdkafka's mock cluster.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -378,35 +379,102 @@ pub async fn create_topic(bootstrap: &str, topic: &str, partitions: i32) -> Resu
 /// An independent reader of `topic` from offset 0: every partition assigned directly (no group,
 /// so no rebalance can rewind it when a broker restarts), committed data only, no commits.
 pub fn reader(bootstrap: &str, topic: &str) -> Result<BaseConsumer> {
-    use rdkafka::consumer::Consumer;
-    let consumer: BaseConsumer = ClientConfig::new()
+    reader_at(
+        bootstrap,
+        topic,
+        &BTreeMap::new(),
+        None,
+        Duration::from_secs(30),
+    )
+}
+
+/// [`reader`] resuming at `next[p]` on each partition `p` that `next` names (offset 0 on the
+/// others), waiting up to `metadata_wait` for the topic's partitions.
+///
+/// `fetch_max_bytes` caps each fetch (`fetch.max.bytes`, and `message.max.bytes`, which
+/// librdkafka wants no larger). tansu 0.6.0 bounds a fetch by nothing else (it ignores
+/// `max.partition.fetch.bytes`, counts only keys and values, and serves up to 5 MB), and its
+/// SQLite storage looks up each record's headers by scanning every header it stores: one fetch
+/// of a large topic from the start can take longer than the client's request timeout
+/// (`socket.timeout.ms` + `fetch.wait.max.ms`), which then sends the same fetch again, for ever.
+/// A record larger than the cap is never served by tansu (it returns nothing rather than the one
+/// record), so the cap must exceed the largest key plus value of the topic.
+pub fn reader_at(
+    bootstrap: &str,
+    topic: &str,
+    next: &BTreeMap<i32, i64>,
+    fetch_max_bytes: Option<usize>,
+    metadata_wait: Duration,
+) -> Result<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("group.id", crate::unique_name("reader"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let partitions = loop {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        .set("isolation.level", "read_committed");
+    if let Some(bytes) = fetch_max_bytes {
+        config
+            .set("fetch.max.bytes", bytes.to_string())
+            .set("message.max.bytes", bytes.to_string());
+    }
+    let consumer: BaseConsumer = config.create()?;
+    let partitions = partition_count(&consumer, topic, metadata_wait)?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        let at = next.get(&p).copied().unwrap_or(0);
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(at))?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// The number of partitions of `topic`, asking until `wait` has passed.
+fn partition_count(consumer: &BaseConsumer, topic: &str, wait: Duration) -> Result<i32> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let md = consumer.fetch_metadata(
+            Some(topic),
+            left.clamp(Duration::from_millis(100), Duration::from_secs(5)),
+        );
         match md
             .as_ref()
             .ok()
             .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
         {
-            Some(n) if n > 0 => break n,
-            _ if std::time::Instant::now() > deadline => {
-                anyhow::bail!("no metadata for topic {topic}: {:?}", md.err())
+            Some(n) if n > 0 => return Ok(i32::try_from(n)?),
+            _ if Instant::now() > deadline => {
+                bail!(
+                    "no metadata for topic {topic} within {wait:?}: {:?}",
+                    md.err()
+                )
             }
             _ => std::thread::sleep(Duration::from_millis(200)),
         }
-    };
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..i32::try_from(partitions)? {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(0))?;
     }
-    consumer.assign(&tpl)?;
-    Ok(consumer)
+}
+
+/// The broker's high watermark (the offset after the last message) of each partition of
+/// `topic`, asked within about `wait`.
+pub fn high_watermarks(bootstrap: &str, topic: &str, wait: Duration) -> Result<BTreeMap<i32, i64>> {
+    let deadline = Instant::now() + wait;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let partitions = partition_count(&consumer, topic, wait)?;
+    let mut ends = BTreeMap::new();
+    for p in 0..partitions {
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(500));
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, left)
+            .with_context(|| format!("watermarks of {topic} [{p}]"))?;
+        ends.insert(p, high);
+    }
+    Ok(ends)
 }
 
 /// Reads every message of `topic` from offset 0 until `expected` messages arrived or `timeout`

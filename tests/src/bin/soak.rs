@@ -19,7 +19,11 @@
 //! Exits 1 on any violation.
 //!
 //! `soak --seconds 600 --long-tx-seconds 120` for release checks; `--broken-consumer` deduplicates on Kafka offsets
-//! instead of event ids, which the I5 check must catch.
+//! instead of event ids, which the I5 check must catch. `--reader-fetch-max-bytes N` sets the cap
+//! of the checker's fetches (0: librdkafka's default, with which the checker reads nothing back
+//! from tansu once the topic outgrows what one fetch can serve within the client's timeout). A
+//! checker that reads nothing is reported as a READER failure (I1-I4 not checked), which also
+//! fails the soak.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,7 +33,8 @@ use anyhow::{Context, Result};
 use diesel::sql_types::{Double, Nullable};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use outbox::consumer::{ConsumerConfig, ConsumerRunner, HandlerError, IncomingMessage, MessageId};
-use outbox_tests::check::{check, read_topic};
+use outbox_tests::check::{check, read_topic_with, ReadOptions, STALL};
+use outbox_tests::kafka::high_watermarks;
 use outbox_tests::relay::{backlog, leader};
 use outbox_tests::workload::{committed, create_keys, run_resilient_writers_until};
 use outbox_tests::{create_topic, effects, unique_name, PgCluster, RelayProcess, Tansu};
@@ -42,6 +47,15 @@ const MOCK_RELAY_ARGS: &[&str] = &["--ack-overdue-ms", "2000"];
 const LAG_BOUND: Duration = Duration::from_secs(30);
 /// Most the other writers' events may wait while one transaction is held open.
 const HELD_LAG_BOUND: Duration = Duration::from_secs(10);
+/// Cap of each fetch of the checker's reader (keys and values, see
+/// `outbox_tests::kafka::reader_at`): about 200 of the soak's messages (a key and `{"seq":N}`).
+/// tansu 0.6.0 scans every stored header for each record it serves, so past about 12,000
+/// messages (fewer on a loaded machine) one uncapped fetch from offset 0 (the whole topic in one
+/// answer) outlasts the client's 60 s request timeout, the client sends it again, and the reader
+/// reads nothing; capped, each fetch takes a second or two, well under [`STALL`]. Larger than
+/// any key plus value the soak sends (the oversized edge row must never reach Kafka: if it did,
+/// the read would stop short at it and the soak fail).
+const READER_FETCH_MAX_BYTES: usize = 4096;
 
 struct Args {
     seconds: u64,
@@ -50,6 +64,7 @@ struct Args {
     long_tx: Duration,
     broken_consumer: bool,
     mock_broker: bool,
+    reader_fetch_max_bytes: Option<usize>,
 }
 
 /// The broker under the soak: durable tansu (killed and restarted as a fault), or librdkafka's
@@ -76,6 +91,7 @@ fn args() -> Result<Args> {
         long_tx: Duration::from_secs(8),
         broken_consumer: false,
         mock_broker: false,
+        reader_fetch_max_bytes: Some(READER_FETCH_MAX_BYTES),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,7 +104,11 @@ fn args() -> Result<Args> {
             }
             "--broken-consumer" => a.broken_consumer = true,
             "--mock-broker" => a.mock_broker = true,
-            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer] [--mock-broker]"),
+            "--reader-fetch-max-bytes" => {
+                let n: usize = it.next().context("--reader-fetch-max-bytes N")?.parse()?;
+                a.reader_fetch_max_bytes = (n > 0).then_some(n);
+            }
+            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer] [--mock-broker] [--reader-fetch-max-bytes N (0: librdkafka's default)]"),
         }
     }
     Ok(a)
@@ -447,16 +467,39 @@ async fn main() -> Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     consumer_stop.cancel();
     consumer.await??;
-    // The independent reader: every partition from offset 0 (assigned, no group), until it has
-    // every committed event and nothing new came for 3 s; a durable broker serves a large topic
-    // slowly, so the bound grows with the run.
+    // The independent reader, after the run: every partition from offset 0 (assigned, no
+    // group), so it checks what Kafka holds at the end (a reader during the run would also count
+    // messages a later broker crash lost, and would add its per-record header scans to tansu's
+    // load while the run goes), until it has as many messages as the broker holds (at least one
+    // per committed event) and nothing new came for 3 s. tansu serves a topic from the start in
+    // time that grows with the square of its size (about 50 s for 11,000 messages, 110 s for
+    // 16,000 on 2 cores), in fetches capped by `--reader-fetch-max-bytes`; a reader stuck for
+    // `STALL` is replaced (see `read_topic_with`).
     let (b, t, n) = (broker.bootstrap(), topic.clone(), expected.len());
     let read_for = Duration::from_secs(180).max(Duration::from_secs(args.seconds));
-    let seen = tokio::task::spawn_blocking(move || {
-        read_topic(&b, &t, n, Duration::from_secs(3), read_for)
+    let options = ReadOptions {
+        fetch_max_bytes: args.reader_fetch_max_bytes,
+        stall: STALL,
+    };
+    let read = tokio::task::spawn_blocking(move || {
+        // Everything the broker holds now (the backlog is drained), not only as many messages
+        // as events were committed: with duplicates, that many come before the last of them.
+        let target = high_watermarks(&b, &t, Duration::from_secs(10))
+            .map(|ends| usize::try_from(ends.values().sum::<i64>()).unwrap_or_default())
+            .unwrap_or_default()
+            .max(n);
+        // Past `read_for`, only as long as messages keep coming (up to three times as long).
+        let (soft, hard) = (Instant::now() + read_for, Instant::now() + read_for * 3);
+        read_topic_with(&b, &t, target, options, |read, since_new| {
+            let now = Instant::now();
+            (read >= target && since_new > Duration::from_secs(3))
+                || now > hard
+                || (now > soft && since_new > STALL)
+        })
     })
     .await??;
-    let report = check(&seen, &expected);
+    let seen = &read.seen;
+    let report = check(seen, &expected);
     let (distinct, twice, _) = effects::summary(&mut consumer_conn)?;
     #[derive(QueryableByName)]
     struct Dead {
@@ -469,60 +512,111 @@ async fn main() -> Result<()> {
     .get_result::<Dead>(&mut conn)?
     .n;
     let max_lag = faults.iter().map(|(_, l)| *l).max().unwrap_or_default();
+    // A reader that got nothing of what the broker holds checked nothing: I1-I4 fail as not
+    // checked, and the report says the reader failed, not that events are missing.
+    let reader_failed = read.reader_failed();
+    let not_checked = || (false, "not checked: nothing read".to_owned());
     let invariants = [
         (
             "I1 every committed event reached Kafka",
-            report.missing.is_empty(),
-            format!("{} missing", report.missing.len()),
+            if reader_failed {
+                (false, format!("READER FAILED: read 0 of {n}"))
+            } else if !report.missing.is_empty() && !read.complete() {
+                (
+                    false,
+                    format!("{} missing, reader incomplete", report.missing.len()),
+                )
+            } else {
+                (
+                    report.missing.is_empty(),
+                    format!("{} missing", report.missing.len()),
+                )
+            },
         ),
         (
             "I2 nothing uncommitted reached Kafka",
-            report.unexpected.is_empty(),
-            format!("{} unexpected", report.unexpected.len()),
+            if reader_failed {
+                not_checked()
+            } else if read.unread() > 0 {
+                // What the reader did not get may be what should not be there.
+                (
+                    false,
+                    format!(
+                        "{} unexpected, {} offsets unread",
+                        report.unexpected.len(),
+                        read.unread()
+                    ),
+                )
+            } else {
+                (
+                    report.unexpected.is_empty(),
+                    format!("{} unexpected", report.unexpected.len()),
+                )
+            },
         ),
         (
             "I3 per-key order",
-            report.order_violations.is_empty() && report.split_keys.is_empty(),
-            format!("{} violations", report.order_violations.len()),
+            if reader_failed {
+                not_checked()
+            } else {
+                (
+                    report.order_violations.is_empty() && report.split_keys.is_empty(),
+                    format!("{} violations", report.order_violations.len()),
+                )
+            },
         ),
         (
             "I4 duplicates only from in-flight work",
-            report.duplicates <= faults.len().max(1) * IN_FLIGHT_BOUND,
-            format!("{} duplicates in Kafka", report.duplicates),
+            if reader_failed {
+                not_checked()
+            } else {
+                (
+                    report.duplicates <= faults.len().max(1) * IN_FLIGHT_BOUND,
+                    format!("{} duplicates in Kafka", report.duplicates),
+                )
+            },
         ),
         (
             "I5 each effect once",
-            twice == 0 && usize::try_from(distinct)? == expected.len(),
-            format!("{distinct} effects, {twice} applied twice"),
+            (
+                twice == 0 && usize::try_from(distinct)? == expected.len(),
+                format!("{distinct} effects, {twice} applied twice"),
+            ),
         ),
         (
             "edge rows dead-lettered, nothing stalled",
-            edge_dead == edge_rows,
-            format!("{edge_dead} of {edge_rows} dead-lettered"),
+            (
+                edge_dead == edge_rows,
+                format!("{edge_dead} of {edge_rows} dead-lettered"),
+            ),
         ),
         (
             "I6 others flow while a transaction is open",
-            held_lag < HELD_LAG_BOUND,
-            format!(
-                "max {:.1} s (bound {} s)",
-                held_lag.as_secs_f64(),
-                HELD_LAG_BOUND.as_secs()
+            (
+                held_lag < HELD_LAG_BOUND,
+                format!(
+                    "max {:.1} s (bound {} s)",
+                    held_lag.as_secs_f64(),
+                    HELD_LAG_BOUND.as_secs()
+                ),
             ),
         ),
         (
             "I6 lag back to zero after each heal",
-            max_lag < LAG_BOUND,
-            format!(
-                "max {:.1} s (bound {} s)",
-                max_lag.as_secs_f64(),
-                LAG_BOUND.as_secs()
+            (
+                max_lag < LAG_BOUND,
+                format!(
+                    "max {:.1} s (bound {} s)",
+                    max_lag.as_secs_f64(),
+                    LAG_BOUND.as_secs()
+                ),
             ),
         ),
     ];
     println!();
     println!("| {:<44} | {:>32} | {:<4} |", "invariant", "measured", "ok");
     println!("|{}|{}|{}|", "-".repeat(46), "-".repeat(34), "-".repeat(6));
-    for (name, ok, measured) in &invariants {
+    for (name, (ok, measured)) in &invariants {
         println!(
             "| {name:<44} | {measured:>32} | {:<4} |",
             if *ok { "yes" } else { "NO" }
@@ -538,12 +632,36 @@ async fn main() -> Result<()> {
         println!("  {n} x {k}");
     }
     println!("duplicates: {} in Kafka (before the inbox), {twice} effects applied twice (after the inbox)", report.duplicates);
+    if reader_failed {
+        println!(
+            "READER FAILED: the checker's reader got none of the messages the broker holds, so \
+             I1-I4 were not checked (a harness failure, not evidence of missing events):\n{}",
+            read.diagnosis()
+        );
+    } else if (!report.missing.is_empty() && !read.complete()) || read.unread() > 0 {
+        println!(
+            "reader incomplete: it did not read every offset up to the broker's end, so missing \
+             events may be in Kafka unread, and unexpected ones may be among what it did not \
+             read:\n{}",
+            read.diagnosis()
+        );
+    } else {
+        println!("checker's reader: {}", read.summary());
+        if !report.missing.is_empty() {
+            println!(
+                "the reader read every offset up to the broker's end on every partition: the \
+                 missing events are not in Kafka"
+            );
+        }
+    }
     for r in &mut relays {
         let _ = r.terminate(Duration::from_secs(15));
     }
-    if invariants.iter().all(|(_, ok, _)| *ok) {
+    if invariants.iter().all(|(_, (ok, _))| *ok) {
         println!("SOAK PASSED");
         Ok(())
+    } else if reader_failed {
+        anyhow::bail!("SOAK FAILED: the checker's reader read nothing, so I1-I4 were not checked")
     } else {
         anyhow::bail!("SOAK FAILED: an invariant was violated")
     }
