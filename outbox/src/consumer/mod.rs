@@ -214,10 +214,13 @@ impl ConsumerRunner {
                 Err(e) => tracing::warn!(target: TARGET, error = %e, "consume error"),
             }
         }
-        dispatch.finish().await;
+        let tasks = dispatch.finish().await;
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(target: TARGET, error = %e, "final commit");
         }
+        // The purger ends at shutdown (after its pass in progress, if any).
+        tasks.close();
+        tasks.wait().await;
         tracing::info!(target: TARGET, "consumer runner stopped");
         Ok(())
     }
@@ -405,13 +408,15 @@ impl Dispatch {
         });
     }
 
-    /// Shutdown: workers finish the message in hand (queued ones are left for redelivery), and
-    /// every task ends.
-    async fn finish(mut self) {
+    /// Shutdown: workers finish the message in hand (queued ones are left for redelivery) and
+    /// end. Returns the tracker, still holding the purger: the final offset commit comes
+    /// first, so a purge pass in progress cannot hold it up.
+    async fn finish(mut self) -> TaskTracker {
         self.workers_done.cancel();
-        // Closing the queues lets each worker end after the message in hand.
-        self.workers.clear();
-        self.tasks.close();
-        self.tasks.wait().await;
+        for (_, (tx, handle)) in self.workers.drain() {
+            drop(tx);
+            let _ = handle.await;
+        }
+        self.tasks
     }
 }
