@@ -258,7 +258,7 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
     };
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
+    outbox::shutdown::cancel_on_signals(&shutdown, &tasks)?;
     let router = Router::new()
         .route("/stock/{product}", get(stock))
         .route(

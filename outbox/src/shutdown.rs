@@ -5,20 +5,17 @@
 use tokio_util::sync::CancellationToken;
 pub use tokio_util::task::TaskTracker;
 
-/// Cancels `token` on the first SIGTERM or SIGINT (the listener runs on `tasks`, or detached
-/// when `None`). What runs under the token then finishes its in-flight work and returns.
+/// Cancels `token` on the first SIGTERM or SIGINT (the listener runs on `tasks` and ends with
+/// the token). What runs under the token then finishes its in-flight work and returns.
 ///
 /// # Errors
 /// The signal handlers could not be installed.
-pub fn cancel_on_signals(
-    token: &CancellationToken,
-    tasks: Option<&TaskTracker>,
-) -> std::io::Result<()> {
+pub fn cancel_on_signals(token: &CancellationToken, tasks: &TaskTracker) -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let token = token.clone();
-    let listen = async move {
+    tasks.spawn(async move {
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -26,10 +23,6 @@ pub fn cancel_on_signals(
         };
         tracing::info!(target: "outbox::shutdown", signal = name, "shutdown requested: finishing in-flight work");
         token.cancel();
-    };
-    match tasks {
-        Some(t) => drop(t.spawn(listen)),
-        None => drop(tokio::spawn(listen)),
-    }
+    });
     Ok(())
 }

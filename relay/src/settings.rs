@@ -44,6 +44,8 @@ pub trait Value: Sized {
     fn parse(s: &str) -> Result<Self, String>;
     /// The value as the docs and `Debug` show it.
     fn show(&self) -> String;
+    /// A switch: its flag takes no value (`--allow-superuser`).
+    const SWITCH: bool = false;
 }
 
 macro_rules! value_from_str {
@@ -59,7 +61,17 @@ macro_rules! value_from_str {
     )*};
 }
 value_from_str!(i64 => "an integer", u64 => "a non-negative integer",
-    u32 => "a non-negative integer", usize => "a non-negative integer", bool => "true or false");
+    u32 => "a non-negative integer", usize => "a non-negative integer");
+
+impl Value for bool {
+    fn parse(s: &str) -> Result<Self, String> {
+        bool::from_str(s.trim()).map_err(|_| "expected true or false".into())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    const SWITCH: bool = true;
+}
 
 impl Value for Millis {
     fn parse(s: &str) -> Result<Self, String> {
@@ -142,6 +154,8 @@ pub struct Setting {
     pub default: &'static str,
     /// What it means, and its limits.
     pub meaning: &'static str,
+    /// A switch: its flag takes no value.
+    pub switch: bool,
 }
 
 impl Setting {
@@ -167,6 +181,7 @@ macro_rules! settings {
             env: $env,
             default: $shown,
             meaning: $meaning,
+            switch: <$ty as Value>::SWITCH,
         }),*];
 
         /// Everything the relay needs. Build with [`RelayConfig::new`] and the setters, or

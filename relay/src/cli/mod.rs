@@ -208,7 +208,7 @@ impl clap::FromArgMatches for RunFlags {
     fn from_arg_matches(m: &clap::ArgMatches) -> std::result::Result<Self, clap::Error> {
         let mut given = Vec::new();
         for s in run_settings() {
-            if s.default == "false" {
+            if s.switch {
                 if m.get_flag(s.key) {
                     given.push((s.key, "true".to_owned()));
                 }
@@ -240,7 +240,7 @@ impl clap::Args for RunFlags {
                     s.meaning.replace('`', ""),
                     s.default.replace('`', "")
                 ));
-            cmd.arg(if s.default == "false" {
+            cmd.arg(if s.switch {
                 arg.action(clap::ArgAction::SetTrue)
             } else {
                 arg.value_parser(move |v: &str| {
@@ -569,7 +569,7 @@ fn require_url(cfg: &RelayConfig) -> Result<()> {
 async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
     let shutdown = CancellationToken::new();
     let tasks = TaskTracker::new();
-    outbox::shutdown::cancel_on_signals(&shutdown, Some(&tasks))?;
+    outbox::shutdown::cancel_on_signals(&shutdown, &tasks)?;
     if let Some(addr) = cfg.metrics_addr {
         let handle = metrics::install()?;
         metrics::serve(addr, handle, shutdown.clone(), &tasks).await?;
