@@ -1,7 +1,8 @@
 //! The table contract in one place: which tables exist, where they live, their columns and the
 //! row the relay reads back. Every SQL builder of this crate and of `outbox-relay` names tables
 //! through [`Table`] and lists columns through [`EventColumns`], so a new column is one edit here
-//! (and one migration), and a misspelt table name does not compile.
+//! (and one migration), and a misspelt table name does not compile. The functions of the tableless
+//! outbox are named through [`Function`].
 //!
 //! A test (`tests/tests/enqueue.rs`, `the_contract_matches_what_the_migrations_create`) compares
 //! every table and column here with what the migrations in `migrations/` create.
@@ -84,6 +85,42 @@ impl fmt::Display for Table {
         f.write_str(self.name())
     }
 }
+
+/// A function of the contract, created by the migrations in the outbox's schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Function {
+    /// `outbox_emit(topic, partition_key, event_type, payload, headers, content_type,
+    /// traceparent, new_event_id)`: enqueues one event without a row, as a transactional logical
+    /// decoding message (the tableless outbox, message format v1); returns `(id, event_id)` with
+    /// `id` the negated LSN of the message.
+    Emit,
+    /// `outbox_message_prefix()`: the prefix of this outbox's messages, `outbox:<schema>`.
+    MessagePrefix,
+}
+
+impl Function {
+    /// Every function, in migration order.
+    pub const ALL: [Function; 2] = [Function::MessagePrefix, Function::Emit];
+
+    /// The function's name, unqualified.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Function::Emit => "outbox_emit",
+            Function::MessagePrefix => "outbox_message_prefix",
+        }
+    }
+}
+
+impl fmt::Display for Function {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The version of the tableless message format that [`Function::Emit`] writes (the `v` field;
+/// `docs/TABLES.md`, "Tableless outbox: message format v1").
+pub const MESSAGE_FORMAT_VERSION: u32 = 1;
 
 /// One column: its name and Postgres type name (`information_schema.columns.udt_name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -245,6 +282,16 @@ mod tests {
                 .unwrap()
                 .qualify(Table::DeadLetters),
             "\"svc\".\"outbox_dead_letters\""
+        );
+        assert_eq!(
+            TableRef::default().qualify_function(Function::Emit),
+            "\"outbox_emit\""
+        );
+        assert_eq!(
+            TableRef::in_schema("svc")
+                .unwrap()
+                .qualify_function(Function::MessagePrefix),
+            "\"svc\".\"outbox_message_prefix\""
         );
     }
 }

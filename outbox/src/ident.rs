@@ -91,10 +91,19 @@ impl TableRef {
     /// `table` qualified with the schema and quoted, ready for SQL.
     #[must_use]
     pub fn qualify(&self, table: crate::contract::Table) -> String {
-        let table = table.name();
+        self.qualify_name(table.name())
+    }
+
+    /// `function` qualified with the schema and quoted, ready for SQL.
+    #[must_use]
+    pub fn qualify_function(&self, function: crate::contract::Function) -> String {
+        self.qualify_name(function.name())
+    }
+
+    fn qualify_name(&self, name: &str) -> String {
         match &self.schema {
-            Some(s) => format!("{}.\"{table}\"", s.quoted()),
-            None => format!("\"{table}\""),
+            Some(s) => format!("{}.\"{name}\"", s.quoted()),
+            None => format!("\"{name}\""),
         }
     }
 }

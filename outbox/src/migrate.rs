@@ -6,7 +6,7 @@ use diesel::sql_types::Text;
 use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use crate::contract::{Table, TableRef};
+use crate::contract::{Function, Table, TableRef};
 use crate::{Error, Result};
 
 /// The migrations in `migrations/` at the workspace root, embedded at compile time.
@@ -56,11 +56,12 @@ pub(crate) fn run_migrations(conn: &mut PgConnection, tables: &TableRef) -> Resu
     })
 }
 
-/// Checks that every migration is applied and that the tables have the columns and types this
-/// library expects.
+/// Checks that every migration is applied, that the tables have the columns and types this
+/// library expects and that the functions of the tableless outbox exist.
 ///
 /// # Errors
-/// [`Error::SchemaMismatch`] listing pending migrations or missing/mistyped columns.
+/// [`Error::SchemaMismatch`] listing pending migrations, missing/mistyped columns or missing
+/// functions.
 pub(crate) fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Result<()> {
     let pending = in_schema(conn, tables, false, |conn| {
         let has_table = diesel::sql_query(
@@ -120,6 +121,22 @@ pub(crate) fn verify_schema(conn: &mut PgConnection, tables: &TableRef) -> Resul
                 }
                 Some(_) => {}
             }
+        }
+    }
+    let found = diesel::sql_query(
+        "SELECT p.proname::text AS name, 'x' AS v FROM pg_catalog.pg_proc p \
+         JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = coalesce($1, current_schema()) AND p.proname = ANY($2)",
+    )
+    .bind::<diesel::sql_types::Nullable<Text>, _>(tables.schema().map(|s| s.as_str()))
+    .bind::<diesel::sql_types::Array<Text>, _>(Function::ALL.map(Function::name).to_vec())
+    .load::<Column>(conn)?;
+    for function in Function::ALL {
+        if !found
+            .iter()
+            .any(|c| c.name.as_deref() == Some(function.name()))
+        {
+            problems.push(format!("function {function} does not exist"));
         }
     }
     if problems.is_empty() {

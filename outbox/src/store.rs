@@ -5,11 +5,11 @@ use std::collections::HashSet;
 use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::pg::Pg;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{BigInt, Bytea, Jsonb, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Bytea, Jsonb, Nullable, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use uuid::Uuid;
 
-use crate::contract::{EventColumns, Table, TableRef};
+use crate::contract::{EventColumns, Function, Table, TableRef};
 use crate::migrate;
 use crate::stored::StoredEvent;
 use crate::{Error, Event, Result};
@@ -28,7 +28,8 @@ const EVENT_ID_CONSTRAINT: &str = "outbox_event_id_key";
 /// Where an event landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Enqueued {
-    /// The row's `id`.
+    /// The row's `id` (positive). In [tableless](Outbox::tableless) mode the negated LSN of the
+    /// event's message (negative), unique per event and growing in magnitude in WAL order.
     pub id: i64,
     /// The event id.
     pub event_id: Uuid,
@@ -53,7 +54,9 @@ pub struct Enqueued {
 pub struct Outbox {
     tables: TableRef,
     max_payload_bytes: usize,
+    tableless: bool,
     table_sql: String,
+    emit_sql: String,
 }
 
 impl Default for Outbox {
@@ -64,7 +67,7 @@ impl Default for Outbox {
 
 impl Outbox {
     /// An outbox with the defaults: tables found through the connection's `search_path`, payloads
-    /// up to [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    /// up to [`DEFAULT_MAX_PAYLOAD_BYTES`], events written as rows of the `outbox` table.
     #[must_use]
     pub fn new() -> Self {
         Self::with_tables(TableRef::default())
@@ -75,8 +78,11 @@ impl Outbox {
     pub fn with_tables(tables: TableRef) -> Self {
         Self {
             table_sql: tables.qualify(Table::Outbox),
+            emit_sql: tables.qualify_function(Function::Emit),
             tables,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            // Rows work with every relay mode and every wal_level.
+            tableless: false,
         }
     }
 
@@ -87,7 +93,34 @@ impl Outbox {
     pub fn schema(mut self, schema: &str) -> Result<Self> {
         self.tables = TableRef::in_schema(schema)?;
         self.table_sql = self.tables.qualify(Table::Outbox);
+        self.emit_sql = self.tables.qualify_function(Function::Emit);
         Ok(self)
+    }
+
+    /// Writes events without a row: [`Outbox::enqueue`] and [`Outbox::enqueue_batch`] call the
+    /// schema's `outbox_emit`, which validates like the table's constraints (same errors) and
+    /// emits a transactional logical decoding message (`pg_logical_emit_message`, format v1 in
+    /// `docs/TABLES.md`). The message commits or rolls back with the caller's transaction, like a
+    /// row. Defaults to rows of the `outbox` table.
+    ///
+    /// Pick it for write-heavy outboxes read by a streaming relay: there is no row, no index
+    /// entry, no DELETE and nothing to vacuum; the event exists only in the WAL until the
+    /// relay's replication slot confirms it. It needs `wal_level = logical` (`outbox_emit`
+    /// refuses to run otherwise) and a relay in streaming mode whose slot exists before the first
+    /// event is written: a message written before the slot was created is never decoded, and a
+    /// polling relay never sees any. Without a table, an event id already pending is not
+    /// detected ([`Error::DuplicateEventId`] only for a repeat inside one batch); consumers
+    /// deduplicate on the event id anyway. [`Outbox::pending`] still reads the table only.
+    #[must_use]
+    pub fn tableless(mut self) -> Self {
+        self.tableless = true;
+        self
+    }
+
+    /// Whether events are written without a row ([`Outbox::tableless`]).
+    #[must_use]
+    pub fn is_tableless(&self) -> bool {
+        self.tableless
     }
 
     /// Largest payload accepted, in bytes. Defaults to [`DEFAULT_MAX_PAYLOAD_BYTES`] (1 MiB).
@@ -120,11 +153,13 @@ impl Outbox {
         migrate::run_migrations(conn, &self.tables)
     }
 
-    /// Checks that every migration is applied and that the tables have the columns and types
-    /// of the contract ([`crate::contract::Table::columns`]).
+    /// Checks that every migration is applied, that the tables have the columns and types of the
+    /// contract ([`crate::contract::Table::columns`]) and that its functions
+    /// ([`crate::contract::Function`]) exist.
     ///
     /// # Errors
-    /// [`Error::SchemaMismatch`] listing pending migrations or missing/mistyped columns.
+    /// [`Error::SchemaMismatch`] listing pending migrations, missing/mistyped columns or missing
+    /// functions.
     pub fn verify_schema(&self, conn: &mut PgConnection) -> Result<()> {
         migrate::verify_schema(conn, &self.tables)
     }
@@ -138,6 +173,12 @@ impl Outbox {
     pub fn enqueue(&self, conn: &mut PgConnection, event: &Event) -> Result<Enqueued> {
         require_transaction(conn)?;
         self.check_size(event)?;
+        if self.tableless {
+            return self
+                .emit(conn, std::slice::from_ref(event))?
+                .pop()
+                .ok_or(Error::Database(DieselError::NotFound));
+        }
         let ids = self
             .insert(conn, std::slice::from_ref(event))
             .map_err(|e| classify(e, || Some(event.event_id)))?;
@@ -169,6 +210,9 @@ impl Outbox {
         }
         if events.is_empty() {
             return Ok(Vec::new());
+        }
+        if self.tableless {
+            return conn.transaction(|conn| self.emit(conn, events));
         }
         let inserted = conn.transaction::<_, DieselError, _>(|conn| {
             let mut ids = Vec::with_capacity(events.len());
@@ -217,6 +261,31 @@ impl Outbox {
             });
         }
         Ok(())
+    }
+
+    /// Calls `outbox_emit` once per event, in one statement, in the order of `events`.
+    fn emit(&self, conn: &mut PgConnection, events: &[Event]) -> Result<Vec<Enqueued>> {
+        #[derive(QueryableByName)]
+        struct Emitted {
+            #[diesel(sql_type = BigInt)]
+            id: i64,
+            #[diesel(sql_type = diesel::sql_types::Uuid)]
+            event_id: Uuid,
+        }
+        let rows: Vec<InsertRow<'_>> = events.iter().map(InsertRow::new).collect();
+        let query = EmitEvents {
+            emit_sql: &self.emit_sql,
+            columns: EmitColumns::new(&rows),
+        };
+        // No unique constraint to name a duplicate: every error maps as the table's do.
+        let emitted: Vec<Emitted> = query.load(conn).map_err(|e| classify(e, || None))?;
+        Ok(emitted
+            .into_iter()
+            .map(|e| Enqueued {
+                id: e.id,
+                event_id: e.event_id,
+            })
+            .collect())
     }
 
     fn insert(&self, conn: &mut PgConnection, events: &[Event]) -> Result<Vec<i64>, DieselError> {
@@ -334,6 +403,111 @@ impl diesel::query_builder::Query for InsertEvents<'_> {
 }
 
 impl RunQueryDsl<PgConnection> for InsertEvents<'_> {}
+
+/// The bind values of a tableless write, one array per `outbox_emit` argument.
+struct EmitColumns<'a> {
+    topics: Vec<&'a str>,
+    keys: Vec<&'a str>,
+    event_types: Vec<&'a str>,
+    payloads: Vec<&'a [u8]>,
+    headers: Vec<&'a serde_json::Value>,
+    content_types: Vec<&'a str>,
+    traceparents: Vec<Option<&'a str>>,
+    event_ids: Vec<Uuid>,
+}
+
+impl<'a> EmitColumns<'a> {
+    fn new(rows: &'a [InsertRow<'a>]) -> Self {
+        Self {
+            topics: rows.iter().map(|r| r.event.topic.as_str()).collect(),
+            keys: rows.iter().map(|r| r.event.key.as_str()).collect(),
+            event_types: rows.iter().map(|r| r.event.event_type.as_str()).collect(),
+            payloads: rows.iter().map(|r| r.event.payload.as_slice()).collect(),
+            headers: rows.iter().map(|r| &r.headers).collect(),
+            content_types: rows.iter().map(|r| r.event.content_type.as_str()).collect(),
+            traceparents: rows.iter().map(|r| r.traceparent.as_deref()).collect(),
+            event_ids: rows.iter().map(|r| r.event.event_id).collect(),
+        }
+    }
+}
+
+/// `SELECT id, event_id FROM outbox_emit(..)`: one call for one event, and for several one
+/// statement that calls it per element of the argument arrays, in array order (the messages'
+/// LSNs, so the returned ids, follow that order). Both texts depend only on the schema, so both
+/// are prepared once per connection.
+struct EmitEvents<'a> {
+    emit_sql: &'a str,
+    columns: EmitColumns<'a>,
+}
+
+impl diesel::query_builder::QueryFragment<Pg> for EmitEvents<'_> {
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, Pg>,
+    ) -> diesel::QueryResult<()> {
+        let c = &self.columns;
+        if c.topics.len() == 1 {
+            out.push_sql("SELECT e.id, e.event_id FROM ");
+            out.push_sql(self.emit_sql);
+            out.push_sql("(");
+            out.push_bind_param::<Text, _>(c.topics[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(c.keys[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(c.event_types[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Bytea, _>(c.payloads[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Jsonb, _>(c.headers[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Text, _>(c.content_types[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<Nullable<Text>, _>(&c.traceparents[0])?;
+            out.push_sql(",");
+            out.push_bind_param::<diesel::sql_types::Uuid, _>(&c.event_ids[0])?;
+            out.push_sql(") AS e");
+            return Ok(());
+        }
+        out.push_sql("SELECT e.id, e.event_id FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&c.topics)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Text>, _>(&c.keys)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Text>, _>(&c.event_types)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Bytea>, _>(&c.payloads)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Jsonb>, _>(&c.headers)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Text>, _>(&c.content_types)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&c.traceparents)?;
+        out.push_sql(",");
+        out.push_bind_param::<Array<diesel::sql_types::Uuid>, _>(&c.event_ids)?;
+        out.push_sql(
+            ") WITH ORDINALITY AS u(topic, partition_key, event_type, payload, headers, \
+             content_type, traceparent, event_id, n) CROSS JOIN LATERAL ",
+        );
+        out.push_sql(self.emit_sql);
+        out.push_sql(
+            "(u.topic, u.partition_key, u.event_type, u.payload, u.headers, u.content_type, \
+             u.traceparent, u.event_id) AS e ORDER BY u.n",
+        );
+        Ok(())
+    }
+}
+
+impl diesel::query_builder::QueryId for EmitEvents<'_> {
+    type QueryId = ();
+    // The SQL differs by schema (and single or batch): keyed by its text.
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl diesel::query_builder::Query for EmitEvents<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl RunQueryDsl<PgConnection> for EmitEvents<'_> {}
 
 pub(crate) fn require_transaction(conn: &mut PgConnection) -> Result<()> {
     let depth = AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth()?;

@@ -66,6 +66,35 @@ pub struct StoredEvent {
     pub created_at: DateTime<Utc>,
 }
 
+impl StoredEvent {
+    /// An event as a capture source other than the table builds it (the relay's streaming
+    /// capture): no headers, `application/json`, no trace context, transaction 0, created now;
+    /// set the other public fields after.
+    #[must_use]
+    pub fn new(
+        id: i64,
+        event_id: Uuid,
+        topic: String,
+        partition_key: String,
+        event_type: String,
+        payload: Vec<u8>,
+    ) -> Self {
+        Self {
+            id,
+            event_id,
+            topic,
+            partition_key,
+            event_type,
+            payload,
+            headers: BTreeMap::new(),
+            content_type: "application/json".into(),
+            traceparent: None,
+            tx_id: 0,
+            created_at: Utc::now(),
+        }
+    }
+}
+
 /// `jsonb` object of string values, as stored in `headers`.
 #[derive(Debug)]
 pub struct HeaderMap(BTreeMap<String, String>);

@@ -40,6 +40,32 @@ impl std::str::FromStr for PoisonPolicy {
     }
 }
 
+/// Where the relay takes the events from (docs/RELAY.md#capture-modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CaptureMode {
+    /// Snapshot batches of the outbox table, as PgQ does: no replication slot, works behind any
+    /// pooler and on any server, never retains WAL.
+    #[default]
+    Polling,
+    /// The write-ahead log through a logical replication slot (pgoutput): rows of the outbox
+    /// table and tableless events (`outbox_emit`), in commit order, as they commit.
+    Streaming,
+}
+
+impl std::str::FromStr for CaptureMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "polling" => Ok(Self::Polling),
+            "streaming" => Ok(Self::Streaming),
+            other => Err(Error::Config(format!(
+                "capture {other:?} is unknown: use polling or streaming"
+            ))),
+        }
+    }
+}
+
 /// Longest `keep_delivered_hours` (one year): replay is for recent incidents; longer archives
 /// belong in a warehouse, not next to the hot outbox.
 pub(crate) const MAX_KEEP_DELIVERED_HOURS: u64 = 8760;
@@ -131,6 +157,27 @@ impl RelayConfig {
         })
     }
 
+    /// The replication slot streaming capture reads: `slot`, or `outbox_relay` (`outbox_relay_<schema>`).
+    #[must_use]
+    pub fn slot_name(&self) -> String {
+        self.slot.clone().unwrap_or_else(|| match &self.schema {
+            Some(s) => format!("outbox_relay_{s}"),
+            None => "outbox_relay".into(),
+        })
+    }
+
+    /// The publication streaming capture reads: `publication`, or `outbox_relay`
+    /// (`outbox_relay_<schema>`). Publications belong to a database; slot names are server-wide.
+    #[must_use]
+    pub fn publication_name(&self) -> String {
+        self.publication
+            .clone()
+            .unwrap_or_else(|| match &self.schema {
+                Some(s) => format!("outbox_relay_{s}"),
+                None => "outbox_relay".into(),
+            })
+    }
+
     /// Checks every setting; the message names the setting and why it is refused.
     ///
     /// # Errors
@@ -152,6 +199,21 @@ impl RelayConfig {
             return bad("brokers is empty (set KAFKA_BROKERS or --brokers)".into());
         }
         self.tables()?;
+        for (what, name) in [
+            ("slot", self.slot_name()),
+            ("publication", self.publication_name()),
+        ] {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            if !ok {
+                return bad(format!(
+                    "{what} {name:?} is not a valid name: 1 to 63 of a-z, 0-9 and _"
+                ));
+            }
+        }
         if !["on", "off", "local", "remote_write", "remote_apply"]
             .contains(&self.synchronous_commit.as_str())
         {

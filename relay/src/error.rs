@@ -75,6 +75,21 @@ pub enum Error {
     /// A blocking database task panicked or was cancelled.
     #[error("database task failed: {0}")]
     TaskFailed(#[source] tokio::task::JoinError),
+    /// The replication slot of streaming capture is missing, invalidated or unusable; the
+    /// message says which and how to recover (docs/OPERATIONS.md#replication-slots). Never
+    /// retried: a new slot would start at the current WAL position and skip every event
+    /// committed since the old one stopped.
+    #[error("replication slot {slot:?}: {problem}")]
+    Slot {
+        /// The slot's name.
+        slot: String,
+        /// What is wrong and what to do.
+        problem: String,
+    },
+    /// The replication stream failed (connection lost, walsender ended, protocol error): the
+    /// term ends and a new one resumes from the slot's confirmed position.
+    #[error("replication stream: {0}")]
+    Stream(String),
 }
 
 impl Error {
@@ -86,7 +101,8 @@ impl Error {
             Error::Database(_)
             | Error::Connect { .. }
             | Error::LostLeadership(_)
-            | Error::SteppedDown(_) => true,
+            | Error::SteppedDown(_)
+            | Error::Stream(_) => true,
             Error::Kafka(e) => !e.is_fatal_config(),
             Error::Outbox(e) => e.is_retriable(),
             // A panicked task is a bug, not weather: stop rather than loop on it.
@@ -97,6 +113,7 @@ impl Error {
             | Error::NoSuchDeadLetter(_)
             | Error::InvalidValue { .. }
             | Error::Metrics(_)
+            | Error::Slot { .. }
             | Error::TaskFailed(_) => false,
         }
     }

@@ -40,7 +40,7 @@ pub mod status;
 #[doc(hidden)]
 pub mod store;
 
-pub use config::PoisonPolicy;
+pub use config::{CaptureMode, PoisonPolicy};
 pub use engine::{AckListener, Acknowledged, Relay};
 pub use error::{scrub_url, Error, Result};
 pub use outbox::redact::is_secret_key;

@@ -13,6 +13,11 @@
 //! | `outbox_relay_leader` | gauge | 1 while this process is the active relay |
 //! | `outbox_relay_waiting_keys` | gauge | keys whose events wait behind an overdue acknowledgement (an unavailable partition) |
 //! | `outbox_relay_overdue_events` | gauge | events sent but not acknowledged within `ack_overdue_ms` |
+//! | `outbox_relay_slot_retained_wal_bytes` | gauge | streaming: WAL the server keeps for the slot (from its `restart_lsn`) |
+//! | `outbox_relay_slot_lag_bytes` | gauge | streaming: WAL written since the slot's confirmed position |
+//! | `outbox_relay_slot_safe_wal_bytes` | gauge | streaming: WAL that can still be written before the slot is invalidated (-1: unbounded, `max_slot_wal_keep_size = -1`) |
+//! | `outbox_relay_slot_active` | gauge | streaming: 1 while a walsender streams the slot |
+//! | `outbox_relay_slot_confirmed_lsn` | gauge | streaming: the position this process last confirmed (as a number) |
 //!
 //! The counters, `outbox_relay_leader`, the waiting gauges and the histogram are registered at
 //! zero when the
@@ -59,6 +64,12 @@ pub(crate) fn waiting(keys: usize, overdue: usize) {
     metrics::gauge!("outbox_relay_overdue_events").set(overdue as f64);
 }
 
+/// The position streaming capture just confirmed.
+#[allow(clippy::cast_precision_loss)]
+pub(crate) fn stream_confirmed(lsn: u64) {
+    metrics::gauge!("outbox_relay_slot_confirmed_lsn").set(lsn as f64);
+}
+
 pub(crate) fn dead_lettered(n: usize) {
     metrics::counter!("outbox_relay_dead_lettered_total").increment(n as u64);
 }
@@ -87,6 +98,14 @@ pub fn install() -> Result<PrometheusHandle> {
         .map_err(|e| Error::Metrics(e.to_string()))?;
     metrics::gauge!("outbox_relay_leader").set(if is_leader() { 1.0 } else { 0.0 });
     metrics::counter!("outbox_relay_delivered_total").increment(0);
+    // Streaming only; 0 under polling (no slot).
+    for g in [
+        "outbox_relay_slot_retained_wal_bytes",
+        "outbox_relay_slot_lag_bytes",
+        "outbox_relay_slot_active",
+    ] {
+        metrics::gauge!(g).set(0.0);
+    }
     for kind in ["permanent", "transient"] {
         metrics::counter!("outbox_relay_failed_total", "kind" => kind).increment(0);
     }
@@ -127,12 +146,23 @@ pub async fn serve(
     Ok(())
 }
 
-/// Updates the backlog gauges every `every` from its own connection (named
-/// `application_name`), until `shutdown` (a task on `tasks`).
+#[allow(clippy::cast_precision_loss)]
+fn slot_gauges(s: &crate::store::stream::SlotInfo) {
+    metrics::gauge!("outbox_relay_slot_retained_wal_bytes")
+        .set(s.retained_bytes.unwrap_or(0) as f64);
+    metrics::gauge!("outbox_relay_slot_lag_bytes").set(s.lag_bytes.unwrap_or(0) as f64);
+    metrics::gauge!("outbox_relay_slot_safe_wal_bytes")
+        .set(s.safe_wal_size.map_or(-1.0, |b| b as f64));
+    metrics::gauge!("outbox_relay_slot_active").set(if s.active_pid.is_some() { 1.0 } else { 0.0 });
+}
+
+/// Updates the backlog gauges (and, with `slot`, the slot's) every `every` from its own
+/// connection (named `application_name`), until `shutdown` (a task on `tasks`).
 pub fn spawn_backlog_poller(
     database_url: String,
     application_name: String,
     tables: outbox::TableRef,
+    slot: Option<String>,
     every: Duration,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
@@ -162,7 +192,12 @@ pub fn spawn_backlog_poller(
     tasks.spawn(async move {
         let mut conn = None;
         loop {
-            let (sql, url, name) = (sql.clone(), database_url.clone(), application_name.clone());
+            let (sql, url, name, slot) = (
+                sql.clone(),
+                database_url.clone(),
+                application_name.clone(),
+                slot.clone(),
+            );
             let c = conn.take();
             let r = outbox::blocking::run(move || {
                 let mut c = match c {
@@ -170,11 +205,18 @@ pub fn spawn_backlog_poller(
                     None => crate::store::connect_as(&url, Some(&name))?,
                 };
                 let b = diesel::sql_query(&sql).get_result::<Backlog>(&mut c)?;
-                Ok::<_, Error>((c, b))
+                let s = match &slot {
+                    Some(slot) => crate::store::stream::slot_info(&mut c, slot)?,
+                    None => None,
+                };
+                Ok::<_, Error>((c, b, s))
             })
             .await;
-            if let Ok(Ok((c, b))) = r {
+            if let Ok(Ok((c, b, s))) = r {
                 conn = Some(c);
+                if let Some(s) = s {
+                    slot_gauges(&s);
+                }
                 #[allow(clippy::cast_precision_loss)]
                 {
                     metrics::gauge!("outbox_relay_backlog").set(b.backlog as f64);

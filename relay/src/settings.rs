@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::config::PoisonPolicy;
+use crate::config::{CaptureMode, PoisonPolicy};
 
 /// A duration given in milliseconds in the TOML file and on the command line (`lease_ms =
 /// 5000`, `--lease-ms 5000`); a [`Duration`] everywhere in the code.
@@ -125,6 +125,19 @@ impl Value for PoisonPolicy {
         match self {
             PoisonPolicy::Continue => "continue",
             PoisonPolicy::HoldKey => "hold-key",
+        }
+        .into()
+    }
+}
+
+impl Value for CaptureMode {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.trim().parse().map_err(|e: crate::Error| e.to_string())
+    }
+    fn show(&self) -> String {
+        match self {
+            CaptureMode::Polling => "polling",
+            CaptureMode::Streaming => "streaming",
         }
         .into()
     }
@@ -270,6 +283,21 @@ settings! {
         key "instance_id", Run, env "OUTBOX_RELAY_INSTANCE_ID", shown "`<host>-<pid>-<random>`",
         meaning "this process's name in the lease",
         set instance_id(id: impl Into<String>) => Some(id.into());
+    /// Where the events come from: the outbox table by snapshot batches, or the WAL.
+    capture: CaptureMode = CaptureMode::Polling,
+        key "capture", Global, env "OUTBOX_RELAY_CAPTURE", shown "`polling`",
+        meaning "`polling` (snapshot batches of the table) or `streaming` (the WAL through a replication slot: table rows and tableless events); see [Capture modes](#capture-modes)",
+        set capture(mode: CaptureMode) => mode;
+    /// The logical replication slot streaming capture reads (created by `migrate`).
+    slot: Option<String> = None,
+        key "slot", Global, env "OUTBOX_RELAY_SLOT", shown "`outbox_relay` (`outbox_relay_<schema>`)",
+        meaning "replication slot of streaming capture, created by `outbox-relay migrate --capture streaming`; slot names are server-wide: one per database",
+        set slot(name: impl Into<String>) => Some(name.into());
+    /// The publication of the outbox table streaming capture reads (created by `migrate`).
+    publication: Option<String> = None,
+        key "publication", Global, env "OUTBOX_RELAY_PUBLICATION", shown "`outbox_relay` (`outbox_relay_<schema>`)",
+        meaning "publication (INSERT only) of the outbox table for streaming capture, created by `migrate`",
+        set publication(name: impl Into<String>) => Some(name.into());
     /// Rows per fetch: large enough to amortise a round trip, small enough to delete quickly.
     page_size: i64 = 1000,
         key "page_size", Run, env "OUTBOX_RELAY_PAGE_SIZE", shown "1000",
@@ -392,7 +420,7 @@ mod tests {
             match key {
                 // Not a value: what an empty default stands for.
                 "database_url" | "brokers" | "schema" | "source" | "instance_id"
-                | "metrics_addr" => assert!(shown.is_empty(), "{key}"),
+                | "metrics_addr" | "slot" | "publication" => assert!(shown.is_empty(), "{key}"),
                 _ => assert_eq!(shown, doc, "{key}"),
             }
         }

@@ -308,3 +308,47 @@ pub fn run_dual_writers_until(
     }
     Ok(())
 }
+
+/// A broken streaming relay: reads the slot's transactions and confirms each one as soon as it
+/// is read, before anything is sent, then stops (as if killed) having sent nothing. Returns how
+/// many transactions it confirmed. What it confirmed is gone from the slot's stream.
+///
+/// # Errors
+/// The replication connection's.
+pub async fn confirm_on_read(database_url: &str, slot: &str, publication: &str) -> Result<usize> {
+    use pg_walstream::{
+        CancellationToken, EventType, LogicalReplicationStream, ReplicationStreamConfig,
+        RetryConfig, StreamingMode,
+    };
+    let config = ReplicationStreamConfig::new(
+        slot.to_owned(),
+        publication.to_owned(),
+        1,
+        StreamingMode::Off,
+        std::time::Duration::from_millis(100),
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(3600),
+        RetryConfig::default(),
+    )
+    .with_messages(true)
+    .with_binary(true)
+    .with_existing_slot_required(true);
+    let sep = if database_url.contains('?') { '&' } else { '?' };
+    let conninfo = format!("{database_url}{sep}replication=database");
+    let mut stream = LogicalReplicationStream::new(&conninfo, config).await?;
+    stream.start(None).await?;
+    let stop = CancellationToken::new();
+    let mut commits = 0;
+    loop {
+        let next =
+            tokio::time::timeout(std::time::Duration::from_secs(3), stream.next_event(&stop)).await;
+        let Ok(event) = next else { break };
+        if let EventType::Commit { end_lsn, .. } = event?.event_type {
+            stream.shared_lsn_feedback.update_flushed_lsn(end_lsn);
+            stream.shared_lsn_feedback.update_applied_lsn(end_lsn);
+            stream.send_feedback().await?;
+            commits += 1;
+        }
+    }
+    Ok(commits)
+}

@@ -90,13 +90,34 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if let Ok(mut admin) = PgConnection::establish(&self.admin_url) {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut admin);
+            drop_database(&mut admin, &self.name);
         }
     }
+}
+
+/// Drops a test database and the replication slots on it (a slot keeps a database from being
+/// dropped, and holds WAL on the shared server until it is).
+fn drop_database(admin: &mut PgConnection, name: &str) {
+    let slots = format!("FROM pg_replication_slots WHERE database = '{name}'");
+    let _ = diesel::sql_query(format!(
+        "SELECT pg_terminate_backend(active_pid) {slots} AND active_pid IS NOT NULL"
+    ))
+    .execute(admin);
+    for _ in 0..50 {
+        let dropped = diesel::sql_query(format!(
+            "SELECT pg_drop_replication_slot(slot_name) {slots} AND active_pid IS NULL"
+        ))
+        .execute(admin);
+        let left = diesel::sql_query(format!("SELECT 1 {slots}"))
+            .execute(admin)
+            .unwrap_or(0);
+        if dropped.is_ok() && left == 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(admin);
 }
 
 /// Drops test databases left by processes that no longer exist (a crashed or killed run).
@@ -119,11 +140,7 @@ fn drop_leftovers(admin: &mut PgConnection) {
             .and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                db.datname
-            ))
-            .execute(admin);
+            drop_database(admin, &db.datname);
         }
     }
 }

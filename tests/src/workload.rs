@@ -37,10 +37,25 @@ pub fn run_writers(
     keys: usize,
     per_tx: usize,
 ) -> Result<Expected> {
+    run_writers_with(url, topic, writers, txs, keys, per_tx, &|_| {
+        outbox::Outbox::new()
+    })
+}
+
+/// As [`run_writers`], writer `w` writing through `outbox(w)` (e.g. some of them tableless).
+pub fn run_writers_with(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+    keys: usize,
+    per_tx: usize,
+    outbox: &dyn Fn(usize) -> outbox::Outbox,
+) -> Result<Expected> {
     let handles: Vec<_> = (0..writers)
         .map(|w| {
-            let (url, topic) = (url.to_owned(), topic.to_owned());
-            std::thread::spawn(move || write(&url, &topic, w, txs, keys, per_tx))
+            let (url, topic, outbox) = (url.to_owned(), topic.to_owned(), outbox(w));
+            std::thread::spawn(move || write(&url, &topic, w, txs, keys, per_tx, &outbox))
         })
         .collect();
     let mut expected = Expected::new();
@@ -57,6 +72,7 @@ fn write(
     txs: usize,
     keys: usize,
     per_tx: usize,
+    outbox: &outbox::Outbox,
 ) -> Result<Expected> {
     #[derive(QueryableByName)]
     struct Seq {
@@ -89,7 +105,7 @@ fn write(
                 ));
                 events.push(e);
             }
-            outbox::Outbox::new().enqueue_batch(c, &events)?;
+            outbox.enqueue_batch(c, &events)?;
             Ok(meta)
         })?;
         mine.extend(written);

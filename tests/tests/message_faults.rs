@@ -712,6 +712,7 @@ fn a_position_from_another_server_is_neither_advanced_nor_saved() {
         id: 1,
         error: "x".into(),
         attempts: 1,
+        event: None,
     }];
     let e = store::dead_letter(&mut conn, &sql, &foreign, &dead).unwrap_err();
     assert!(matches!(e, outbox_relay::Error::LostLeadership(_)), "{e}");

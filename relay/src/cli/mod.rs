@@ -33,6 +33,15 @@ pub struct Cli {
     /// Schema of the outbox tables (default: the connection's search_path).
     #[arg(long, global = true, env = "OUTBOX_SCHEMA")]
     schema: Option<String>,
+    /// Capture mode: polling (snapshot batches of the table) or streaming (the WAL).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE")]
+    capture: Option<String>,
+    /// Replication slot of streaming capture.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_SLOT")]
+    slot: Option<String>,
+    /// Publication of the outbox table for streaming capture.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_PUBLICATION")]
+    publication: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -50,7 +59,9 @@ enum LogFormat {
 enum Command {
     /// Run the relay until SIGINT/SIGTERM.
     Run(Box<RunArgs>),
-    /// Apply the outbox migrations.
+    /// Apply the outbox migrations; with `--capture streaming`, also create the publication
+    /// and the replication slot streaming capture reads (needs wal_level = logical and a role
+    /// with REPLICATION that owns the outbox table).
     Migrate,
     /// Show backlog, leader and standbys, dead letters, the oldest open transaction, inbox sizes.
     Status {
@@ -282,6 +293,16 @@ impl Cli {
         if let Some(s) = &self.schema {
             cfg.schema = Some(s.clone());
         }
+        for (key, value) in [
+            ("capture", &self.capture),
+            ("slot", &self.slot),
+            ("publication", &self.publication),
+        ] {
+            if let Some(v) = value {
+                cfg.set(key, v)
+                    .map_err(|e| anyhow::anyhow!("--{key}: {e}"))?;
+            }
+        }
         Ok(cfg)
     }
 }
@@ -345,6 +366,28 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 for m in applied {
                     println!("applied {m}");
+                }
+            }
+            if cfg.capture == crate::CaptureMode::Streaming {
+                let (slot, publication) = (cfg.slot_name(), cfg.publication_name());
+                let setup =
+                    store::stream::ensure_streaming(&mut conn, &tables, &slot, &publication)?;
+                if setup.created_publication {
+                    println!("created publication {publication} (INSERT on the outbox table)");
+                } else {
+                    println!("publication {publication} exists");
+                }
+                match &setup.created_slot {
+                    Some(lsn) => println!("created replication slot {slot} (pgoutput) at {lsn}"),
+                    None => println!("replication slot {slot} exists"),
+                }
+                if setup.rows_before_slot > 0 {
+                    anyhow::bail!(
+                        "the outbox table holds {} rows written before the slot existed: the slot \
+                         does not stream them. Deliver them with capture = polling until the table \
+                         is empty, then start the streaming relay (docs/RELAY.md#switching-modes)",
+                        setup.rows_before_slot
+                    );
                 }
             }
             Ok(())
@@ -577,6 +620,7 @@ async fn run_relay(relay: Relay, cfg: RelayConfig) -> Result<()> {
             cfg.database_url().to_owned(),
             store::application_name(relay.instance_id()),
             cfg.tables()?,
+            (cfg.capture == crate::CaptureMode::Streaming).then(|| cfg.slot_name()),
             Duration::from_secs(5),
             shutdown.clone(),
             &tasks,

@@ -45,6 +45,10 @@ pub(super) trait Capture: Send + Sync {
     /// A batch and its position.
     type Batch: Clone + Send + Sync + 'static;
 
+    /// Whether [`Capture::open`] itself waits for events to arrive (streaming): then the
+    /// engine does not sleep after an empty batch.
+    const PUSHES: bool = false;
+
     /// Opens the batch after `previous` (delivered in full), or resumes the saved position
     /// (`previous == None`, at the start of a term or after a rewind), and reads its first page.
     fn open(
@@ -75,6 +79,12 @@ pub(super) trait Capture: Send + Sync {
 
     /// The id the batch's first page starts after; `None` when the batch is known empty.
     fn start_after(batch: &Self::Batch) -> Option<i64>;
+
+    /// Ends the term's hold on the source (streaming: the last confirmation, then the
+    /// replication connection closes, so a standby can stream the slot at once).
+    fn finish(&self, _session: &mut Session<'_>) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Capture by transaction visibility, as PgQ does: a batch is the outbox rows whose writing

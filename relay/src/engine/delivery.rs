@@ -49,6 +49,9 @@ pub(super) struct Entry {
     /// Its partition, once known (set when it becomes overdue).
     pub(super) partition: Option<i32>,
     pub(super) outcome: Outcome,
+    /// The event itself when it has no outbox row (a tableless event): a dead letter is
+    /// written from it.
+    pub(super) event: Option<Box<outbox::StoredEvent>>,
 }
 
 /// What waiting for one delivery report gave.
@@ -190,7 +193,9 @@ impl Relay {
                 }
                 outcome
             };
+            let event = (row.id < 0).then(|| Box::new(row.clone()));
             page.push(Entry {
+                event,
                 id: row.id,
                 topic: row.topic,
                 key: row.partition_key,
@@ -395,6 +400,7 @@ impl Relay {
                 Outcome::Waiting => continue,
                 Outcome::Held => {
                     settled.dead.push(DeadLetter {
+                        event: entry.event.take(),
                         id: entry.id,
                         error: "held: an earlier event of this key is dead-lettered (poison_policy = hold-key)".into(),
                         attempts: 0,
@@ -523,6 +529,7 @@ impl Relay {
             return Some((key, retry_at));
         }
         settled.dead.push(DeadLetter {
+            event: entry.event,
             id: entry.id,
             error: f.message().to_owned(),
             attempts: i32::try_from(attempts).unwrap_or(i32::MAX),

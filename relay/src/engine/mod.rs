@@ -11,18 +11,20 @@ use rdkafka::producer::{Producer as _, PurgeConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{PoisonPolicy, RelayConfig};
+use crate::config::{CaptureMode, PoisonPolicy, RelayConfig};
 use crate::producer;
 use crate::store::{self, Fetched, Lease, Sql};
 
 mod capture;
 mod delivery;
 mod session;
+pub(crate) mod streaming;
 
 use crate::{metrics as m, Error, Result};
 use capture::{Capture, Open, Opened, Polling};
 use delivery::{on_overdue_partition, Attempts, Entry, Term, TopicKey};
 use session::{Db, Session};
+use streaming::{StreamSettings, Streaming};
 
 const TARGET: &str = "outbox::relay";
 
@@ -159,9 +161,17 @@ impl Relay {
                     backoff.reset();
                     tracing::info!(target: TARGET, instance = %lease.instance, epoch = lease.epoch, "leadership acquired");
                     m::leader(true);
-                    let result = self
-                        .lead(&Polling, &mut db, &mut attempts, lease.clone(), &shutdown)
-                        .await;
+                    let result = match self.cfg.capture {
+                        CaptureMode::Polling => {
+                            self.lead(&Polling, &mut db, &mut attempts, lease.clone(), &shutdown)
+                                .await
+                        }
+                        CaptureMode::Streaming => {
+                            let capture = Streaming::new(self.stream_settings(&app_name));
+                            self.lead(&capture, &mut db, &mut attempts, lease.clone(), &shutdown)
+                                .await
+                        }
+                    };
                     m::leader(false);
                     match result {
                         Ok(()) => {
@@ -206,6 +216,23 @@ impl Relay {
         }
     }
 
+    fn stream_settings(&self, app_name: &str) -> StreamSettings {
+        StreamSettings {
+            url: self.cfg.database_url.clone(),
+            application_name: app_name.to_owned(),
+            slot: self.cfg.slot_name(),
+            publication: self.cfg.publication_name(),
+            schema: self.cfg.schema.clone(),
+            max_event_bytes: usize::try_from(self.cfg.max_event_bytes()).unwrap_or(usize::MAX),
+            page_bytes: usize::try_from(store::DEFAULT_PAGE_BYTES).unwrap_or(usize::MAX),
+            // A safety net only: a new leader ends the old walsender itself (fenced), and a
+            // reader held up by back-pressure (the log full during a broker outage) must not
+            // lose its connection to a short timeout.
+            wal_sender_timeout: (self.cfg.lease_duration() * 10).max(Duration::from_secs(60)),
+            wait: self.cfg.lease_duration() / 8,
+        }
+    }
+
     async fn release(&self, db: &mut Db, lease: Lease) {
         Session::release(db, &self.sql, lease).await;
     }
@@ -246,8 +273,12 @@ impl Relay {
         shutdown: &CancellationToken,
     ) -> Result<()> {
         let producer = producer::create(&self.cfg)?;
+        let mut session = Session::new(db, Arc::clone(&self.sql), lease, self.cfg.lease_duration());
+        if C::PUSHES {
+            session = session.track_settled();
+        }
         let mut term = Term {
-            session: Session::new(db, Arc::clone(&self.sql), lease, self.cfg.lease_duration()),
+            session,
             producer,
             shutdown: shutdown.clone(),
             deadline: None,
@@ -271,6 +302,7 @@ impl Relay {
             &tasks,
         );
         let result = self.lead_term(capture, &mut term).await;
+        capture.finish(&mut term.session).await;
         m::waiting(0, 0);
         purge_stop.cancel();
         if result.is_err() {
@@ -345,7 +377,7 @@ impl Relay {
                 BatchEnd::Done { rows } => {
                     done = Some(batch);
                     retry.reset();
-                    if rows == 0 {
+                    if rows == 0 && !C::PUSHES {
                         // idle_poll_max_ms < lease / 4 (validated): the lease cannot lapse here.
                         sleep_or_cancel(idle, &term.shutdown).await;
                         idle = (idle * 2).min(idle_max);

@@ -4,6 +4,7 @@
 //!
 //! May call: `store` (the SQL). Called by: the engine's term loop, capture and delivery.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,10 @@ pub(super) struct Session<'a> {
     /// thread hand-offs less per page). Always removed before a position is saved or the term
     /// ends normally.
     unremoved: Vec<i64>,
+    /// Events settled (delivered or dead-lettered) since streaming capture last took them.
+    settled: Vec<i64>,
+    /// Whether `settled` is kept (streaming capture reads it).
+    track_settled: bool,
 }
 
 impl<'a> Session<'a> {
@@ -98,7 +103,21 @@ impl<'a> Session<'a> {
             lease_duration,
             last_renew: Instant::now(),
             unremoved: Vec::new(),
+            settled: Vec::new(),
+            track_settled: false,
         }
+    }
+
+    /// Keeps the ids of settled events for [`Session::take_settled`].
+    pub(super) fn track_settled(mut self) -> Self {
+        self.track_settled = true;
+        self
+    }
+
+    /// The events settled since the last call: acknowledged (and removed by a call since) or
+    /// dead-lettered. Call it after a [`Session::call`], which removes the acknowledged rows.
+    pub(super) fn take_settled(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.settled)
     }
 
     /// Runs `f` on the connection with the statements and the lease, right after removing the
@@ -109,15 +128,29 @@ impl<'a> Session<'a> {
         F: FnOnce(&mut PgConnection, &Sql, &Lease) -> Result<T> + Send + 'static,
     {
         let ids = std::mem::take(&mut self.unremoved);
-        let (sql, lease) = (Arc::clone(&self.sql), self.lease.clone());
-        self.db
+        let removed = if self.track_settled {
+            ids.clone()
+        } else {
+            Vec::new()
+        };
+        let done = Arc::new(AtomicBool::new(ids.is_empty()));
+        let (sql, lease, flag) = (Arc::clone(&self.sql), self.lease.clone(), Arc::clone(&done));
+        let result = self
+            .db
             .call(move |c| {
-                if !ids.is_empty() {
-                    store::delete(c, &sql, &lease, &ids)?;
+                // Tableless events (negative ids) have no row.
+                let rows: Vec<i64> = ids.into_iter().filter(|id| *id > 0).collect();
+                if !rows.is_empty() {
+                    store::delete(c, &sql, &lease, &rows)?;
                 }
+                flag.store(true, Ordering::Release);
                 f(c, &sql, &lease)
             })
-            .await
+            .await;
+        if done.load(Ordering::Acquire) {
+            self.settled.extend(removed);
+        }
+        result
     }
 
     /// Queues acknowledged rows for removal by the next call.
@@ -140,8 +173,14 @@ impl<'a> Session<'a> {
 
     /// Moves `rows` to the dead letters (fenced).
     pub(super) async fn dead_letter(&mut self, rows: Vec<DeadLetter>) -> Result<()> {
+        let ids: Vec<i64> = if self.track_settled {
+            rows.iter().map(|r| r.id).collect()
+        } else {
+            Vec::new()
+        };
         self.call(move |c, sql, lease| store::dead_letter(c, sql, lease, &rows))
             .await?;
+        self.settled.extend(ids);
         Ok(())
     }
 

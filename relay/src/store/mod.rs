@@ -80,12 +80,15 @@ pub const DEFAULT_PAGE_BYTES: i64 = 16 << 20;
 /// An event to move to the dead letters.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// Outbox row id.
+    /// Outbox row id (negative: a tableless event, see [`DeadLetter::event`]).
     pub id: i64,
     /// Why.
     pub error: String,
     /// Attempts made.
     pub attempts: i32,
+    /// The event itself when it has no outbox row (a tableless event streamed from the WAL):
+    /// it is written to the dead letters from here instead of moved from the table.
+    pub event: Option<Box<StoredEvent>>,
 }
 
 #[derive(QueryableByName)]
@@ -133,6 +136,8 @@ pub struct Sql {
     max_event_bytes: i64,
     page_bytes: i64,
     dead_letter: String,
+    dead_letter_event: String,
+    terminate_walsender: String,
     held_keys: String,
     /// The hot statements split at their placeholders, run as cached prepared statements.
     hot: Hot,
@@ -230,6 +235,7 @@ mod capture;
 mod lease;
 pub(crate) mod prepared;
 mod removal;
+pub mod stream;
 
 pub use capture::{
     advance_batch, close_batch, fetch, held_keys, open_batch, open_fresh_batch, save_batch,
@@ -253,6 +259,7 @@ impl Sql {
         sql.lease_statements(&f);
         sql.capture_statements(&f);
         sql.removal_statements(&f);
+        sql.stream_statements(&f);
         sql.hot = Hot {
             advance_batch: Segment::parse(&sql.advance_batch),
             advance_in_memory: Segment::parse(&sql.advance_in_memory),

@@ -1,8 +1,9 @@
 //! Removal SQL: the fenced delete (or move to `outbox_delivered`) of acknowledged rows, and the
 //! move to the dead letters, under the lease and on the server it was taken on.
 
-use diesel::sql_types::{Array, BigInt, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
 use diesel::{PgConnection, RunQueryDsl};
+use outbox::contract::StoredEvent;
 
 use super::lease::lost;
 use super::prepared::{Prepared, Value};
@@ -55,6 +56,18 @@ impl Sql {
              SELECT (SELECT count(*) FROM lease) AS leased, \
              (SELECT count(*) FROM ins) AS affected"
         );
+        // A tableless event (no row to move): written from its content, same fencing.
+        self.dead_letter_event = format!(
+            "WITH lease AS ({locked_lease}), \
+             ins AS (INSERT INTO {d} ({all}, attempts, last_error) \
+                     SELECT $4, $6, $7, $8, $9, $10, $11::jsonb, $12, $13, $14::text::xid8, $15, \
+                            $16, $17 WHERE EXISTS (SELECT 1 FROM lease) \
+                     ON CONFLICT (id, event_id) DO UPDATE SET \
+                       {dead_letter_updates}, dead_lettered_at = now() \
+                     RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM ins) AS affected"
+        );
     }
 }
 
@@ -93,6 +106,17 @@ pub fn dead_letter(
     lease: &Lease,
     rows: &[DeadLetter],
 ) -> Result<u64> {
+    let (events, rows): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
+        rows.iter().partition(|r| r.event.is_some());
+    let mut affected = 0;
+    for r in events {
+        if let Some(e) = &r.event {
+            affected += dead_letter_event(conn, sql, lease, e, &r.error, r.attempts)?;
+        }
+    }
+    if rows.is_empty() {
+        return Ok(affected);
+    }
     let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
     let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
     let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
@@ -104,6 +128,42 @@ pub fn dead_letter(
         .bind::<Text, _>(&lease.server)
         .bind::<Array<Text>, _>(&errors)
         .bind::<Array<Integer>, _>(&attempts)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(affected + u64::try_from(r.affected).unwrap_or(0))
+}
+
+/// Writes one tableless event to the dead letters from its content, only while the lease is
+/// ours.
+fn dead_letter_event(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    e: &StoredEvent,
+    error: &str,
+    attempts: i32,
+) -> Result<u64> {
+    let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "{}".into());
+    let r: Fenced = diesel::sql_query(&sql.dead_letter_event)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<BigInt, _>(e.id)
+        .bind::<Text, _>(&lease.server)
+        .bind::<diesel::sql_types::Uuid, _>(e.event_id)
+        .bind::<Text, _>(&e.topic)
+        .bind::<Text, _>(&e.partition_key)
+        .bind::<Text, _>(&e.event_type)
+        .bind::<Bytea, _>(&e.payload)
+        .bind::<Text, _>(headers)
+        .bind::<Text, _>(&e.content_type)
+        .bind::<Nullable<Text>, _>(e.traceparent.as_deref())
+        .bind::<Text, _>(e.tx_id.to_string())
+        .bind::<Timestamptz, _>(e.created_at)
+        .bind::<Integer, _>(attempts)
+        .bind::<Text, _>(error)
         .get_result(conn)?;
     if r.leased == 0 {
         return Err(lost(sql));

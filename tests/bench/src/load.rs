@@ -40,11 +40,12 @@ pub fn create_business_table(conn: &mut PgConnection) -> Result<()> {
     Ok(())
 }
 
-/// One application transaction: a business row and, with a topic, `per_tx` outbox events.
-/// Returns `(row id, event id)` of each event.
-fn app_tx(
+/// One application transaction: a business row and, with a topic, `per_tx` events through
+/// `outbox` (rows of the table, or tableless messages). Returns `(id, event id)` of each event.
+pub(crate) fn app_tx(
     conn: &mut PgConnection,
     topic: Option<&str>,
+    outbox: &outbox::Outbox,
     per_tx: usize,
     seq: usize,
 ) -> Result<Vec<(i64, String)>> {
@@ -74,9 +75,9 @@ fn app_tx(
             })
             .collect::<outbox::Result<Vec<_>>>()?;
         let rows = if per_tx == 1 {
-            vec![outbox::Outbox::new().enqueue(c, &events[0])?]
+            vec![outbox.enqueue(c, &events[0])?]
         } else {
-            outbox::Outbox::new().enqueue_batch(c, &events)?
+            outbox.enqueue_batch(c, &events)?
         };
         Ok(rows
             .iter()
@@ -95,17 +96,22 @@ pub struct Load {
     pub samples: Vec<(Duration, i64, usize)>,
     pub max_backlog: i64,
     pub end_backlog: i64,
+    /// WAL the whole server wrote during the window, bytes.
+    pub wal_bytes: i64,
 }
 
 impl Load {
     /// `writers` connections run the app transaction as fast as they can for `window`; with a
-    /// topic, the outbox backlog is sampled every 500 ms.
+    /// relay's acknowledgements (`acked`), the backlog (events committed in this window and not
+    /// yet acknowledged) is sampled every 500 ms.
     pub async fn flat_out(
         url: &str,
         topic: Option<&str>,
+        outbox: &outbox::Outbox,
         writers: usize,
         per_tx: usize,
         window: Duration,
+        acked: Option<&AckLog>,
     ) -> Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let events = Arc::new(AtomicUsize::new(0));
@@ -113,6 +119,7 @@ impl Load {
         let handles: Vec<_> = (0..writers)
             .map(|w| {
                 let (url, topic) = (url.to_owned(), topic.map(str::to_owned));
+                let outbox = outbox.clone();
                 let (stop, events, txs) =
                     (Arc::clone(&stop), Arc::clone(&events), Arc::clone(&txs));
                 std::thread::spawn(move || -> Result<()> {
@@ -120,7 +127,7 @@ impl Load {
                     let mut seq = w * 1_000_003;
                     while !stop.load(Ordering::Relaxed) {
                         seq += 1;
-                        let ids = app_tx(&mut c, topic.as_deref(), per_tx, seq)?;
+                        let ids = app_tx(&mut c, topic.as_deref(), &outbox, per_tx, seq)?;
                         events.fetch_add(ids.len(), Ordering::Relaxed);
                         txs.fetch_add(1, Ordering::Relaxed);
                     }
@@ -129,24 +136,22 @@ impl Load {
             })
             .collect();
         let mut probe = PgConnection::establish(url)?;
+        let wal_before = crate::wal_position(&mut probe)?;
         let started = Instant::now();
         let mut load = Self::default();
-        let base = if topic.is_some() {
-            crate::backlog(&mut probe)?
-        } else {
-            0
-        };
+        let base = acked.map_or(0, AckLog::acked);
         while started.elapsed() < window {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            if topic.is_some() {
-                let b = crate::backlog(&mut probe)? - base;
+            if let (Some(a), Some(_)) = (acked, topic) {
+                let committed = events.load(Ordering::Relaxed);
+                let b = i64::try_from(committed)? - i64::try_from(a.acked() - base)?;
                 load.max_backlog = load.max_backlog.max(b);
-                load.samples
-                    .push((started.elapsed(), b, events.load(Ordering::Relaxed)));
+                load.samples.push((started.elapsed(), b, committed));
             }
         }
         stop.store(true, Ordering::Relaxed);
         load.elapsed = started.elapsed();
+        load.wal_bytes = crate::wal_position(&mut probe)? - wal_before;
         load.events = events.load(Ordering::Relaxed);
         load.txs = txs.load(Ordering::Relaxed);
         for h in handles {
@@ -164,6 +169,13 @@ impl Load {
     #[must_use]
     pub fn event_rate(&self) -> f64 {
         crate::rate(self.events, self.elapsed)
+    }
+
+    /// WAL bytes per transaction over the window.
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn wal_per_tx(&self) -> f64 {
+        self.wal_bytes as f64 / self.txs.max(1) as f64
     }
 
     /// The backlog did not grow over the window: the mean of its last third is within 1.5x the
@@ -202,6 +214,9 @@ impl Load {
 pub struct Latencies {
     /// Events per second actually offered.
     pub rate: f64,
+    /// Events committed (offered).
+    pub committed: usize,
+    /// Events the independent consumer received.
     pub count: usize,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -220,8 +235,10 @@ pub struct AckLatency {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
-    /// Share of events acknowledged within 5 ms and within 25 ms of their commit.
+    /// Share of events acknowledged within 2, 5, 10 and 25 ms of their commit.
+    pub within_2ms: f64,
     pub within_5ms: f64,
+    pub within_10ms: f64,
     pub within_25ms: f64,
     /// Where the relay's share went (relay rows only).
     pub stages: Option<Stages>,
@@ -239,7 +256,9 @@ impl AckLatency {
             p50_ms: quantile(sorted, 0.5),
             p99_ms: quantile(sorted, 0.99),
             p999_ms: quantile(sorted, 0.999),
+            within_2ms: share(2.0),
             within_5ms: share(5.0),
+            within_10ms: share(10.0),
             within_25ms: share(25.0),
             stages,
         }
@@ -259,11 +278,16 @@ pub struct Stages {
     pub send_ack_p99_ms: f64,
 }
 
-/// Acknowledgements the in-process relay reports ([`outbox_relay::Relay::on_acknowledged`]) while
-/// recording is on: row id -> (page fetched, acknowledgement seen).
+/// Acknowledgements the in-process relay reports ([`outbox_relay::Relay::on_acknowledged`]): all
+/// of them counted, and while recording is on, id -> (page fetched, acknowledgement seen).
 #[derive(Clone, Default)]
 pub struct AckLog {
     recording: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+    /// Subtracted from a tableless event's acknowledged id (negative) before it is matched to
+    /// the id `outbox_emit` returned (0 when the two agree, as measured at the start of the
+    /// tableless scenarios).
+    tableless_offset: Arc<std::sync::atomic::AtomicI64>,
     acks: Arc<Mutex<HashMap<i64, outbox_relay::Acknowledged>>>,
 }
 
@@ -272,23 +296,62 @@ impl AckLog {
     #[must_use]
     pub fn listener(&self) -> outbox_relay::AckListener {
         let (recording, acks) = (Arc::clone(&self.recording), Arc::clone(&self.acks));
+        let count = Arc::clone(&self.count);
+        let offset = Arc::clone(&self.tableless_offset);
         Arc::new(move |a: outbox_relay::Acknowledged| {
+            count.fetch_add(1, Ordering::Relaxed);
             if recording.load(Ordering::Relaxed) {
+                let id = if a.id < 0 {
+                    a.id - offset.load(Ordering::Relaxed)
+                } else {
+                    a.id
+                };
                 if let Ok(mut m) = acks.lock() {
-                    m.insert(a.id, a);
+                    m.insert(id, a);
                 }
             }
         })
     }
 
-    fn start(&self) {
+    /// Sets the offset between a tableless event's acknowledged id and its enqueued id.
+    pub fn set_tableless_offset(&self, offset: i64) {
+        self.tableless_offset.store(offset, Ordering::Relaxed);
+    }
+
+    /// Acknowledgements seen so far (recording or not).
+    #[must_use]
+    pub fn acked(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `target` acknowledgements were seen in all; fails when none came for
+    /// `stall` (with the count, so a hang is reported, not waited out). Returns the wait.
+    pub async fn wait_for(&self, target: usize, stall: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        let (mut last, mut moved) = (self.acked(), Instant::now());
+        while self.acked() < target {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = self.acked();
+            if now != last {
+                (last, moved) = (now, Instant::now());
+            } else if moved.elapsed() > stall {
+                anyhow::bail!(
+                    "{now} of {target} events acknowledged; none for {:.0} s",
+                    stall.as_secs_f64()
+                );
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    pub(crate) fn start(&self) {
         if let Ok(mut m) = self.acks.lock() {
             m.clear();
         }
         self.recording.store(true, Ordering::Relaxed);
     }
 
-    fn stop(&self) -> HashMap<i64, outbox_relay::Acknowledged> {
+    pub(crate) fn stop(&self) -> HashMap<i64, outbox_relay::Acknowledged> {
         self.recording.store(false, Ordering::Relaxed);
         self.acks
             .lock()
@@ -353,8 +416,10 @@ fn spawn_tail_reader(
     bootstrap: &str,
     topic: &str,
     reading: &Arc<AtomicBool>,
+    received: &Arc<AtomicUsize>,
 ) -> std::thread::JoinHandle<Result<Vec<(String, Instant)>>> {
     let (b, t, r) = (bootstrap.to_owned(), topic.to_owned(), Arc::clone(reading));
+    let n = Arc::clone(received);
     std::thread::spawn(move || {
         let c = tail_consumer(&b, &t)?;
         let mut got = Vec::new();
@@ -364,6 +429,7 @@ fn spawn_tail_reader(
                 let at = Instant::now();
                 if let Some(id) = outbox_tests::check::header(&m.detach(), "ce_id") {
                     got.push((id, at));
+                    n.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -400,10 +466,12 @@ impl Load {
     /// event's latency runs from the writer's COMMIT returning to an independent consumer
     /// receiving it (commit-to-consume, an upper bound of commit-to-ack).
     #[allow(clippy::cast_precision_loss)]
+    #[allow(clippy::too_many_arguments)]
     pub async fn paced_latency(
         url: &str,
         bootstrap: &str,
         topic: &str,
+        outbox: &outbox::Outbox,
         writers: usize,
         rate: f64,
         window: Duration,
@@ -413,15 +481,18 @@ impl Load {
         let committed_rows: Arc<Mutex<HashMap<i64, Instant>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let reading = Arc::new(AtomicBool::new(true));
-        let consumer = spawn_tail_reader(bootstrap, topic, &reading);
+        let received = Arc::new(AtomicUsize::new(0));
+        let consumer = spawn_tail_reader(bootstrap, topic, &reading, &received);
         // Let the consumer start fetching before anything is written.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let per_writer = Duration::from_secs_f64(writers as f64 / rate.max(1.0));
+        let acked_before = acks.acked();
         acks.start();
         let started = Instant::now();
         let handles: Vec<_> = (0..writers)
             .map(|w| {
                 let (url, topic) = (url.to_owned(), topic.to_owned());
+                let outbox = outbox.clone();
                 let (stop, committed, rows) = (
                     Arc::clone(&stop),
                     Arc::clone(&committed),
@@ -439,7 +510,7 @@ impl Load {
                         }
                         next += per_writer;
                         seq += 1;
-                        let ids = app_tx(&mut c, Some(&topic), 1, seq)?;
+                        let ids = app_tx(&mut c, Some(&topic), &outbox, 1, seq)?;
                         let at = Instant::now();
                         let mut map = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
                         let mut by_row = rows.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
@@ -462,17 +533,26 @@ impl Load {
             .lock()
             .map_err(|_| anyhow::anyhow!("poisoned"))?
             .len();
-        // Wait for the stragglers (bounded).
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Wait for the stragglers (bounded): until the consumer has every event, 3 s at most.
+        let waiting = Instant::now();
+        while received.load(Ordering::Relaxed) < total && waiting.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Acknowledgements may trail the consumer by a moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
         reading.store(false, Ordering::Relaxed);
         let got = consumer
             .join()
             .map_err(|_| anyhow::anyhow!("consumer panicked"))??;
-        let ack = {
+        let acked = acks.acked() - acked_before;
+        let (ack, matched) = {
             let rows = committed_rows
                 .lock()
                 .map_err(|_| anyhow::anyhow!("poisoned"))?;
-            commit_to_ack(&rows, &acks.stop())
+            let seen = acks.stop();
+            let matched = rows.keys().filter(|id| seen.contains_key(id)).count();
+            (commit_to_ack(&rows, &seen), matched)
         };
         let committed = committed.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
         let mut ms: Vec<f64> = got
@@ -486,11 +566,15 @@ impl Load {
         ms.sort_by(f64::total_cmp);
         anyhow::ensure!(
             ms.len() * 100 >= total * 99,
-            "only {} of {total} events were consumed within 3 s of the end",
-            ms.len()
+            "only {} of {total} events were consumed within 3 s of the end ({} messages on the \
+             topic; the relay acknowledged {acked} events meanwhile, {matched} of them matched \
+             to these commits)",
+            ms.len(),
+            got.len()
         );
         Ok(Latencies {
             rate: crate::rate(total, offered_for),
+            committed: total,
             count: ms.len(),
             p50_ms: quantile(&ms, 0.5),
             p99_ms: quantile(&ms, 0.99),
@@ -507,11 +591,12 @@ pub struct Held {
     handle: std::thread::JoinHandle<Result<Duration>>,
 }
 
-/// Opens the transaction (returns once it has written).
-pub async fn hold_open(url: &str, topic: &str, _planned_secs: u64) -> Result<Held> {
+/// Opens the transaction (returns once it has written its event through `outbox`).
+pub async fn hold_open(url: &str, topic: &str, outbox: &outbox::Outbox) -> Result<Held> {
     let (release, wait) = std::sync::mpsc::channel::<()>();
     let (opened_tx, opened) = std::sync::mpsc::channel::<()>();
     let (url, topic) = (url.to_owned(), topic.to_owned());
+    let outbox = outbox.clone();
     let handle = std::thread::spawn(move || -> Result<Duration> {
         use diesel::connection::{AnsiTransactionManager, TransactionManager};
         let mut c = PgConnection::establish(&url)?;
@@ -519,7 +604,7 @@ pub async fn hold_open(url: &str, topic: &str, _planned_secs: u64) -> Result<Hel
         let e = Event::builder(&topic, "held", "Held")
             .bytes(crate::payload(), "application/octet-stream")
             .build()?;
-        outbox::Outbox::new().enqueue(&mut c, &e)?;
+        outbox.enqueue(&mut c, &e)?;
         let started = Instant::now();
         let _ = opened_tx.send(());
         let _ = wait.recv();
@@ -559,7 +644,8 @@ pub async fn broker_latency(
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer = outbox_relay::producer::client_config(cfg).create()?;
     let reading = Arc::new(AtomicBool::new(true));
-    let consumer = spawn_tail_reader(bootstrap, topic, &reading);
+    let received = Arc::new(AtomicUsize::new(0));
+    let consumer = spawn_tail_reader(bootstrap, topic, &reading, &received);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
     let body = crate::payload();
@@ -618,6 +704,7 @@ pub async fn broker_latency(
     let ack = AckLatency::from_sorted(&acks, None);
     Ok(Latencies {
         rate: crate::rate(sent.len(), offered_for),
+        committed: sent.len(),
         count: ms.len(),
         p50_ms: quantile(&ms, 0.5),
         p99_ms: quantile(&ms, 0.99),

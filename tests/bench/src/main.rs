@@ -5,23 +5,25 @@
 //! Baselines: K (raw produce rate with the relay's producer settings), `P_ins` (batched INSERT
 //! into the outbox), `P_del` (batched DELETE), A (application transactions/s without the outbox).
 //! Scenarios: S1 backlog drain, S2 maximum sustainable throughput (1 and 10 events per
-//! transaction), S3 application cost, S4 commit-to-consume latency at 25/50/75% of S2, S5 a
-//! transaction held open for minutes, S6 the inbox consumer, and a naive relay for contrast.
+//! transaction), S3 application cost, S4 commit-to-ack latency at 25/50/75% of S2, S5 a
+//! transaction held open for minutes, each in three capture modes (`--modes`): `polling`,
+//! `streamed` (streaming capture of the table's INSERTs) and `tableless` (streaming capture of
+//! `outbox_emit` messages); then S6 the inbox consumer, and a naive relay for contrast.
 //!
 //! ```text
-//! cargo run --release -p outbox-bench                      # full run (~10 min)
-//! cargo run --release -p outbox-bench -- --synchronous-commit off
+//! cargo run --release -p outbox-bench                      # full run, all three modes
+//! cargo run --release -p outbox-bench -- --modes tableless --synchronous-commit off
 //! cargo run -p outbox-bench -- --smoke                     # CI: small, no thresholds
 //! ```
 
 mod cpu;
 mod inbox;
 mod load;
+mod mode;
 mod report;
+mod scenarios;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,13 +33,14 @@ use diesel::sql_types::{Array, BigInt, Bytea, Text};
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl};
 use indicatif::{ProgressBar, ProgressStyle};
 use outbox_relay::RelayConfig;
-use outbox_tests::{create_topic, unique_name, InProcessRelay, Tansu, TestDb};
+use outbox_tests::{create_topic, unique_name, Tansu, TestDb};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::cpu::Cpu;
-use crate::load::{Latencies, Load};
+use crate::load::Latencies;
+use crate::mode::Mode;
 use crate::report::{Report, Row};
+use crate::scenarios::{Baselines, Ctx};
 
 /// Payload size of every event in every scenario.
 pub const PAYLOAD: usize = 200;
@@ -75,10 +78,19 @@ struct Args {
     /// `synchronous_commit` of the benchmark database (on = the primary report).
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     synchronous_commit: String,
-    /// Where to write the JSON results.
     /// A librdkafka option for the relay's producer (and K), `key=value`; repeatable.
     #[arg(long = "relay-kafka", value_name = "KEY=VALUE")]
     relay_kafka: Vec<String>,
+    /// Capture modes S1-S5 run in, in this order: `polling`, `streamed` (streaming capture of
+    /// the outbox table's INSERTs) and `tableless` (streaming capture of `outbox_emit`).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "polling,streamed,tableless"
+    )]
+    modes: Vec<Mode>,
+    /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
 }
@@ -119,7 +131,6 @@ fn payload() -> Vec<u8> {
     vec![b'x'; PAYLOAD]
 }
 
-/// Rows waiting in the outbox.
 /// Rows waiting in the outbox, from the ends of the id index (`max(id) - min(id) + 1`): exact for
 /// a backlog of consecutive ids, an upper bound with holes. Not `count(*)`: polled every 250 ms
 /// during S1, a count of a million-row table took a third of the machine from the relay. S1
@@ -135,6 +146,20 @@ fn backlog(conn: &mut PgConnection) -> Result<i64> {
         diesel::sql_query("SELECT coalesce(max(id) - min(id) + 1, 0) AS n FROM outbox")
             .get_result::<N>(conn)?
             .n,
+    )
+}
+
+/// The server's WAL position, bytes from `0/0`.
+pub fn wal_position(conn: &mut PgConnection) -> Result<i64> {
+    #[derive(QueryableByName)]
+    struct L {
+        #[diesel(sql_type = BigInt)]
+        l: i64,
+    }
+    Ok(
+        diesel::sql_query("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint AS l")
+            .get_result::<L>(conn)?
+            .l,
     )
 }
 
@@ -350,18 +375,24 @@ fn machine() -> String {
 async fn main() -> Result<()> {
     let mut args = Args::parse();
     if args.smoke {
-        args.events = args.events.min(20_000);
+        args.events = args.events.min(10_000);
         args.window = args.window.min(2);
-        args.long_tx = args.long_tx.min(4);
+        args.long_tx = args.long_tx.min(3);
         args.naive_events = args.naive_events.min(1000);
         args.inbox_messages = args.inbox_messages.min(3000);
     }
     anyhow::ensure!(args.events >= 1000, "--events must be at least 1000");
     anyhow::ensure!(args.window >= 1, "--window must be at least 1 s");
+    anyhow::ensure!(args.long_tx >= 3, "--long-tx must be at least 3 s");
     anyhow::ensure!(args.writers >= 1, "--writers must be at least 1");
-    let window = Duration::from_secs(args.window);
-    // Commit-to-ack per event: the relay's acknowledgements, matched to the writers' commits.
-    let acks = load::AckLog::default();
+    let mut modes: Vec<Mode> = Vec::new();
+    for m in &args.modes {
+        if !modes.contains(m) {
+            modes.push(*m);
+        }
+    }
+    anyhow::ensure!(!modes.is_empty(), "--modes names no mode");
+    let run_started = Instant::now();
     let db = TestDb::migrated()
         .context("create the benchmark database (is Postgres running? scripts/setup)")?;
     let url = db.url().to_owned();
@@ -373,16 +404,26 @@ async fn main() -> Result<()> {
             args.synchronous_commit
         ))?;
         load::create_business_table(&mut c)?;
+        if modes.iter().any(|m| m.streaming()) {
+            let level = outbox_relay::store::stream::wal_level(&mut c)?;
+            anyhow::ensure!(
+                level == "logical",
+                "--modes {} needs wal_level = logical (the server has {level}); run with --modes polling",
+                modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(",")
+            );
+        }
     }
     let broker = Tansu::start().context("start tansu (scripts/setup installs it)")?;
     let bootstrap = broker.bootstrap();
     let mut report = Report::new(&args.synchronous_commit, args.smoke, machine());
+    report.set_modes(&modes.iter().map(|m| m.label()).collect::<Vec<_>>());
     {
         let mut c = db.conn()?;
         report.note_versions(&mut c);
     }
     eprintln!(
-        "outbox-bench: {} events, windows {} s, long transaction {} s, {} writers, synchronous_commit={}{}",
+        "outbox-bench: modes {}; {} events, windows {} s, long transaction {} s, {} writers, synchronous_commit={}{}",
+        modes.iter().map(|m| m.label()).collect::<Vec<_>>().join(", "),
         args.events,
         args.window,
         args.long_tx,
@@ -397,30 +438,42 @@ async fn main() -> Result<()> {
             .with_context(|| format!("--relay-kafka {kv}: expected KEY=VALUE"))?;
         relay_cfg = relay_cfg.kafka_option(k, v);
     }
-    let topic = |name: &str| unique_name(&format!("bench-{name}"));
-    let topics: Vec<String> = ["k", "s1", "s2", "s4", "s5", "naive"]
-        .iter()
-        .map(|n| topic(n))
-        .collect();
-    for t in &topics {
+    let ctx = Ctx {
+        url: url.clone(),
+        bootstrap: bootstrap.clone(),
+        relay_cfg: relay_cfg.clone(),
+        writers: args.writers,
+        partitions: args.partitions,
+        window: Duration::from_secs(args.window),
+        long_tx: Duration::from_secs(args.long_tx),
+        events: args.events,
+    };
+    let t_k = unique_name("bench-k");
+    let t_naive = unique_name("bench-naive");
+    let s1_topics: Vec<String> = modes.iter().map(|m| m.topic("s1")).collect();
+    for t in [&t_k, &t_naive].into_iter().chain(&s1_topics) {
         create_topic(&bootstrap, t, args.partitions).await?;
     }
-    let [t_k, t_s1, t_s2, t_s4, t_s5, t_naive] = topics.as_slice() else {
-        bail!("topics");
-    };
+    let mut b = Baselines::default();
 
     // Baseline K.
-    let k_time = raw_produce(&relay_cfg, t_k, args.events).await?;
-    let k = rate(args.events, k_time);
+    let k_time = raw_produce(&relay_cfg, &t_k, args.events).await?;
+    b.k = rate(args.events, k_time);
     report.push(Row::baseline(
         "K: raw produce, relay's producer settings",
-        k,
+        b.k,
         "msg/s",
     ));
 
-    // Baseline P_ins: these rows are S1's backlog.
-    let pb = bar("P_ins: batched INSERT (S1's backlog)", args.events as u64);
-    let (u, t, n) = (url.clone(), t_s1.clone(), args.events);
+    // Baseline P_ins: these rows are polling's S1 backlog.
+    let polling_at = modes.iter().position(|m| *m == Mode::Polling);
+    let p_ins_topic =
+        polling_at.map_or_else(|| unique_name("bench-p-ins"), |i| s1_topics[i].clone());
+    let pb = bar(
+        "P_ins: batched INSERT (polling S1's backlog)",
+        args.events as u64,
+    );
+    let (u, t, n) = (url.clone(), p_ins_topic, args.events);
     let pb2 = pb.clone();
     let p_ins_time = tokio::task::spawn_blocking(move || -> Result<Duration> {
         let mut c = PgConnection::establish(&u)?;
@@ -430,271 +483,60 @@ async fn main() -> Result<()> {
     })
     .await??;
     pb.finish_and_clear();
-    let p_ins = rate(args.events, p_ins_time);
     report.push(Row::baseline(
         "P_ins: batched INSERT into the outbox (1000/stmt)",
-        p_ins,
+        rate(args.events, p_ins_time),
         "rows/s",
     ));
 
-    // S1: drain the backlog.
-    let before = Cpu::now();
-    // Progress from the relay's acknowledgements (no query competing with the relay), then the
-    // outbox checked empty.
-    let acked = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&acked);
-    let relay = InProcessRelay::run(
-        outbox_relay::Relay::new(relay_cfg.clone())?.on_acknowledged(Arc::new(move |_| {
-            counter.fetch_add(1, Ordering::Relaxed);
-        })),
-    );
-    let pb = bar("S1: relay drains the backlog", args.events as u64);
-    let started = Instant::now();
-    while acked.load(Ordering::Relaxed) < args.events {
-        pb.set_position(acked.load(Ordering::Relaxed) as u64);
-        if started.elapsed() > Duration::from_secs(1800) {
-            bail!(
-                "S1: {} of {} acknowledged after 30 min",
-                acked.load(Ordering::Relaxed),
-                args.events
-            );
+    // S1 polling (on P_ins' rows), or those rows removed.
+    let polling_s1 = match polling_at {
+        Some(i) => Some(scenarios::drain(&ctx, Mode::Polling, &s1_topics[i]).await?),
+        None => {
+            let mut c = PgConnection::establish(&url)?;
+            c.batch_execute("DELETE FROM outbox")?;
+            c.batch_execute("VACUUM ANALYZE outbox")?;
+            None
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // Timed to the last acknowledgement; the removal of the last page follows within a cycle and
-    // is checked (untimed: the check itself walks every removed row's index entry).
-    let drain = started.elapsed();
-    wait_drained(&url, &pb, args.events, Duration::from_secs(600)).await?;
-    pb.finish_and_clear();
-    relay.stop().await?;
-    let s1_cpu = Cpu::now().since(&before);
-    let s1 = rate(args.events, drain);
+    };
 
     // Baseline P_del (after S1, on fresh rows).
-    let (u, t, n) = (url.clone(), t_s1.clone(), args.events);
+    let (u, t, n) = (url.clone(), unique_name("bench-p-del"), args.events);
     let p_del_time = tokio::task::spawn_blocking(move || -> Result<Duration> {
         let mut c = PgConnection::establish(&u)?;
         batched_delete(&mut c, &t, n)
     })
     .await??;
-    let p_del = rate(args.events, p_del_time);
+    b.p_del = rate(args.events, p_del_time);
     report.push(Row::baseline(
         "P_del: batched DELETE by id (1000/stmt)",
-        p_del,
+        b.p_del,
         "rows/s",
     ));
-    report.push(
-        Row::ratio(
-            &format!("S1 backlog drain of {} events", args.events),
-            s1,
-            "events/s",
-            k.min(p_del),
-            "min(K, P_del)",
-            0.7,
-        )
-        .cpu(s1_cpu.per_10k(args.events)),
-    );
-
-    // The same machine runs the relay, Postgres and the broker: what would 100% of its cores
-    // drain at the CPU per event S1 measured?
-    let per_event = s1_cpu.total() / args.events as f64;
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let ceiling = cores as f64 / per_event.max(1e-12);
-    report.push(Row::info(
-        "S1 vs the CPU ceiling of this machine",
-        s1,
-        "events/s",
-        &format!(
-            "{:.0} events/s would take 100% of {cores} cores at S1's CPU per event ({:.1} us: relay, Postgres, broker); S1 reached {:.0}% of that",
-            ceiling,
-            per_event * 1e6,
-            100.0 * s1 / ceiling
-        ),
-    ));
-
-    // Baseline A and S3: application transactions without and with the outbox (no relay).
-    let mut a_runs = Vec::new();
-    let mut s3_runs = Vec::new();
-    for round in 0..2 {
-        let pb = spinner(&format!(
-            "A and S3: application transactions, round {}",
-            round + 1
-        ));
-        a_runs.push(
-            Load::flat_out(&url, None, args.writers, 1, window)
-                .await?
-                .tx_rate(),
-        );
-        let s3 = Load::flat_out(&url, Some(t_s2), args.writers, 1, window).await?;
-        s3_runs.push(s3.tx_rate());
-        pb.finish_and_clear();
-        let mut c = PgConnection::establish(&url)?;
-        for stmt in [
-            "DELETE FROM outbox",
-            "VACUUM ANALYZE outbox",
-            "VACUUM ANALYZE bench_orders",
-        ] {
-            c.batch_execute(stmt)?;
+    let mut drained = Vec::new();
+    if let Some(d) = polling_s1 {
+        scenarios::push_drain(&mut report, &ctx, &b, &d);
+        drained.push(d);
+    }
+    // S1 in the streaming modes: each its own slot, created before its backlog is written.
+    for (m, t) in modes.iter().zip(&s1_topics) {
+        if m.streaming() {
+            let d = scenarios::drain(&ctx, *m, t).await?;
+            scenarios::push_drain(&mut report, &ctx, &b, &d);
+            drained.push(d);
         }
     }
-    let a = a_runs.iter().copied().fold(0.0, f64::max);
-    let s3 = s3_runs.iter().copied().fold(0.0, f64::max);
-    report.push(Row::baseline(
-        &format!(
-            "A: app transactions, no outbox ({} connections)",
-            args.writers
-        ),
-        a,
-        "tx/s",
-    ));
-    report.push(Row::ratio(
-        "S3 app transactions with one outbox event",
-        s3,
-        "tx/s",
-        a,
-        "A",
-        0.85,
-    ));
 
-    // S2: maximum sustainable throughput, relay running.
-    let relay = InProcessRelay::run(
-        outbox_relay::Relay::new(relay_cfg.clone())?.on_acknowledged(acks.listener()),
-    );
-    let mut s2_one = 0.0;
-    for per_tx in [1, 10] {
-        let pb = spinner(&format!(
-            "S2: flat-out writers, {per_tx} events per transaction, relay running"
-        ));
-        let before = Cpu::now();
-        let run = Load::flat_out(&url, Some(t_s2), args.writers, per_tx, window).await?;
-        let left = {
-            let mut c = PgConnection::establish(&url)?;
-            usize::try_from(backlog(&mut c)?)?
-        };
-        let tail =
-            wait_drained(&url, &ProgressBar::hidden(), left, Duration::from_secs(600)).await?;
-        let cpu = Cpu::now().since(&before);
-        pb.finish_and_clear();
-        let bounded = run.backlog_bounded();
-        let r = run.event_rate();
-        if per_tx == 1 {
-            s2_one = r;
-        }
-        report.push(
-            Row::info(
-                &format!("S2 max sustainable, {per_tx} event(s)/tx"),
-                r,
-                "events/s",
-                &format!(
-                    "backlog {} (max {}, end {}); {:.0} tx/s; rest drained in {:.1} s",
-                    if bounded { "bounded" } else { "GREW" },
-                    run.max_backlog,
-                    run.end_backlog,
-                    run.tx_rate(),
-                    tail.as_secs_f64()
-                ),
-            )
-            .pass_if(bounded, "backlog bounded")
-            .cpu(cpu.per_10k(run.events)),
-        );
+    // Baseline A and S3 (no relay, no slot).
+    scenarios::app_cost(&ctx, &modes, &mut report).await?;
+
+    // S2, S4, S5 per mode (one relay each); L0 at 50% of the first mode's S2.
+    let mut l0: Option<Latencies> = None;
+    for m in &modes {
+        scenarios::live(&ctx, *m, &mut report, &mut l0, &t_k).await?;
     }
 
-    // The latency floor: the broker alone, at 50% of S2's rate.
-    let pb = spinner("latency floor: produce -> consume through the broker alone");
-    let floor = load::broker_latency(&relay_cfg, &bootstrap, t_k, s2_one * 0.5, window).await?;
-    pb.finish_and_clear();
-    report.push(Row::latency(
-        "L0 broker alone: send -> consume at 50% of S2 (no database)",
-        &floor,
-    ));
-
-    // S4: latency at 25/50/75% of S2 (1 event per transaction).
-    let mut at_half = Latencies::default();
-    for frac in [0.25, 0.5, 0.75] {
-        let target = s2_one * frac;
-        let pb = spinner(&format!(
-            "S4: commit-to-consume latency at {:.0}% of S2 ({target:.0} events/s)",
-            frac * 100.0
-        ));
-        let lat = Load::paced_latency(&url, &bootstrap, t_s4, args.writers, target, window, &acks)
-            .await?;
-        pb.finish_and_clear();
-        let name = format!(
-            "S4 latency at {:.0}% of S2 ({:.0} ev/s)",
-            frac * 100.0,
-            lat.rate
-        );
-        let row = Row::latency(&name, &lat);
-        report.push(if (frac - 0.5).abs() < f64::EPSILON {
-            at_half = lat.clone();
-            row.pass_if(
-                lat.ack
-                    .as_ref()
-                    .is_some_and(|a| a.within_5ms >= 0.5 && a.within_25ms >= 0.99),
-                "commit-to-ack p50 < 5 ms, p99 < 25 ms",
-            )
-        } else {
-            row
-        });
-    }
-
-    // S5: a transaction held open while everyone else writes flat out, then at 50% load.
-    let pb = spinner(&format!(
-        "S5: a transaction held open for {} s while others write",
-        args.long_tx
-    ));
-    let held = load::hold_open(&url, t_s5, args.long_tx).await?;
-    let hold = Duration::from_secs(args.long_tx);
-    let flat = Load::flat_out(&url, Some(t_s5), args.writers, 1, hold * 2 / 3).await?;
-    let lat = Load::paced_latency(
-        &url,
-        &bootstrap,
-        t_s5,
-        args.writers,
-        s2_one * 0.5,
-        hold / 3,
-        &acks,
-    )
-    .await?;
-    let held_for = held.commit().await?;
-    pb.finish_and_clear();
-    relay.stop().await?;
-    report.push(
-        Row::ratio(
-            &format!(
-                "S5 throughput, transaction open {:.0} s",
-                held_for.as_secs_f64()
-            ),
-            flat.delivered_rate_last_third(),
-            "events/s",
-            s2_one,
-            "S2 (1 event/tx)",
-            0.8,
-        )
-        .note(&format!(
-            "delivered in the last third of the flat-out part; backlog {} (max {})",
-            if flat.backlog_bounded() {
-                "bounded"
-            } else {
-                "GREW"
-            },
-            flat.max_backlog
-        )),
-    );
-    report.push(
-        Row::latency("S5 latency at 50% of S2, transaction open", &lat)
-            .note(&format!(
-                "without the open transaction (S4 at 50%): p50 {:.1} ms, p99 {:.1} ms",
-                headline(&at_half).0,
-                headline(&at_half).1
-            ))
-            .pass_if(
-                headline(&lat).1 <= headline(&at_half).1.max(1.0) * 1.25 + 5.0,
-                "p99 within 25% (+5 ms) of S4 at 50%",
-            ),
-    );
-
-    // S6: the inbox consumer.
+    // S6: the inbox consumer (independent of the capture mode).
     let pb = spinner("S6: inbox consumer (dedup + business write) vs raw consumption");
     let inbox = inbox::run(&url, &bootstrap, args.inbox_messages, args.partitions).await?;
     pb.finish_and_clear();
@@ -722,17 +564,27 @@ async fn main() -> Result<()> {
     ));
 
     // The naive relay, for contrast.
-    let naive = naive_relay(&url, &bootstrap, t_naive, args.naive_events).await?;
+    let naive = naive_relay(&url, &bootstrap, &t_naive, args.naive_events).await?;
+    let fastest = drained
+        .iter()
+        .map(|d| format!("{} {:.0}x", d.mode.label(), d.rate / naive.max(1e-9)))
+        .collect::<Vec<_>>()
+        .join(", ");
     report.push(Row::info(
         "naive relay (poll by id, send one, await, mark)",
         naive,
         "events/s",
-        &format!("the relay drains {:.0}x faster (S1)", s1 / naive.max(1e-9)),
+        &format!("the relay drains faster (S1): {fastest}"),
     ));
 
     report.print();
+    report.print_side_by_side();
     report.write_json(&args.json)?;
-    eprintln!("results written to {}", args.json.display());
+    eprintln!(
+        "results written to {}; the run took {:.0} s",
+        args.json.display(),
+        run_started.elapsed().as_secs_f64()
+    );
     drop(broker);
     Ok(())
 }

@@ -90,10 +90,12 @@ impl Row {
             Some(a) => Self {
                 latency: Some(lat.clone()),
                 note: format!(
-                    "ack p99 {:.1} / p99.9 {:.1} ms, {:.0}% within 5 ms, {:.0}% within 25 ms; {}{consume}",
+                    "ack p99 {:.1} / p99.9 {:.1} ms, {:.0}% / {:.0}% / {:.0}% / {:.0}% within 2 / 5 / 10 / 25 ms; {}{consume}",
                     a.p99_ms,
                     a.p999_ms,
+                    a.within_2ms * 100.0,
                     a.within_5ms * 100.0,
+                    a.within_10ms * 100.0,
                     a.within_25ms * 100.0,
                     a.stages.as_ref().map_or(String::new(), |s| format!(
                         "commit to fetched p50 {:.1} / p99 {:.1} ms (opening the batch and fetching p50 {:.1} ms), fetched to ack p50 {:.1} / p99 {:.1} ms; ",
@@ -136,6 +138,17 @@ impl Row {
     }
 }
 
+/// A rate in a few digits (12.3k).
+fn short(x: f64) -> String {
+    if x.abs() >= 10_000.0 {
+        format!("{:.1}k", x / 1000.0)
+    } else if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
 /// The whole run.
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -145,6 +158,10 @@ pub struct Report {
     pub smoke: bool,
     pub payload_bytes: usize,
     pub rows: Vec<Row>,
+    /// The capture modes run, in order (the columns of the side-by-side table).
+    pub modes: Vec<String>,
+    /// The side-by-side table: a scenario, then one cell per mode (`None`: not measured).
+    pub side_by_side: Vec<(String, Vec<Option<String>>)>,
 }
 
 impl Report {
@@ -157,7 +174,53 @@ impl Report {
             smoke,
             payload_bytes: crate::PAYLOAD,
             rows: Vec::new(),
+            modes: Vec::new(),
+            side_by_side: Vec::new(),
         }
+    }
+
+    /// Sets the modes (columns of the side-by-side table).
+    pub fn set_modes(&mut self, modes: &[&str]) {
+        self.modes = modes.iter().map(|m| (*m).to_owned()).collect();
+    }
+
+    /// Pushes a row measured in capture mode `mode` (its name prefixed with the mode) and puts
+    /// its short form in the side-by-side table under `scenario`.
+    pub fn push_mode(&mut self, mode: &str, scenario: &str, mut row: Row) {
+        row.scenario = format!("[{mode}] {}", row.scenario);
+        if self.smoke {
+            row.pass = None;
+        }
+        let mut cell = match row.latency.as_ref().and_then(|l| l.ack.as_ref()) {
+            Some(a) => format!("p50 {:.1} / p99 {:.1} ms", a.p50_ms, a.p99_ms),
+            None => format!("{} {}", short(row.measured), row.unit),
+        };
+        if let Some(r) = row.ratio {
+            cell.push_str(&format!(" ({r:.2} x {})", row.baseline_name));
+        }
+        match row.pass {
+            Some(true) => cell.push_str(" yes"),
+            Some(false) => cell.push_str(" NO"),
+            None => {}
+        }
+        self.cell(mode, scenario, cell);
+        self.push(row);
+    }
+
+    /// Puts `text` into the side-by-side table.
+    pub fn cell(&mut self, mode: &str, scenario: &str, text: String) {
+        let Some(col) = self.modes.iter().position(|m| m == mode) else {
+            return;
+        };
+        let n = self.modes.len();
+        let line = match self.side_by_side.iter().position(|(s, _)| s == scenario) {
+            Some(i) => &mut self.side_by_side[i].1,
+            None => {
+                self.side_by_side.push((scenario.to_owned(), vec![None; n]));
+                &mut self.side_by_side.last_mut().expect("just pushed").1
+            }
+        };
+        line[col] = Some(text);
     }
 
     /// Records the server version.
@@ -180,6 +243,20 @@ impl Report {
         }
         eprintln!("  {:<58} {:>12.1} {}", row.scenario, row.measured, row.unit);
         self.rows.push(row);
+    }
+
+    /// Prints the side-by-side table of the capture modes.
+    pub fn print_side_by_side(&self) {
+        if self.modes.is_empty() {
+            return;
+        }
+        println!();
+        println!("| scenario | {} |", self.modes.join(" | "));
+        println!("|---|{}", "---|".repeat(self.modes.len()));
+        for (scenario, cells) in &self.side_by_side {
+            let cells: Vec<&str> = cells.iter().map(|c| c.as_deref().unwrap_or("-")).collect();
+            println!("| {scenario} | {} |", cells.join(" | "));
+        }
     }
 
     /// Prints the Markdown table.

@@ -21,14 +21,23 @@ fn smoke_run_measures_every_scenario() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    for name in [
-        "K:", "P_ins:", "P_del:", "A:", "S1 ", "S2 ", "S3 ", "S4 ", "S5 ", "S6 ", "L0 ", "naive",
-    ] {
-        assert!(
-            rows.iter()
-                .any(|r| r["scenario"].as_str().unwrap().starts_with(name)),
-            "{name} missing:\n{text}"
-        );
+    let has = |name: &str| {
+        rows.iter()
+            .any(|r| r["scenario"].as_str().unwrap().starts_with(name))
+    };
+    for name in ["K:", "P_ins:", "P_del:", "A:", "S6 ", "L0 ", "naive"] {
+        assert!(has(name), "{name} missing:\n{text}");
+    }
+    // S1-S5 in each capture mode, and the slot's retained WAL in S5 of the streaming ones.
+    for mode in ["polling", "streamed table", "tableless"] {
+        for s in ["S1 ", "S2 ", "S3 ", "S4 ", "S5 "] {
+            let name = format!("[{mode}] {s}");
+            assert!(has(&name), "{name} missing:\n{text}");
+        }
+    }
+    for mode in ["streamed table", "tableless"] {
+        let name = format!("[{mode}] S5 slot's retained WAL");
+        assert!(has(&name), "{name} missing:\n{text}");
     }
     for r in rows {
         let v = r["measured"].as_f64().unwrap();
@@ -36,5 +45,9 @@ fn smoke_run_measures_every_scenario() {
         assert!(r["pass"].is_null(), "smoke runs have no thresholds: {r}");
     }
     assert!(text.contains("| scenario | measured |"), "{text}");
+    assert!(
+        text.contains("| scenario | polling | streamed table | tableless |"),
+        "the side-by-side table is missing:\n{text}"
+    );
     eprintln!("{text}");
 }

@@ -1,0 +1,975 @@
+//! Streaming capture: the outbox's events read from the write-ahead log through a logical
+//! replication slot (pgoutput, `messages 'true'`, binary tuples), in commit order, as they
+//! commit. Two kinds of events come in: rows inserted into the outbox table (the publication,
+//! INSERT only) and tableless events, transactional logical messages with the outbox's prefix
+//! written by `outbox_emit` (format v1, docs/TABLES.md).
+//!
+//! **Position.** Everything read stays in [`Log`] until it is settled (acknowledged and, for a
+//! table row, removed; or dead-lettered). The slot's confirmed position moves only past a
+//! commit whose events are all settled, and past a heartbeat behind which nothing is
+//! unsettled: a relay killed at any point resumes where nothing unsettled lies behind, so it
+//! loses nothing (it may send again what was acknowledged after the last confirmation).
+//!
+//! **Fencing.** A term streams the slot only after taking the lease, and first ends whatever
+//! walsender streams it (a paused ex-leader's) with a fenced statement. The replication
+//! connection sets `wal_sender_timeout` to the lease, so a leader that stops answering is cut
+//! off by the server too. What an ex-leader can still send the server before its connection
+//! dies is a confirmation of what it had itself settled: that never skips an event.
+//!
+//! May call: the [`Session`] (fenced statements), `store::stream`, pg_walstream.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use pg_walstream::{
+    CancellationToken as StreamCancel, ChangeEvent, ColumnValue, EventType,
+    LogicalReplicationStream, ReplicationStreamConfig, RetryConfig, RowData, SharedLsnFeedback,
+    StreamingMode,
+};
+use serde::Deserialize;
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::JoinHandle;
+
+use crate::store::{self, Fetched};
+use crate::{Error, Result};
+
+use super::capture::{Capture, Open, Opened};
+use super::session::Session;
+use super::TARGET;
+
+/// What streaming capture needs to know (from the relay's configuration).
+#[derive(Debug, Clone)]
+pub(crate) struct StreamSettings {
+    /// The database URL (the replication connection adds its own parameters).
+    pub url: String,
+    /// `application_name` of the replication connection.
+    pub application_name: String,
+    pub slot: String,
+    pub publication: String,
+    /// The outbox table's schema (`None`: the first `outbox` the stream shows, i.e. the one the
+    /// publication names) and name.
+    pub schema: Option<String>,
+    /// Largest event sent (as `max_event_bytes`); larger ones are dead-lettered.
+    pub max_event_bytes: usize,
+    /// Bytes of payload per page (at least one event).
+    pub page_bytes: usize,
+    /// The walsender ends a connection silent this long (the lease).
+    pub wal_sender_timeout: Duration,
+    /// Longest wait for the next event before the engine's loop comes round again.
+    pub wait: Duration,
+}
+
+/// Heartbeat after this long without an event, so an idle relay confirms its position.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// Events read and not yet settled, at most: past it, reading waits (the server keeps the WAL).
+const LOG_MAX_EVENTS: usize = 200_000;
+/// Payload bytes read and not yet settled, at most.
+const LOG_MAX_BYTES: usize = 512 << 20;
+/// Changes buffered between the replication connection and the log.
+const CHANNEL: usize = 8192;
+/// How long a new term retries starting the stream while the ended walsender lets go of the slot.
+const SLOT_BUSY_FOR: Duration = Duration::from_secs(10);
+
+/// A batch: the log's entries `from..=to` (by sequence number). `from > to`: empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct StreamBatch {
+    from: i64,
+    to: i64,
+}
+
+/// Where the first page of a batch starts (the engine passes it back to [`Capture::page`]).
+const BATCH_START: i64 = i64::MIN;
+
+enum Entry {
+    /// An event, and whether it is settled.
+    Event {
+        fetched: Box<Fetched>,
+        settled: bool,
+    },
+    /// A position the slot may be confirmed at once everything before it is settled: the end
+    /// of a commit, or a heartbeat.
+    Mark(u64),
+}
+
+/// The events read from the stream and not yet behind the confirmed position.
+#[derive(Default)]
+struct Log {
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    front: i64,
+    /// Sequence number of each event in `entries`, by id.
+    seq_of: HashMap<i64, i64>,
+    unsettled: usize,
+    unsettled_bytes: usize,
+    /// The position given to the server as flushed.
+    confirmed: u64,
+}
+
+impl Log {
+    fn next_seq(&self) -> i64 {
+        self.front + i64::try_from(self.entries.len()).unwrap_or(i64::MAX)
+    }
+
+    fn push(&mut self, entry: Entry) {
+        if let Entry::Event { fetched, .. } = &entry {
+            self.seq_of.insert(fetched.id, self.next_seq());
+            self.unsettled += 1;
+            self.unsettled_bytes += fetched.payload.len();
+        }
+        self.entries.push_back(entry);
+    }
+
+    fn full(&self) -> bool {
+        self.unsettled >= LOG_MAX_EVENTS || self.unsettled_bytes >= LOG_MAX_BYTES
+    }
+
+    fn settle(&mut self, ids: impl IntoIterator<Item = i64>) {
+        for id in ids {
+            let Some(seq) = self.seq_of.get(&id) else {
+                continue;
+            };
+            let Some(entry) = usize::try_from(seq - self.front)
+                .ok()
+                .and_then(|i| self.entries.get_mut(i))
+            else {
+                continue;
+            };
+            if let Entry::Event { fetched, settled } = entry {
+                if !*settled {
+                    *settled = true;
+                    self.unsettled -= 1;
+                    self.unsettled_bytes -= fetched.payload.len();
+                }
+            }
+        }
+    }
+
+    /// Drops the settled entries at the front; returns the position now safe to confirm, if it
+    /// moved.
+    fn advance(&mut self) -> Option<u64> {
+        let before = self.confirmed;
+        while let Some(front) = self.entries.front() {
+            match front {
+                Entry::Event { settled: false, .. } => break,
+                Entry::Event { fetched, .. } => {
+                    self.seq_of.remove(&fetched.id);
+                }
+                Entry::Mark(lsn) => self.confirmed = self.confirmed.max(*lsn),
+            }
+            self.entries.pop_front();
+            self.front += 1;
+        }
+        (self.confirmed > before).then_some(self.confirmed)
+    }
+
+    /// The unsettled events of `batch` from `after_id` on: at most `limit`, and at most
+    /// `page_bytes` of payload (the first one past it is returned marked `over_budget`, as the
+    /// polling fetch does, so the engine starts the next page at it).
+    fn page(
+        &self,
+        batch: StreamBatch,
+        after_id: i64,
+        limit: usize,
+        page_bytes: usize,
+    ) -> Vec<Fetched> {
+        let start = if after_id == BATCH_START {
+            batch.from
+        } else {
+            self.seq_of.get(&after_id).map_or(batch.from, |s| s + 1)
+        }
+        .max(self.front);
+        let mut page = Vec::new();
+        let mut bytes = 0_usize;
+        let mut seq = start;
+        while seq <= batch.to && page.len() < limit {
+            let Some(entry) = usize::try_from(seq - self.front)
+                .ok()
+                .and_then(|i| self.entries.get(i))
+            else {
+                break;
+            };
+            seq += 1;
+            let Entry::Event {
+                fetched,
+                settled: false,
+            } = entry
+            else {
+                continue;
+            };
+            let mut row = Fetched::clone(fetched);
+            if !page.is_empty() && bytes + row.payload.len() > page_bytes {
+                row.over_budget = true;
+                page.push(row);
+                break;
+            }
+            bytes += row.payload.len();
+            page.push(row);
+        }
+        page
+    }
+}
+
+/// The replication connection of one term, read by its own task into a channel (reads are
+/// then cancel-safe for the engine), with the feedback the connection sends the server.
+struct Reader {
+    changes: mpsc::Receiver<std::result::Result<ChangeEvent, String>>,
+    feedback: std::sync::Arc<SharedLsnFeedback>,
+    stop: StreamCancel,
+    task: JoinHandle<()>,
+}
+
+struct State {
+    reader: Option<Reader>,
+    log: Log,
+    /// Inside a transaction of the stream (between its Begin and its Commit).
+    in_tx: bool,
+    /// The tableless prefix and the heartbeat prefix.
+    prefix: String,
+    heartbeat: String,
+    last_change: Instant,
+}
+
+/// Streaming capture (see the module docs). One per leader term.
+pub(super) struct Streaming {
+    settings: StreamSettings,
+    state: Mutex<State>,
+}
+
+impl Streaming {
+    pub(super) fn new(settings: StreamSettings) -> Self {
+        Self {
+            settings,
+            state: Mutex::new(State {
+                reader: None,
+                log: Log::default(),
+                in_tx: false,
+                prefix: String::new(),
+                heartbeat: String::new(),
+                last_change: Instant::now(),
+            }),
+        }
+    }
+
+    /// Checks the slot, fences its walsender and starts streaming from its confirmed position.
+    async fn connect(&self, st: &mut State, session: &mut Session<'_>) -> Result<()> {
+        let s = self.settings.clone();
+        let (prefix, info) = session
+            .call(move |c, sql, lease| {
+                let info = store::stream::usable_slot(c, &s.slot)?;
+                if !store::stream::publication_exists(c, &s.publication)? {
+                    return Err(Error::Config(format!(
+                        "publication {:?} does not exist: create it with `outbox-relay migrate --capture streaming`",
+                        s.publication
+                    )));
+                }
+                let tables = match &s.schema {
+                    Some(schema) => outbox::TableRef::in_schema(schema)?,
+                    None => outbox::TableRef::default(),
+                };
+                let prefix = store::stream::message_prefix(c, &tables)?;
+                store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
+                Ok((prefix, info))
+            })
+            .await?;
+        tracing::info!(target: TARGET, slot = %self.settings.slot, confirmed = ?info.confirmed_flush_lsn, retained_bytes = ?info.retained_bytes, "streaming from the slot's confirmed position");
+        st.heartbeat = format!("{prefix}:heartbeat");
+        st.prefix = prefix;
+        let started = Instant::now();
+        let stream = loop {
+            match self.start_stream().await {
+                Ok(stream) => break stream,
+                // The ended walsender may hold the slot a moment longer.
+                Err(e)
+                    if e.to_string().contains("is active for PID")
+                        && started.elapsed() < SLOT_BUSY_FOR =>
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    session.renew_if_due().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let feedback = std::sync::Arc::clone(&stream.shared_lsn_feedback);
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let stop = StreamCancel::new();
+        let task = tokio::spawn(read_stream(stream, tx, stop.clone()));
+        st.reader = Some(Reader {
+            changes: rx,
+            feedback,
+            stop,
+            task,
+        });
+        st.last_change = Instant::now();
+        Ok(())
+    }
+
+    async fn start_stream(&self) -> Result<LogicalReplicationStream> {
+        let s = &self.settings;
+        let config = ReplicationStreamConfig::new(
+            s.slot.clone(),
+            s.publication.clone(),
+            1,
+            StreamingMode::Off,
+            Duration::from_secs(1),
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+            RetryConfig::default(),
+        )
+        .with_messages(true)
+        .with_binary(true)
+        .with_existing_slot_required(true);
+        let conninfo = replication_conninfo(&s.url, &s.application_name, s.wal_sender_timeout);
+        let mut stream = LogicalReplicationStream::new(&conninfo, config)
+            .await
+            .map_err(|e| stream_error(&e, &s.url))?;
+        stream
+            .start(None)
+            .await
+            .map_err(|e| stream_error(&e, &s.url))?;
+        Ok(stream)
+    }
+
+    /// Reads what the stream has: waits up to `wait` for the first change, then takes what is
+    /// already there, up to the log's bounds.
+    async fn fill(&self, st: &mut State, session: &mut Session<'_>, wait: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waited = false;
+        loop {
+            if st.log.full() {
+                return Ok(());
+            }
+            let Some(reader) = st.reader.as_mut() else {
+                return Err(Error::Stream("not streaming".into()));
+            };
+            let change = match reader.changes.try_recv() {
+                Ok(c) => c,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return Err(Error::Stream("the replication connection ended".into()))
+                }
+                Err(mpsc::error::TryRecvError::Empty) if waited || st.in_tx => {
+                    if st.in_tx {
+                        // The rest of a transaction is on its way: wait for it a little, so a
+                        // batch is not cut after every change of a large transaction.
+                        match tokio::time::timeout(Duration::from_millis(5), reader.changes.recv())
+                            .await
+                        {
+                            Ok(Some(c)) => c,
+                            Ok(None) => {
+                                return Err(Error::Stream(
+                                    "the replication connection ended".into(),
+                                ))
+                            }
+                            Err(_) => return Ok(()),
+                        }
+                    } else {
+                        return Ok(());
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    waited = true;
+                    if st.last_change.elapsed() >= HEARTBEAT_EVERY && st.log.unsettled == 0 {
+                        let prefix = st.heartbeat.clone();
+                        session
+                            .call(move |c, _, _| store::stream::emit_heartbeat(c, &prefix))
+                            .await?;
+                        st.last_change = Instant::now();
+                    }
+                    match tokio::time::timeout_at(deadline, reader.changes.recv()).await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => {
+                            return Err(Error::Stream("the replication connection ended".into()))
+                        }
+                        Err(_) => return Ok(()),
+                    }
+                }
+            };
+            let change = change.map_err(Error::Stream)?;
+            self.ingest(st, change)?;
+        }
+    }
+
+    fn ingest(&self, st: &mut State, change: ChangeEvent) -> Result<()> {
+        st.last_change = Instant::now();
+        match change.event_type {
+            EventType::Begin { .. } => st.in_tx = true,
+            EventType::Commit { end_lsn, .. } => {
+                st.in_tx = false;
+                st.log.push(Entry::Mark(end_lsn.value()));
+            }
+            EventType::Insert {
+                schema,
+                table,
+                data,
+                ..
+            } if &*table == "outbox"
+                && self
+                    .settings
+                    .schema
+                    .as_deref()
+                    .is_none_or(|s| s == &*schema) =>
+            {
+                let fetched = self.checked(decode_row(&data).map_err(|e| {
+                    Error::Stream(format!("an outbox row in the WAL could not be read: {e}"))
+                })?);
+                st.log.push(Entry::Event {
+                    fetched: Box::new(fetched),
+                    settled: false,
+                });
+            }
+            EventType::Message {
+                flags,
+                message_lsn,
+                prefix,
+                content,
+            } => {
+                if flags & 1 == 1 && *prefix == *st.prefix {
+                    let fetched = self.checked(decode_message(message_lsn.value(), &content));
+                    st.log.push(Entry::Event {
+                        fetched: Box::new(fetched),
+                        settled: false,
+                    });
+                } else if flags & 1 == 0 && *prefix == *st.heartbeat && !st.in_tx {
+                    st.log.push(Entry::Mark(message_lsn.value()));
+                }
+            }
+            EventType::StreamStart { .. }
+            | EventType::BeginPrepare { .. }
+            | EventType::Prepare { .. } => {
+                return Err(Error::Stream(
+                    "the server sent a streamed or prepared transaction, which this relay does not request".into(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Marks an event the brokers would refuse as defective (dead-lettered at once).
+    fn checked(&self, mut fetched: Fetched) -> Fetched {
+        if fetched.defect.is_none() {
+            let size = fetched.payload.len()
+                + fetched.partition_key.len()
+                + fetched.event_type.len()
+                + fetched.content_type.len()
+                + fetched
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            if size > self.settings.max_event_bytes {
+                fetched.defect = Some(format!(
+                    "event is {size} bytes, more than max_event_bytes ({})",
+                    self.settings.max_event_bytes
+                ));
+            }
+        }
+        fetched
+    }
+
+    /// Takes in what delivery settled and gives the server the position now safe to confirm.
+    fn confirm(st: &mut State, session: &mut Session<'_>) {
+        st.log.settle(session.take_settled());
+        if let (Some(lsn), Some(reader)) = (st.log.advance(), st.reader.as_ref()) {
+            reader.feedback.update_flushed_lsn(lsn);
+            reader.feedback.update_applied_lsn(lsn);
+            crate::metrics::stream_confirmed(lsn);
+        }
+    }
+}
+
+impl Capture for Streaming {
+    type Batch = StreamBatch;
+
+    const PUSHES: bool = true;
+
+    async fn open(
+        &self,
+        session: &mut Session<'_>,
+        previous: Option<StreamBatch>,
+        open: Open,
+    ) -> Result<Opened<StreamBatch>> {
+        let mut st = self.state.lock().await;
+        // Removes what was acknowledged (fenced) before anything is confirmed past it.
+        let held = session
+            .call(move |c, sql, _| {
+                if open.read_held {
+                    store::held_keys(c, sql).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await?;
+        Self::confirm(&mut st, session);
+        if st.reader.is_none() {
+            self.connect(&mut st, session).await?;
+        }
+        let from = match previous {
+            Some(p) => p.to + 1,
+            // The start of a term, or a rewind: everything not settled, in commit order.
+            None => st.log.front,
+        };
+        let wait = self.settings.wait.min(session.renew_in());
+        self.fill(&mut st, session, wait).await?;
+        let batch = StreamBatch {
+            from,
+            to: st.log.next_seq() - 1,
+        };
+        let page = st.log.page(
+            batch,
+            BATCH_START,
+            usize::try_from(open.page_size).unwrap_or(usize::MAX),
+            self.settings.page_bytes,
+        );
+        Ok(Opened {
+            batch,
+            first_page: Some(page),
+            held,
+        })
+    }
+
+    async fn page(
+        &self,
+        _session: &mut Session<'_>,
+        batch: &StreamBatch,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<Fetched>> {
+        let st = self.state.lock().await;
+        Ok(st.log.page(
+            *batch,
+            after_id,
+            usize::try_from(limit).unwrap_or(usize::MAX),
+            self.settings.page_bytes,
+        ))
+    }
+
+    async fn save(
+        &self,
+        session: &mut Session<'_>,
+        _batch: StreamBatch,
+        _done: bool,
+    ) -> Result<()> {
+        let mut st = self.state.lock().await;
+        session.call(|_, _, _| Ok(())).await?;
+        Self::confirm(&mut st, session);
+        Ok(())
+    }
+
+    fn start_after(batch: &StreamBatch) -> Option<i64> {
+        (batch.from <= batch.to).then_some(BATCH_START)
+    }
+
+    async fn finish(&self, session: &mut Session<'_>) {
+        let mut st = self.state.lock().await;
+        if session.call(|_, _, _| Ok(())).await.is_ok() {
+            Self::confirm(&mut st, session);
+        }
+        if let Some(reader) = st.reader.take() {
+            // The task sends the last feedback, then closes the connection.
+            reader.stop.cancel();
+            drop(reader.changes);
+            if tokio::time::timeout(Duration::from_secs(5), reader.task)
+                .await
+                .is_err()
+            {
+                tracing::debug!(target: TARGET, "the replication connection did not close in time");
+            }
+        }
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        if let Some(reader) = self.state.get_mut().reader.take() {
+            reader.stop.cancel();
+            reader.task.abort();
+        }
+    }
+}
+
+/// Reads changes into `tx` until `stop`, the receiver goes away or the stream fails (the error
+/// is the last item). Then sends the last feedback and closes the connection.
+async fn read_stream(
+    mut stream: LogicalReplicationStream,
+    tx: mpsc::Sender<std::result::Result<ChangeEvent, String>>,
+    stop: StreamCancel,
+) {
+    let feedback = std::sync::Arc::clone(&stream.shared_lsn_feedback);
+    let (mut sent, mut sent_at) = (0_u64, Instant::now());
+    loop {
+        // The confirmed position goes to the server as soon as it moves (at most every 100 ms):
+        // the library itself reports it only every so many messages or when the server asks.
+        let (flushed, _) = feedback.get_feedback_lsn();
+        if flushed != sent && sent_at.elapsed() >= Duration::from_millis(100) {
+            if let Err(e) = stream.send_feedback().await {
+                let _ = tx.send(Err(e.to_string())).await;
+                break;
+            }
+            (sent, sent_at) = (flushed, Instant::now());
+        }
+        // `next_event` watches `stop` itself and returns between frames, which leaves the
+        // connection fit for the last feedback below.
+        match stream.next_event(&stop).await {
+            Ok(change) => {
+                if tx.send(Ok(change)).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                if !stop.is_cancelled() {
+                    let _ = tx.send(Err(e.to_string())).await;
+                }
+                break;
+            }
+        }
+    }
+    if let Err(e) = stream.send_feedback().await {
+        tracing::debug!(target: TARGET, error = %e, "last feedback not sent");
+    }
+    let _ = stream.stop().await;
+}
+
+fn stream_error(e: &pg_walstream::ReplicationError, url: &str) -> Error {
+    Error::Stream(crate::error::scrub_text(&e.to_string(), url))
+}
+
+/// The database URL (or keyword/value string) with what the replication connection needs:
+/// `replication=database`, its `application_name`, and `wal_sender_timeout` (the server ends
+/// the connection of a relay silent that long). TLS and authentication settings are the URL's,
+/// read by the same libpq as every other relay connection.
+pub(crate) fn replication_conninfo(url: &str, application_name: &str, timeout: Duration) -> String {
+    let ms = timeout.as_millis();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let mut out = format!(
+            "{url}{sep}replication=database&application_name={}",
+            percent(application_name)
+        );
+        if !url.contains("options=") {
+            out.push_str(&format!("&options=-c%20wal_sender_timeout%3D{ms}"));
+        }
+        out
+    } else {
+        let quoted = application_name.replace('\\', "\\\\").replace('\'', "\\'");
+        let mut out = format!("{url} replication=database application_name='{quoted}'");
+        if !url.contains("options") {
+            out.push_str(&format!(" options='-c wal_sender_timeout={ms}'"));
+        }
+        out
+    }
+}
+
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// An outbox row from a binary pgoutput tuple.
+fn decode_row(data: &RowData) -> std::result::Result<Fetched, String> {
+    let raw = |name: &str| -> std::result::Result<Option<&[u8]>, String> {
+        match data.get(name) {
+            Some(ColumnValue::Binary(b)) => Ok(Some(b.as_ref())),
+            Some(ColumnValue::Null) => Ok(None),
+            Some(ColumnValue::Text(_)) => {
+                Err(format!("column {name} came as text, binary expected"))
+            }
+            None => Err(format!("column {name} is missing")),
+        }
+    };
+    let need = |name: &str| raw(name)?.ok_or_else(|| format!("column {name} is NULL"));
+    let int8 = |name: &str| -> std::result::Result<i64, String> {
+        let b: [u8; 8] = need(name)?
+            .try_into()
+            .map_err(|_| format!("column {name} is not 8 bytes"))?;
+        Ok(i64::from_be_bytes(b))
+    };
+    let text = |name: &str| -> std::result::Result<String, String> {
+        String::from_utf8(need(name)?.to_vec()).map_err(|_| format!("column {name} is not UTF-8"))
+    };
+    let event_id = uuid::Uuid::from_slice(need("event_id")?).map_err(|e| e.to_string())?;
+    let headers_raw = need("headers")?;
+    let headers = match headers_raw.split_first() {
+        Some((1, json)) => serde_json::from_slice(json).map_err(|e| format!("headers: {e}"))?,
+        _ => return Err("headers: unknown jsonb version".into()),
+    };
+    let traceparent = raw("traceparent")?
+        .map(|b| String::from_utf8(b.to_vec()).map_err(|_| "traceparent is not UTF-8".to_owned()))
+        .transpose()?;
+    let micros = int8("created_at")?;
+    let mut event = outbox::StoredEvent::new(
+        int8("id")?,
+        event_id,
+        text("topic")?,
+        text("partition_key")?,
+        text("event_type")?,
+        need("payload")?.to_vec(),
+    );
+    event.headers = headers;
+    event.content_type = text("content_type")?;
+    event.traceparent = traceparent;
+    event.tx_id = u64::from_be_bytes(int8("tx_id")?.to_be_bytes());
+    event.created_at = pg_time(micros);
+    Ok(Fetched {
+        event,
+        defect: None,
+        over_budget: false,
+    })
+}
+
+/// `timestamptz` binary: microseconds since 2000-01-01 UTC.
+fn pg_time(micros: i64) -> DateTime<Utc> {
+    const PG_EPOCH_SECS: i64 = 946_684_800;
+    let secs = micros.div_euclid(1_000_000) + PG_EPOCH_SECS;
+    let nanos = u32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0);
+    Utc.timestamp_opt(secs, nanos).single().unwrap_or_default()
+}
+
+/// A tableless event's message, format v1 (docs/TABLES.md).
+#[derive(Deserialize)]
+struct MessageV1 {
+    v: u32,
+    event_id: uuid::Uuid,
+    topic: String,
+    partition_key: String,
+    event_type: String,
+    payload: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    content_type: String,
+    #[serde(default)]
+    traceparent: Option<String>,
+    tx_id: String,
+    created_at: DateTime<Utc>,
+}
+
+/// The id of the tableless event at `lsn`: negative, so it never names an outbox row.
+pub(crate) fn tableless_id(lsn: u64) -> i64 {
+    -i64::try_from(lsn).unwrap_or(i64::MAX)
+}
+
+/// A tableless event from its message. One that cannot be read is still an event: it is
+/// dead-lettered at once with the reason and its raw content (nothing is lost).
+fn decode_message(lsn: u64, content: &[u8]) -> Fetched {
+    let id = tableless_id(lsn);
+    match read_message(content) {
+        Ok(m) => match base64_decode(&m.payload) {
+            Some(payload) => {
+                let mut event = outbox::StoredEvent::new(
+                    id,
+                    m.event_id,
+                    m.topic,
+                    m.partition_key,
+                    m.event_type,
+                    payload,
+                );
+                event.headers = m.headers;
+                event.content_type = m.content_type;
+                event.traceparent = m.traceparent;
+                event.tx_id = m.tx_id.parse().unwrap_or(0);
+                event.created_at = m.created_at;
+                Fetched {
+                    event,
+                    defect: None,
+                    over_budget: false,
+                }
+            }
+            None => unreadable(id, content, "its payload is not base64".into()),
+        },
+        Err(e) => unreadable(id, content, e),
+    }
+}
+
+fn read_message(content: &[u8]) -> std::result::Result<MessageV1, String> {
+    #[derive(Deserialize)]
+    struct Version {
+        v: Option<u32>,
+    }
+    let v: Version = serde_json::from_slice(content)
+        .map_err(|e| format!("the tableless message is not JSON: {e}"))?;
+    if v.v != Some(1) {
+        return Err(format!(
+            "the tableless message has format version {:?}; this relay reads version 1",
+            v.v
+        ));
+    }
+    let m: MessageV1 = serde_json::from_slice(content)
+        .map_err(|e| format!("the tableless message (v1) is malformed: {e}"))?;
+    debug_assert_eq!(m.v, 1);
+    Ok(m)
+}
+
+fn unreadable(id: i64, content: &[u8], why: String) -> Fetched {
+    let mut event = outbox::StoredEvent::new(
+        id,
+        uuid::Uuid::new_v4(),
+        "outbox.unreadable".into(),
+        id.to_string(),
+        "unreadable".into(),
+        content.to_vec(),
+    );
+    event.content_type = "application/octet-stream".into();
+    Fetched {
+        event,
+        defect: Some(why),
+        over_budget: false,
+    }
+}
+
+/// Standard base64 (padding required), `None` when invalid.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    }
+    let bytes = s.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for chunk in bytes.chunks(4) {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 {
+            return None;
+        }
+        let mut n = 0_u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let b = n.to_be_bytes();
+        out.extend_from_slice(&b[1..4 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trips() {
+        assert_eq!(base64_decode("").unwrap(), b"");
+        assert_eq!(base64_decode("Zg==").unwrap(), b"f");
+        assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
+        assert_eq!(base64_decode("Zm9v").unwrap(), b"foo");
+        assert_eq!(base64_decode("AP8Q").unwrap(), [0, 255, 16]);
+        assert!(base64_decode("Zm9").is_none());
+        assert!(base64_decode("Zm9v\n").is_none());
+        assert!(base64_decode("Z===").is_none());
+    }
+
+    #[test]
+    fn a_message_of_another_version_or_shape_is_dead_lettered_with_the_reason() {
+        let f = decode_message(16, br#"{"v":2}"#);
+        assert_eq!(f.id, -16);
+        assert!(f.defect.as_deref().unwrap().contains("version Some(2)"));
+        let f = decode_message(17, b"not json");
+        assert!(f.defect.as_deref().unwrap().contains("not JSON"));
+        assert_eq!(f.payload, b"not json");
+        let f = decode_message(18, br#"{"v":1,"topic":"t"}"#);
+        assert!(f.defect.as_deref().unwrap().contains("malformed"));
+    }
+
+    #[test]
+    fn a_v1_message_is_read() {
+        let m = br#"{"v":1,"event_id":"0b7e3c57-7c5d-4a55-9d43-4a4b0f0f0f0f","topic":"orders","partition_key":"k","event_type":"T","payload":"e30=","headers":{"a":"b"},"content_type":"application/json","traceparent":null,"tx_id":"42","created_at":"2026-12-01T15:38:00.123456Z"}"#;
+        let f = decode_message(100, m);
+        assert!(f.defect.is_none());
+        assert_eq!(f.payload, b"{}");
+        assert_eq!(f.tx_id, 42);
+        assert_eq!(f.headers.get("a").map(String::as_str), Some("b"));
+        assert_eq!(f.created_at.timestamp_subsec_micros(), 123_456);
+    }
+
+    fn event(id: i64) -> Entry {
+        let mut f = decode_message(1, b"x");
+        f.event.id = id;
+        f.defect = None;
+        Entry::Event {
+            fetched: Box::new(f),
+            settled: false,
+        }
+    }
+
+    #[test]
+    fn the_position_moves_only_past_commits_whose_events_are_all_settled() {
+        let mut log = Log::default();
+        log.push(event(1));
+        log.push(event(2));
+        log.push(Entry::Mark(100));
+        log.push(event(3));
+        log.push(Entry::Mark(200));
+        assert_eq!(log.advance(), None);
+        log.settle([2, 3]);
+        assert_eq!(log.advance(), None, "event 1 is not settled");
+        log.settle([1]);
+        assert_eq!(log.advance(), Some(200));
+        assert!(log.entries.is_empty());
+    }
+
+    #[test]
+    fn a_page_skips_settled_events_and_a_rewind_serves_what_is_left_in_order() {
+        let mut log = Log::default();
+        for id in 1..=5 {
+            log.push(event(id));
+        }
+        log.push(Entry::Mark(10));
+        let batch = StreamBatch { from: 0, to: 5 };
+        let ids = |p: Vec<Fetched>| p.iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(ids(log.page(batch, BATCH_START, 2, usize::MAX)), [1, 2]);
+        assert_eq!(ids(log.page(batch, 2, 2, usize::MAX)), [3, 4]);
+        log.settle([1, 3]);
+        assert_eq!(log.advance(), None);
+        let rewind = StreamBatch {
+            from: log.front,
+            to: log.next_seq() - 1,
+        };
+        assert_eq!(
+            ids(log.page(rewind, BATCH_START, 10, usize::MAX)),
+            [2, 4, 5]
+        );
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_with_the_next_event_marked() {
+        let mut log = Log::default();
+        for id in 1..=3 {
+            log.push(event(id));
+        }
+        let page = log.page(StreamBatch { from: 0, to: 2 }, BATCH_START, 10, 1);
+        assert_eq!(page.len(), 2);
+        assert!(!page[0].over_budget && page[1].over_budget);
+    }
+
+    #[test]
+    fn the_replication_conninfo_keeps_the_url_and_adds_what_streaming_needs() {
+        let t = Duration::from_millis(5000);
+        assert_eq!(
+            replication_conninfo("postgres://u@h/db?sslmode=require", "outbox-relay:a b", t),
+            "postgres://u@h/db?sslmode=require&replication=database&application_name=outbox-relay%3Aa%20b&options=-c%20wal_sender_timeout%3D5000"
+        );
+        assert_eq!(
+            replication_conninfo("host=h dbname=db", "x", t),
+            "host=h dbname=db replication=database application_name='x' options='-c wal_sender_timeout=5000'"
+        );
+    }
+
+    #[test]
+    fn tableless_ids_are_negative() {
+        assert_eq!(tableless_id(0x0016_B374_D848), -0x0016_B374_D848);
+    }
+}

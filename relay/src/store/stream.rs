@@ -1,0 +1,314 @@
+//! Streaming capture's SQL (on the relay's ordinary connection, not the replication one): the
+//! slot's state and its WAL retention, fencing the slot's walsender, the heartbeat, the message
+//! prefix, and what `migrate --capture streaming` creates.
+
+use diesel::connection::SimpleConnection;
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text};
+use diesel::{OptionalExtension, PgConnection, QueryableByName, RunQueryDsl};
+use outbox::contract::{Table, TableRef};
+
+use super::lease::lost;
+use super::{Fenced, Fragments, Lease, Sql};
+use crate::error::{Error, Result};
+
+impl Sql {
+    /// The fenced statements of streaming capture.
+    pub(super) fn stream_statements(&mut self, f: &Fragments) {
+        let Fragments { s, lease_cond, .. } = f;
+        // Ends the walsender that streams the slot now (a previous leader's, paused or not):
+        // only while the lease is ours, so a standby never cuts off the leader. Both CTEs are
+        // materialized, so nothing is ended before the lease is checked and only this slot's
+        // walsender is a candidate (in one WHERE clause the planner may evaluate the
+        // terminating call on other slots' rows before the name filter).
+        self.terminate_walsender = format!(
+            "WITH lease AS MATERIALIZED (SELECT 1 FROM {s} WHERE {lease_cond}), \
+             target AS MATERIALIZED (SELECT active_pid FROM pg_replication_slots \
+               WHERE slot_name = $4 AND active_pid IS NOT NULL \
+               AND active_pid <> pg_backend_pid()) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             (SELECT count(*) FROM target WHERE CASE WHEN EXISTS (SELECT 1 FROM lease) \
+              THEN pg_terminate_backend(active_pid) ELSE false END) AS affected"
+        );
+    }
+}
+
+/// A replication slot as `pg_replication_slots` shows it, with its WAL retention.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct SlotInfo {
+    /// The output plugin (`pgoutput` expected).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub plugin: Option<String>,
+    /// `logical` or `physical`.
+    #[diesel(sql_type = Text)]
+    pub slot_type: String,
+    /// The database the slot decodes (logical slots).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub database: Option<String>,
+    /// The database this connection is on.
+    #[diesel(sql_type = Text)]
+    pub current_database: String,
+    /// The walsender streaming it now, if any.
+    #[diesel(sql_type = Nullable<Integer>)]
+    pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (invalidated: WAL it needs is gone).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub wal_status: Option<String>,
+    /// Where a new stream starts: every transaction committed before it was delivered.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub confirmed_flush_lsn: Option<String>,
+    /// WAL the server keeps for this slot (bytes from `restart_lsn` to the current position).
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub retained_bytes: Option<i64>,
+    /// WAL written since the confirmed position (bytes): what the relay has not confirmed yet.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub lag_bytes: Option<i64>,
+    /// Bytes that can still be written before the slot is invalidated (`max_slot_wal_keep_size`
+    /// set), `None` when unbounded.
+    #[diesel(sql_type = Nullable<BigInt>)]
+    pub safe_wal_size: Option<i64>,
+}
+
+/// The slot named `slot`, if it exists.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn slot_info(conn: &mut PgConnection, slot: &str) -> Result<Option<SlotInfo>> {
+    let lsn = "CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+               ELSE pg_current_wal_lsn() END";
+    Ok(diesel::sql_query(format!(
+        "SELECT plugin::text, slot_type, database::text, current_database()::text AS current_database, \
+         active_pid, wal_status, confirmed_flush_lsn::text, \
+         pg_wal_lsn_diff({lsn}, restart_lsn)::bigint AS retained_bytes, \
+         pg_wal_lsn_diff({lsn}, confirmed_flush_lsn)::bigint AS lag_bytes, \
+         safe_wal_size FROM pg_replication_slots WHERE slot_name = $1"
+    ))
+    .bind::<Text, _>(slot)
+    .get_result(conn)
+    .optional()?)
+}
+
+/// The slot, checked usable by streaming capture: present, logical with pgoutput, on this
+/// database, not invalidated. The errors say what to do.
+///
+/// # Errors
+/// [`Error::Slot`] naming the problem and the recovery; [`Error::Database`].
+pub fn usable_slot(conn: &mut PgConnection, slot: &str) -> Result<SlotInfo> {
+    let problem = |p: String| Error::Slot {
+        slot: slot.to_owned(),
+        problem: p,
+    };
+    let Some(info) = slot_info(conn, slot)? else {
+        return Err(problem(
+            "does not exist: create it with `outbox-relay migrate --capture streaming` \
+             (the relay never creates one itself: a new slot starts at the current WAL \
+             position, so after a lost slot it would silently skip every event committed \
+             since; see docs/OPERATIONS.md#replication-slots)"
+                .into(),
+        ));
+    };
+    if info.slot_type != "logical" || info.plugin.as_deref() != Some("pgoutput") {
+        return Err(problem(format!(
+            "is a {} slot with plugin {:?}: streaming capture needs a logical slot with pgoutput",
+            info.slot_type, info.plugin
+        )));
+    }
+    if info.database.as_deref() != Some(info.current_database.as_str()) {
+        return Err(problem(format!(
+            "decodes database {:?}, not {:?} (the one database_url names): slot names are \
+             server-wide, so each database's relay needs its own (set `slot`)",
+            info.database, info.current_database
+        )));
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(problem(
+            "was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size \
+             exceeded), so events committed since its confirmed position may be gone from \
+             the WAL. Recovery: docs/OPERATIONS.md#a-lost-slot (capture with polling what the \
+             outbox table still holds, compare with the consumers, then recreate the slot)"
+                .into(),
+        ));
+    }
+    Ok(info)
+}
+
+/// Ends the walsender streaming `slot` now, unless it is this connection's: only while the
+/// lease is ours. Returns how many were ended.
+///
+/// # Errors
+/// [`Error::LostLeadership`](crate::Error::LostLeadership), [`Error::Database`].
+pub fn terminate_walsender(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    slot: &str,
+) -> Result<i64> {
+    let r: Fenced = diesel::sql_query(&sql.terminate_walsender)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Text, _>(slot)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(r.affected)
+}
+
+/// The prefix of the tableless outbox's logical messages (`outbox_message_prefix()`, created
+/// by the migrations).
+///
+/// # Errors
+/// [`Error::Config`] when the function is missing (migrations not applied), [`Error::Database`].
+pub fn message_prefix(conn: &mut PgConnection, tables: &TableRef) -> Result<String> {
+    #[derive(QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Text)]
+        p: String,
+    }
+    let f = match tables.schema() {
+        Some(s) => format!("{}.outbox_message_prefix()", s.quoted()),
+        None => "outbox_message_prefix()".into(),
+    };
+    match diesel::sql_query(format!("SELECT {f} AS p")).get_result::<P>(conn) {
+        Ok(p) => Ok(p.p),
+        Err(diesel::result::Error::DatabaseError(_, info))
+            if info.message().contains("does not exist") =>
+        {
+            Err(Error::Config(format!(
+                "{f} does not exist: apply the migrations (`outbox-relay migrate`)"
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Writes a non-transactional logical message with `prefix`: it reaches the stream at once,
+/// behind everything committed before it, and lets an idle relay confirm its position (so an
+/// outbox without events does not hold WAL that other tables write).
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn emit_heartbeat(conn: &mut PgConnection, prefix: &str) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct L {
+        #[allow(dead_code)]
+        #[diesel(sql_type = Text)]
+        l: String,
+    }
+    diesel::sql_query("SELECT pg_logical_emit_message(false, $1, '')::text AS l")
+        .bind::<Text, _>(prefix)
+        .get_result::<L>(conn)?;
+    Ok(())
+}
+
+/// The server's `wal_level`.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn wal_level(conn: &mut PgConnection) -> Result<String> {
+    #[derive(QueryableByName)]
+    struct W {
+        #[diesel(sql_type = Text)]
+        w: String,
+    }
+    Ok(
+        diesel::sql_query("SELECT current_setting('wal_level') AS w")
+            .get_result::<W>(conn)?
+            .w,
+    )
+}
+
+/// Whether the publication exists.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn publication_exists(conn: &mut PgConnection, publication: &str) -> Result<bool> {
+    #[derive(QueryableByName)]
+    struct E {
+        #[diesel(sql_type = Bool)]
+        e: bool,
+    }
+    Ok(
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1) AS e")
+            .bind::<Text, _>(publication)
+            .get_result::<E>(conn)?
+            .e,
+    )
+}
+
+/// What [`ensure_streaming`] did.
+#[derive(Debug, Clone, Default)]
+pub struct StreamingSetup {
+    /// The publication was created now.
+    pub created_publication: bool,
+    /// The slot was created now, at this LSN.
+    pub created_slot: Option<String>,
+    /// Rows in the outbox table when the slot was created: written before it, so not in its
+    /// stream (deliver them with polling first, see docs/RELAY.md#switching-modes).
+    pub rows_before_slot: i64,
+}
+
+/// Creates what streaming capture needs when missing: the publication of the outbox table
+/// (INSERT only) and the logical replication slot (pgoutput). Needs a role that may create a
+/// publication on the table (its owner) and has REPLICATION.
+///
+/// # Errors
+/// [`Error::Config`] when `wal_level` is not `logical`; [`Error::Database`].
+pub fn ensure_streaming(
+    conn: &mut PgConnection,
+    tables: &TableRef,
+    slot: &str,
+    publication: &str,
+) -> Result<StreamingSetup> {
+    let level = wal_level(conn)?;
+    if level != "logical" {
+        return Err(Error::Config(format!(
+            "wal_level is {level:?}: streaming capture needs wal_level = logical (set it in \
+             postgresql.conf and restart the server; scripts/setup does it for the local one)"
+        )));
+    }
+    let mut setup = StreamingSetup::default();
+    if !publication_exists(conn, publication)? {
+        conn.batch_execute(&format!(
+            "CREATE PUBLICATION \"{publication}\" FOR TABLE {} WITH (publish = 'insert')",
+            tables.qualify(Table::Outbox)
+        ))?;
+        setup.created_publication = true;
+    }
+    if let Some(info) = slot_info(conn, slot)? {
+        if info.database.as_deref() != Some(info.current_database.as_str()) {
+            return Err(Error::Slot {
+                slot: slot.to_owned(),
+                problem: format!(
+                    "exists for database {:?}: slot names are server-wide, so each database's \
+                     relay needs its own (set `slot`)",
+                    info.database
+                ),
+            });
+        }
+    } else {
+        #[derive(QueryableByName)]
+        struct Created {
+            #[diesel(sql_type = Text)]
+            lsn: String,
+        }
+        let c: Created = diesel::sql_query(
+            "SELECT lsn::text AS lsn FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+        )
+        .bind::<Text, _>(slot)
+        .get_result(conn)?;
+        setup.created_slot = Some(c.lsn);
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = BigInt)]
+            n: i64,
+        }
+        setup.rows_before_slot = diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM {}",
+            tables.qualify(Table::Outbox)
+        ))
+        .get_result::<Count>(conn)?
+        .n;
+    }
+    Ok(setup)
+}

@@ -1,0 +1,517 @@
+//! Streaming capture (the WAL through a logical replication slot) against real Postgres
+//! (wal_level = logical) and a real Kafka-protocol broker (tansu): table rows and tableless
+//! events in commit order, the slot's position across kill -9 and SIGSTOP, the commit-order
+//! case polling cannot keep, large transactions, slot safety. Each guarantee has a broken
+//! variant the same checker catches.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Text};
+use outbox_relay::{CaptureMode, RelayConfig};
+use outbox_tests::check::{check, read_topic, Report, Seen};
+use outbox_tests::relay::{leader, wait_until};
+use outbox_tests::workload::{create_keys, run_writers_with, Expected};
+use outbox_tests::{
+    create_topic, relay_config, unique_name, InProcessRelay, RelayProcess, Tansu, TestDb,
+};
+
+const RELAY_BIN: &str = env!("CARGO_BIN_EXE_relay-under-test");
+
+fn summary(r: &Report) -> String {
+    format!(
+        "read={} missing={} unexpected={} duplicates={} order_violations={} (first {:?})",
+        r.read,
+        r.missing.len(),
+        r.unexpected.len(),
+        r.duplicates,
+        r.order_violations.len(),
+        r.order_violations.first(),
+    )
+}
+
+/// A migrated database with the publication and the slot streaming capture reads. Slot names
+/// are server-wide: each test database gets its own (named after it).
+fn streaming_db() -> TestDb {
+    let db = TestDb::migrated().unwrap();
+    outbox_relay::store::stream::ensure_streaming(
+        &mut db.conn().unwrap(),
+        &outbox::TableRef::default(),
+        db.name(),
+        &RelayConfig::default().publication_name(),
+    )
+    .unwrap();
+    db
+}
+
+fn streaming(db: &TestDb, bootstrap: &str) -> RelayConfig {
+    if std::env::var("OUTBOX_TEST_RELAY_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env(
+                "OUTBOX_TEST_RELAY_LOG",
+            ))
+            .try_init();
+    }
+    relay_config(db.url(), bootstrap)
+        .capture(CaptureMode::Streaming)
+        .slot(db.name())
+}
+
+async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<Seen> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        read_topic(
+            &b,
+            &t,
+            min,
+            Duration::from_secs(3),
+            Duration::from_secs(180),
+        )
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+#[derive(QueryableByName)]
+struct Lsn {
+    #[diesel(sql_type = Text)]
+    lsn: String,
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn count(conn: &mut PgConnection, sql: &str) -> i64 {
+    diesel::sql_query(sql).get_result::<Count>(conn).unwrap().n
+}
+
+/// Writers half through the table, half tableless.
+fn mixed(w: usize) -> outbox::Outbox {
+    if w.is_multiple_of(2) {
+        outbox::Outbox::new()
+    } else {
+        outbox::Outbox::new().tableless()
+    }
+}
+
+fn spawn_writers(
+    url: &str,
+    topic: &str,
+    writers: usize,
+    txs: usize,
+) -> tokio::task::JoinHandle<Expected> {
+    let (url, topic) = (url.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || {
+        run_writers_with(&url, &topic, writers, txs, 200, 5, &mixed).unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_rows_and_tableless_events_arrive_in_order_and_the_slot_confirms_past_them() {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("stream");
+    create_topic(&broker.bootstrap(), &topic, 4).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    let expected = spawn_writers(db.url(), &topic, 4, 150).await.unwrap();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    let report = check(&seen, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+    assert_eq!(report.duplicates, 0, "{}", summary(&report));
+    // Rows are removed after acknowledgement; the slot is confirmed past the last commit
+    // (the heartbeat moves it there although no event follows).
+    #[derive(QueryableByName)]
+    struct Past {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        past: bool,
+    }
+    let end: String = diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+        .get_result::<Lsn>(&mut conn)
+        .unwrap()
+        .lsn;
+    wait_until(Duration::from_secs(30), "rows removed, slot confirmed", || {
+        let past = diesel::sql_query(
+            "SELECT confirmed_flush_lsn >= $2::pg_lsn AS past FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind::<Text, _>(db.name())
+        .bind::<Text, _>(&end)
+        .get_result::<Past>(&mut conn)?
+        .past;
+        Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0 && past)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    eprintln!("streamed {} events ({})", expected.len(), summary(&report));
+}
+
+/// The lock-waiter pattern: transaction B enqueues first, then waits for the row lock that A
+/// holds; A enqueues and commits; B commits. The database ends with B's value; ids say B came
+/// first, commits say A did.
+fn lock_waiters(url: &str, topic: &str, keys: usize, tableless: bool) {
+    let mut setup = PgConnection::establish(url).unwrap();
+    setup
+        .batch_execute("CREATE TABLE IF NOT EXISTS account (k text PRIMARY KEY, v text NOT NULL)")
+        .unwrap();
+    let outbox = if tableless {
+        outbox::Outbox::new().tableless()
+    } else {
+        outbox::Outbox::new()
+    };
+    for k in 0..keys {
+        let key = format!("acct-{k}");
+        diesel::sql_query("INSERT INTO account VALUES ($1, 'init') ON CONFLICT DO NOTHING")
+            .bind::<Text, _>(&key)
+            .execute(&mut setup)
+            .unwrap();
+        let mut a = PgConnection::establish(url).unwrap();
+        let mut b = PgConnection::establish(url).unwrap();
+        let event = |v: &str| {
+            outbox::Event::json(topic, &key, "Set", &serde_json::json!({ "v": v })).unwrap()
+        };
+        AnsiTransactionManager::begin_transaction(&mut a).unwrap();
+        diesel::sql_query("UPDATE account SET v = 'A' WHERE k = $1")
+            .bind::<Text, _>(&key)
+            .execute(&mut a)
+            .unwrap();
+        AnsiTransactionManager::begin_transaction(&mut b).unwrap();
+        outbox.enqueue(&mut b, &event("B")).unwrap();
+        let (key_b, outbox_b) = (key.clone(), outbox.clone());
+        let waiter = std::thread::spawn(move || {
+            // Blocks on A's row lock.
+            diesel::sql_query("UPDATE account SET v = 'B' WHERE k = $1")
+                .bind::<Text, _>(&key_b)
+                .execute(&mut b)
+                .unwrap();
+            AnsiTransactionManager::commit_transaction(&mut b).unwrap();
+            drop(outbox_b);
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        outbox.enqueue(&mut a, &event("A")).unwrap();
+        AnsiTransactionManager::commit_transaction(&mut a).unwrap();
+        waiter.join().unwrap();
+    }
+}
+
+/// Keys whose last value on the topic (in partition order) differs from the database's.
+async fn diverged(url: &str, bootstrap: &str, topic: &str, keys: usize) -> usize {
+    let seen = read(bootstrap, topic, keys * 2).await;
+    let mut last: HashMap<String, (i64, String)> = HashMap::new();
+    for s in &seen {
+        let v: serde_json::Value = serde_json::from_str(&s.payload).unwrap();
+        let e = last.entry(s.key.clone()).or_insert((-1, String::new()));
+        if s.offset > e.0 {
+            *e = (s.offset, v["v"].as_str().unwrap().to_owned());
+        }
+    }
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = Text)]
+        k: String,
+        #[diesel(sql_type = Text)]
+        v: String,
+    }
+    let rows: Vec<Row> = diesel::sql_query("SELECT k, v FROM account")
+        .load(&mut PgConnection::establish(url).unwrap())
+        .unwrap();
+    assert_eq!(rows.len(), keys);
+    rows.iter()
+        .filter(|r| last.get(&r.k).map(|l| l.1.as_str()) != Some(r.v.as_str()))
+        .count()
+}
+
+async fn commit_order_case(capture: CaptureMode, tableless: bool) -> usize {
+    const KEYS: usize = 30;
+    let db = if capture == CaptureMode::Streaming {
+        streaming_db()
+    } else {
+        TestDb::migrated().unwrap()
+    };
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("order");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let (url, t) = (db.url().to_owned(), topic.clone());
+    // Everything commits before the relay looks, so polling sees each pair in one window.
+    tokio::task::spawn_blocking(move || lock_waiters(&url, &t, KEYS, tableless))
+        .await
+        .unwrap();
+    let cfg = relay_config(db.url(), &broker.bootstrap())
+        .capture(capture)
+        .slot(db.name());
+    let relay = InProcessRelay::start(cfg).unwrap();
+    let n = diverged(db.url(), &broker.bootstrap(), &topic, KEYS).await;
+    relay.stop().await.unwrap();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_delivers_a_lock_waiters_events_in_commit_order() {
+    let table = commit_order_case(CaptureMode::Streaming, false).await;
+    let tableless = commit_order_case(CaptureMode::Streaming, true).await;
+    assert_eq!(
+        (table, tableless),
+        (0, 0),
+        "keys whose consumer state differs from the database"
+    );
+}
+
+/// The broken variant of the commit-order guarantee: a capture window ordered by id (what
+/// polling does) delivers the lock waiter's events in id order, so a consumer ends in a state
+/// the database never had. Documented in docs/GUARANTEES.md ("What is not promised").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_a_window_ordered_by_id_reverses_the_lock_waiters_events() {
+    let diverged = commit_order_case(CaptureMode::Polling, false).await;
+    assert!(
+        diverged > 0,
+        "the id-ordered window kept commit order for every key: the checker would not catch it"
+    );
+    eprintln!("polling (id order): {diverged} of 30 keys end different from the database");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loop_of_streaming_relays_loses_nothing_and_keeps_order() {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("skill9");
+    create_topic(&broker.bootstrap(), &topic, 6).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let args = ["--capture", "streaming", "--slot", db.name()];
+    let spawn = || RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &args).unwrap();
+    let mut relays = [spawn(), spawn()];
+    wait_until(Duration::from_secs(30), "a leader", || {
+        Ok(leader(&mut conn)?.is_some())
+    })
+    .await
+    .unwrap();
+    let writers = spawn_writers(db.url(), &topic, 6, 300);
+    let mut takeovers = Vec::new();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let Some((first, epoch)) = leader(&mut conn).unwrap() else {
+            continue;
+        };
+        let pid: u32 = first.rsplit('-').nth(1).unwrap().parse().unwrap();
+        let Some(victim) = relays.iter().position(|r| r.pid() == pid) else {
+            continue;
+        };
+        relays[victim].kill9().unwrap();
+        let killed = Instant::now();
+        relays[victim] = spawn();
+        wait_until(Duration::from_secs(20), "takeover", || {
+            Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
+        })
+        .await
+        .unwrap();
+        takeovers.push(killed.elapsed());
+    }
+    let expected = writers.await.unwrap();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    let report = check(&seen, &expected);
+    let logs: String = relays.iter().map(RelayProcess::log).collect();
+    assert!(report.is_consistent(), "{}\n{logs}", summary(&report));
+    assert!(
+        takeovers.iter().all(|t| *t < Duration::from_secs(10)),
+        "{takeovers:?}"
+    );
+    wait_until(Duration::from_secs(30), "outbox table empty", || {
+        Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0)
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "streaming kill -9 x{}: {} events, takeovers {takeovers:?}, {}",
+        takeovers.len(),
+        expected.len(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_of_the_streaming_leader_a_standby_takes_the_slot_and_the_zombie_cannot_hold_it() {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("sstop");
+    create_topic(&broker.bootstrap(), &topic, 4).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let args = ["--capture", "streaming", "--slot", db.name()];
+    let relays = [
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &args).unwrap(),
+        RelayProcess::spawn(RELAY_BIN, db.url(), &broker.bootstrap(), &args).unwrap(),
+    ];
+    wait_until(Duration::from_secs(30), "a leader", || {
+        Ok(leader(&mut conn)?.is_some())
+    })
+    .await
+    .unwrap();
+    let writers = spawn_writers(db.url(), &topic, 4, 300);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (first, epoch) = leader(&mut conn).unwrap().unwrap();
+    let pid: u32 = first.rsplit('-').nth(1).unwrap().parse().unwrap();
+    let zombie = relays.iter().find(|r| r.pid() == pid).unwrap();
+    zombie.stop().unwrap();
+    let stopped = Instant::now();
+    wait_until(Duration::from_secs(20), "takeover", || {
+        Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
+    })
+    .await
+    .unwrap();
+    let takeover = stopped.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    zombie.cont().unwrap();
+    let expected = writers.await.unwrap();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    let report = check(&seen, &expected);
+    let logs: String = relays.iter().map(RelayProcess::log).collect();
+    assert!(report.is_consistent(), "{}\n{logs}", summary(&report));
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+    eprintln!(
+        "streaming SIGSTOP: takeover {takeover:?}, {}",
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_100k_tableless_events_is_delivered_whole_and_in_order() {
+    const EVENTS: usize = 100_000;
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("big");
+    create_topic(&broker.bootstrap(), &topic, 4).await.unwrap();
+    let (url, t) = (db.url().to_owned(), topic.clone());
+    let expected: Expected = tokio::task::spawn_blocking(move || {
+        let mut c = PgConnection::establish(&url).unwrap();
+        c.transaction::<_, outbox::Error, _>(|c| {
+            let events: Vec<outbox::Event> = (0..EVENTS)
+                .map(|i| {
+                    outbox::Event::json(
+                        &t,
+                        format!("key-{}", i % 50),
+                        "Big",
+                        &serde_json::json!({ "seq": i / 50 + 1 }),
+                    )
+                    .unwrap()
+                })
+                .collect();
+            outbox::Outbox::new()
+                .tableless()
+                .enqueue_batch(c, &events)?;
+            Ok(events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    (
+                        e.event_id().to_string(),
+                        (
+                            format!("key-{}", i % 50),
+                            u64::try_from(i / 50 + 1).unwrap(),
+                        ),
+                    )
+                })
+                .collect())
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    let seen = read(&broker.bootstrap(), &topic, EVENTS).await;
+    let report = check(&seen, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+    relay.stop().await.unwrap();
+    eprintln!(
+        "100k-event transaction streamed in {:?} ({})",
+        started.elapsed(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_slot_stops_the_relay_with_a_clear_error_and_none_is_created() {
+    let db = TestDb::migrated().unwrap();
+    let broker = Tansu::start().unwrap();
+    let relay = outbox_relay::Relay::new(streaming(&db, &broker.bootstrap())).unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        relay.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the relay stops")
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains(db.name())
+            && msg.contains("does not exist")
+            && msg.contains("migrate --capture streaming"),
+        "{msg}"
+    );
+    let mut conn = db.conn().unwrap();
+    let n =
+        diesel::sql_query("SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = $1")
+            .bind::<Text, _>(db.name())
+            .get_result::<Count>(&mut conn)
+            .unwrap()
+            .n;
+    assert_eq!(n, 0, "the relay created a slot");
+}
+
+/// The broken variant of the position guarantee: a relay that confirms the slot as soon as it
+/// reads a transaction, before the broker acknowledged its events, loses what it had not
+/// sent when it dies; the checker reports them missing. (The real relay under kill -9 above
+/// loses nothing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_confirming_before_the_acknowledgement_loses_events_at_a_crash() {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("early");
+    create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 50).unwrap();
+    let (url, t) = (db.url().to_owned(), topic.clone());
+    let expected = tokio::task::spawn_blocking(move || {
+        outbox_tests::workload::run_writers(&url, &t, 2, 50, 50, 2).unwrap()
+    })
+    .await
+    .unwrap();
+    // Reads every transaction and confirms it at once, then "crashes" having sent nothing.
+    let confirmed = outbox_tests::naive::confirm_on_read(db.url(), db.name(), "outbox_relay")
+        .await
+        .unwrap();
+    assert!(confirmed > 0);
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (b, tp) = (broker.bootstrap(), topic.clone());
+    let seen = tokio::task::spawn_blocking(move || {
+        read_topic(&b, &tp, 0, Duration::from_secs(2), Duration::from_secs(20))
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    relay.stop().await.unwrap();
+    let report = check(&seen, &expected);
+    assert!(
+        !report.missing.is_empty(),
+        "the checker did not catch the loss: {}",
+        summary(&report)
+    );
+    eprintln!(
+        "confirm-before-ack: {} of {} lost",
+        report.missing.len(),
+        expected.len()
+    );
+}
