@@ -67,3 +67,14 @@ GRANT pg_read_all_stats TO outbox_relay;
 -- letters. `migrate` needs the tables' owner instead.
 GRANT INSERT ON outbox TO outbox_relay_operator;
 GRANT DELETE ON outbox_dead_letters TO outbox_relay_operator;
+
+-- Streaming capture (`capture = "streaming"`) only: the login role (not outbox_relay: the
+-- attribute is not inherited) needs REPLICATION to stream the slot, e.g.
+--
+--   ALTER ROLE relay REPLICATION;
+--
+-- A logical replication connection names its database, so it matches the same pg_hba.conf
+-- lines as the relay's other connections (the `replication` keyword there is for physical
+-- replication only). The heartbeat calls
+-- pg_logical_emit_message (executable by PUBLIC by default); the slot and the publication are
+-- created by `outbox-relay migrate --capture streaming` run as the tables' owner with REPLICATION.

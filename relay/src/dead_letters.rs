@@ -182,13 +182,19 @@ pub fn retry(
             .map(|s| s.id)
             .collect());
     }
+    // Rows keep their ids (their order among the key's events). A tableless event (negative
+    // id: it never had a row) becomes a row with a new id, after the rows, in WAL order: a
+    // negative id in `outbox` would never be removed after delivery.
+    let o = tables.qualify(Table::Outbox);
     let q = diesel::sql_query(format!(
         "WITH moved AS (DELETE FROM {d} WHERE {w} RETURNING *) \
-         INSERT INTO {o} ({c}, created_at) OVERRIDING SYSTEM VALUE \
-         SELECT {c}, now() FROM moved ORDER BY id RETURNING id",
-        c = EventColumns::identity_and_content(),
+         INSERT INTO {o} (id, {c}, created_at) OVERRIDING SYSTEM VALUE \
+         SELECT CASE WHEN m.id < 0 THEN nextval(pg_get_serial_sequence('{o}', 'id')) \
+                ELSE m.id END, {c}, now() \
+         FROM (SELECT * FROM moved ORDER BY (id < 0), CASE WHEN id < 0 THEN -id ELSE id END) m \
+         RETURNING id",
+        c = EventColumns::content(),
         d = tables.qualify(Table::DeadLetters),
-        o = tables.qualify(Table::Outbox),
         w = Filter::WHERE
     ));
     let ids: Vec<Id> = conn.transaction(|c| bind_filter!(q, filter).load(c))?;

@@ -74,6 +74,26 @@ pub struct OldestTransaction {
     pub state: String,
 }
 
+/// A logical replication slot of this database (streaming capture reads one).
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct SlotStatus {
+    /// Its name.
+    #[diesel(sql_type = Text)]
+    pub slot_name: String,
+    /// The walsender streaming it now, if any.
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+    pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    pub wal_status: Option<String>,
+    /// WAL kept for it (bytes).
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    pub retained_bytes: Option<i64>,
+    /// WAL written since its confirmed position (bytes).
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::BigInt>)]
+    pub lag_bytes: Option<i64>,
+}
+
 /// A relay process connected to the database (from `pg_stat_activity`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RelaySession {
@@ -152,6 +172,8 @@ pub struct Status {
     pub oldest_transaction: Option<OldestTransaction>,
     /// Inbox rows per consumer.
     pub inbox: InboxSizes,
+    /// The logical replication slots of this database (streaming capture).
+    pub slots: Vec<SlotStatus>,
 }
 
 /// Reads the status.
@@ -190,7 +212,15 @@ pub fn read(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<Status
     .pop();
     let relays = relays(conn, &leaders)?;
     let inbox = inbox(conn, tables)?;
+    let slots = diesel::sql_query(
+        "SELECT slot_name::text, active_pid, wal_status, \
+         pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained_bytes, \
+         pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint AS lag_bytes \
+         FROM pg_replication_slots WHERE database = current_database() ORDER BY slot_name",
+    )
+    .load(conn)?;
     Ok(Status {
+        slots,
         backlog,
         leaders,
         relays,

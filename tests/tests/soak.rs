@@ -40,6 +40,23 @@ fn soak_short_form_holds_every_invariant() {
     eprintln!("{text}");
 }
 
+/// The same soak with the relays streaming the WAL (table rows; kill -9, SIGSTOP, broker kill,
+/// Postgres crash, a held transaction, edge rows, a failing consumer).
+#[test]
+fn soak_short_form_in_streaming_mode_holds_every_invariant() {
+    let (ok, text) = soak(&["--seconds", "60", "--seed", "12", "--capture", "streaming"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("SOAK PASSED"), "{text}");
+    for fault in [
+        "kill -9 of the leading relay",
+        "SIGSTOP of the leading relay",
+        "Postgres crash",
+    ] {
+        assert!(text.contains(fault), "{fault} not injected:\n{text}");
+    }
+    eprintln!("{text}");
+}
+
 /// The message-level faults only librdkafka's mock cluster can inject: produce requests failing
 /// (one of them for good) and one partition's leader down.
 #[test]

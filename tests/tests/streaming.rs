@@ -515,3 +515,270 @@ async fn broken_variant_confirming_before_the_acknowledgement_loses_events_at_a_
         expected.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_while_streaming_nothing_lost_order_kept_the_slot_catches_up() {
+    let db = streaming_db();
+    let mut broker = Tansu::start_durable().unwrap();
+    let topic = unique_name("soutage");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 200).unwrap();
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    let mut expected = spawn_writers(db.url(), &topic, 4, 100).await.unwrap();
+    broker.kill().unwrap();
+    expected.extend(spawn_writers(db.url(), &topic, 4, 100).await.unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.restart().unwrap();
+    let healed = Instant::now();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    let report = check(&seen, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+    let end = current_lsn(&mut conn);
+    wait_until(
+        Duration::from_secs(60),
+        "slot confirmed past the writes",
+        || confirmed_past(&mut conn, db.name(), &end),
+    )
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    eprintln!(
+        "streaming broker outage: {} events, caught up {:?} after the restart, {}",
+        expected.len(),
+        healed.elapsed(),
+        summary(&report)
+    );
+}
+
+fn current_lsn(conn: &mut PgConnection) -> String {
+    diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+        .get_result::<Lsn>(conn)
+        .unwrap()
+        .lsn
+}
+
+fn confirmed_past(conn: &mut PgConnection, slot: &str, lsn: &str) -> anyhow::Result<bool> {
+    #[derive(QueryableByName)]
+    struct Past {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        past: bool,
+    }
+    Ok(diesel::sql_query(
+        "SELECT coalesce(confirmed_flush_lsn >= $2::pg_lsn, false) AS past \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind::<Text, _>(slot)
+    .bind::<Text, _>(lsn)
+    .get_result::<Past>(conn)?
+    .past)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_crash_while_streaming_nothing_lost_nothing_uncommitted_order_kept() {
+    use outbox_tests::workload::{committed, run_resilient_writers_until};
+    use outbox_tests::PgCluster;
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.create_db("app").unwrap();
+    {
+        let mut conn: PgConnection = Connection::establish(&url).unwrap();
+        outbox::Outbox::new().migrate(&mut conn).unwrap();
+        outbox_relay::store::stream::ensure_streaming(
+            &mut conn,
+            &outbox::TableRef::default(),
+            "outbox_relay",
+            "outbox_relay",
+        )
+        .unwrap();
+        create_keys(&mut conn, 50).unwrap();
+    }
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("spgcrash");
+    create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
+    let cfg = relay_config(&url, &broker.bootstrap()).capture(CaptureMode::Streaming);
+    let relay = InProcessRelay::start(cfg).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (u, t, st) = (url.clone(), topic.clone(), std::sync::Arc::clone(&stop));
+    let writers = tokio::task::spawn_blocking(move || {
+        run_resilient_writers_until(&u, &t, 4, usize::MAX, 50, Duration::from_millis(2), &st)
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.stop_immediate().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start_server().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let failed = writers.await.unwrap();
+    let mut conn: PgConnection = Connection::establish(&url).unwrap();
+    let expected = committed(&mut conn).unwrap();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    relay.stop().await.unwrap();
+    assert!(failed > 0, "the crash must have hit the writers");
+    // Nothing committed lost, nothing uncommitted published, order kept.
+    let report = check(&seen, &expected);
+    assert!(report.is_consistent(), "{}", summary(&report));
+    eprintln!(
+        "streaming postgres crash: {} committed events, {failed} transactions failed, {}",
+        expected.len(),
+        summary(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_stops_the_relay_with_the_recovery_and_the_rows_are_still_there() {
+    use outbox_tests::PgCluster;
+    let cluster = PgCluster::start().unwrap();
+    let url = cluster.create_db("app").unwrap();
+    let mut conn: PgConnection = Connection::establish(&url).unwrap();
+    outbox::Outbox::new().migrate(&mut conn).unwrap();
+    outbox_relay::store::stream::ensure_streaming(
+        &mut conn,
+        &outbox::TableRef::default(),
+        "outbox_relay",
+        "outbox_relay",
+    )
+    .unwrap();
+    let event = outbox::Event::json("lost-slot", "k", "T", &serde_json::json!({})).unwrap();
+    conn.transaction::<_, outbox::Error, _>(|c| outbox::Outbox::new().enqueue(c, &event).map(drop))
+        .unwrap();
+    // The slot falls behind past max_slot_wal_keep_size: the server invalidates it.
+    conn.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .unwrap();
+    conn.batch_execute("SELECT pg_reload_conf()").unwrap();
+    conn.batch_execute(
+        "CREATE TABLE junk AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 200000) g; \
+         SELECT pg_switch_wal(); CHECKPOINT; \
+         INSERT INTO junk SELECT g, repeat('y', 500) FROM generate_series(1, 200000) g; \
+         SELECT pg_switch_wal(); CHECKPOINT;",
+    )
+    .unwrap();
+    #[derive(QueryableByName)]
+    struct Status {
+        #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+        wal_status: Option<String>,
+    }
+    let status = diesel::sql_query(
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+    )
+    .get_result::<Status>(&mut conn)
+    .unwrap()
+    .wal_status;
+    assert_eq!(status.as_deref(), Some("lost"));
+    let broker = Tansu::start().unwrap();
+    let cfg = relay_config(&url, &broker.bootstrap()).capture(CaptureMode::Streaming);
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        outbox_relay::Relay::new(cfg)
+            .unwrap()
+            .run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the relay stops")
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("invalidated") && msg.contains("docs/OPERATIONS.md#a-lost-slot"),
+        "{msg}"
+    );
+    // What the table holds is still there for the recovery (deliver it with polling).
+    assert_eq!(count(&mut conn, "SELECT count(*) AS n FROM outbox"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn taking_over_a_slot_ends_only_that_slots_walsender() {
+    let (a, b) = (streaming_db(), streaming_db());
+    let broker = Tansu::start().unwrap();
+    let relay_b = InProcessRelay::start(streaming(&b, &broker.bootstrap())).unwrap();
+    let mut admin = b.conn().unwrap();
+    #[derive(QueryableByName)]
+    struct Pid {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Integer>)]
+        pid: Option<i32>,
+    }
+    let pid_of = |c: &mut PgConnection, slot: &str| {
+        diesel::sql_query("SELECT active_pid AS pid FROM pg_replication_slots WHERE slot_name = $1")
+            .bind::<Text, _>(slot.to_owned())
+            .get_result::<Pid>(c)
+            .map(|p| p.pid)
+    };
+    wait_until(Duration::from_secs(20), "b streams", || {
+        Ok(pid_of(&mut admin, b.name())?.is_some())
+    })
+    .await
+    .unwrap();
+    let before = pid_of(&mut admin, b.name()).unwrap();
+    // A's relay starts (and restarts) streaming its own slot: each start ends whatever
+    // walsender streams A's slot, and must leave B's alone.
+    for _ in 0..3 {
+        let relay_a = InProcessRelay::start(streaming(&a, &broker.bootstrap())).unwrap();
+        wait_until(Duration::from_secs(20), "a streams", || {
+            Ok(pid_of(&mut admin, a.name())?.is_some())
+        })
+        .await
+        .unwrap();
+        relay_a.stop().await.unwrap();
+    }
+    assert_eq!(
+        pid_of(&mut admin, b.name()).unwrap(),
+        before,
+        "B's walsender was ended"
+    );
+    relay_b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tableless_event_kafka_refuses_is_dead_lettered_with_its_content_and_retried_as_a_row() {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("tpoison");
+    create_topic(&broker.bootstrap(), &topic, 1).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    let big = outbox::Event::builder(&topic, "k", "Big")
+        .bytes(vec![7_u8; 30_000], "application/octet-stream")
+        .build()
+        .unwrap();
+    let small =
+        outbox::Event::json(&topic, "k2", "Small", &serde_json::json!({ "seq": 1 })).unwrap();
+    conn.transaction::<_, outbox::Error, _>(|c| {
+        outbox::Outbox::new()
+            .tableless()
+            .enqueue_batch(c, &[big.clone(), small.clone()])
+            .map(drop)
+    })
+    .unwrap();
+    let cfg = streaming(&db, &broker.bootstrap()).kafka_option("message.max.bytes", "20000");
+    let relay = InProcessRelay::start(cfg).unwrap();
+    wait_until(Duration::from_secs(30), "the big event dead-lettered", || {
+        Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox_dead_letters WHERE id < 0 AND octet_length(payload) = 30000") == 1)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    // Retried: it becomes a row with a new, positive id, delivered once the limit allows it.
+    let ids = outbox_relay::dead_letters::retry(
+        &mut conn,
+        &outbox::TableRef::default(),
+        &outbox_relay::dead_letters::Filter::default(),
+        false,
+    )
+    .unwrap();
+    assert!(ids.len() == 1 && ids[0] > 0, "{ids:?}");
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    let seen = read(&broker.bootstrap(), &topic, 2).await;
+    let ids_seen: Vec<&str> = seen.iter().map(|s| s.event_id.as_str()).collect();
+    assert!(
+        ids_seen.contains(&big.event_id().to_string().as_str()),
+        "{ids_seen:?}"
+    );
+    assert!(
+        ids_seen.contains(&small.event_id().to_string().as_str()),
+        "{ids_seen:?}"
+    );
+    wait_until(Duration::from_secs(30), "the retried row removed", || {
+        Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0)
+    })
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+}

@@ -153,10 +153,17 @@ impl ConsumerRunner {
     /// [`Error::InvalidConfig`] when the Kafka clients cannot be created or subscribed.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<(), Error> {
         let shared = Arc::new(Shared::default());
+        let config = self.client_config();
+        // librdkafka uses the cooperative protocol when every configured assignor is
+        // cooperative (only `cooperative-sticky` is).
+        let cooperative = config
+            .get("partition.assignment.strategy")
+            .is_some_and(|s| s.split(',').all(|a| a.trim() == "cooperative-sticky"));
         let consumer: Arc<StreamConsumer<RunnerContext>> = Arc::new(
-            self.client_config()
+            config
                 .create_with_context(RunnerContext {
                     shared: Arc::clone(&shared),
+                    cooperative,
                 })
                 .map_err(|source| Error::Kafka {
                     what: "consumer".into(),

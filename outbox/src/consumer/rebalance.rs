@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance};
-use rdkafka::ClientContext;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, TopicPartitionList};
 
 use super::TARGET;
 
@@ -34,6 +35,8 @@ pub(super) struct Shared {
 /// Commits stored offsets when partitions are revoked, after their in-hand messages finished.
 pub(super) struct RunnerContext {
     pub(super) shared: Arc<Shared>,
+    /// The group's rebalance protocol is cooperative (from the configured assignor).
+    pub(super) cooperative: bool,
 }
 
 impl RunnerContext {
@@ -78,6 +81,35 @@ impl ClientContext for RunnerContext {
 }
 
 impl ConsumerContext for RunnerContext {
+    /// rdkafka's default asks librdkafka for the rebalance protocol here, and that call can hang
+    /// forever in the rebalance that closing the consumer runs (librdkafka #4041, rust-rdkafka
+    /// #509: seen here as a runner that never returned from shutdown). The protocol follows from
+    /// the configured assignor, known when the consumer is made.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            other => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(other.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        let done = match (assign, self.cooperative) {
+            (true, true) => consumer.incremental_assign(tpl),
+            (true, false) => consumer.assign(tpl),
+            (false, true) => consumer.incremental_unassign(tpl),
+            (false, false) => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(target: TARGET, error = %e, assign, "rebalance: (un)assigning partitions failed");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<PartitionKey> = tpl

@@ -57,6 +57,7 @@ pub fn status(status: &Status) -> String {
         relays,
         dead_letters_by_topic,
         oldest_transaction,
+        slots,
         inbox,
     ] {
         section(status, &mut out);
@@ -195,6 +196,40 @@ fn oldest_transaction(status: &Status, out: &mut String) {
             ]],
         )),
     }
+}
+
+/// The replication slots of this database and the WAL they keep.
+fn slots(status: &Status, out: &mut String) {
+    out.push_str("\nREPLICATION SLOTS\n");
+    if status.slots.is_empty() {
+        out.push_str("(none: no streaming capture on this database)\n");
+        return;
+    }
+    let mib =
+        |b: Option<i64>| b.map_or("-".into(), |b| format!("{:.1} MiB", b as f64 / 1_048_576.0));
+    let rows: Vec<Vec<String>> = status
+        .slots
+        .iter()
+        .map(|s| {
+            vec![
+                s.slot_name.clone(),
+                s.active_pid.map_or("(inactive)".into(), |p| p.to_string()),
+                s.wal_status.clone().unwrap_or_default(),
+                mib(s.retained_bytes),
+                mib(s.lag_bytes),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "slot",
+            "walsender",
+            "wal_status",
+            "retained WAL",
+            "unconfirmed",
+        ],
+        &rows,
+    ));
 }
 
 /// The inbox sizes per consumer.

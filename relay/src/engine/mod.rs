@@ -145,7 +145,10 @@ impl Relay {
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
         let mut attempts: HashMap<i64, Attempts> = HashMap::new();
-        tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), "relay started");
+        tracing::info!(target: TARGET, instance = %self.instance, outbox = %self.sql.key(), capture = ?self.cfg.capture, "relay started");
+        if self.cfg.capture == CaptureMode::Polling {
+            tracing::info!(target: TARGET, "polling capture: per-key order is commit order between capture snapshots and id order within one (two transactions of a key committing in the opposite order of their ids inside one window leave in id order); capture = streaming gives commit order exactly (docs/RELAY.md#capture-modes)");
+        }
         loop {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -230,6 +233,10 @@ impl Relay {
             // lose its connection to a short timeout.
             wal_sender_timeout: (self.cfg.lease_duration() * 10).max(Duration::from_secs(60)),
             wait: self.cfg.lease_duration() / 8,
+            batch_events: usize::try_from(self.cfg.page_size)
+                .unwrap_or(1000)
+                .saturating_mul(self.cfg.max_pages_in_flight)
+                .saturating_mul(2),
         }
     }
 

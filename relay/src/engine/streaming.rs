@@ -56,8 +56,11 @@ pub(crate) struct StreamSettings {
     pub page_bytes: usize,
     /// The walsender ends a connection silent this long (the lease).
     pub wal_sender_timeout: Duration,
-    /// Longest wait for the next event before the engine's loop comes round again.
+    /// Longest wait for the next event before the engine's loop comes round again (also the
+    /// longest time one batch is read for).
     pub wait: Duration,
+    /// Most changes read into one batch.
+    pub batch_events: usize,
 }
 
 /// Heartbeat after this long without an event, so an idle relay confirms its position.
@@ -66,6 +69,9 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 const LOG_MAX_EVENTS: usize = 200_000;
 /// Payload bytes read and not yet settled, at most.
 const LOG_MAX_BYTES: usize = 512 << 20;
+/// Entries of the log at most (settled ones behind an unsettled one included: one waiting key
+/// keeps every later entry until it is settled).
+const LOG_MAX_ENTRIES: usize = 2_000_000;
 /// Changes buffered between the replication connection and the log.
 const CHANNEL: usize = 8192;
 /// How long a new term retries starting the stream while the ended walsender lets go of the slot.
@@ -82,11 +88,10 @@ pub(super) struct StreamBatch {
 const BATCH_START: i64 = i64::MIN;
 
 enum Entry {
-    /// An event, and whether it is settled.
-    Event {
-        fetched: Box<Fetched>,
-        settled: bool,
-    },
+    /// An event not settled yet.
+    Event { fetched: Box<Fetched> },
+    /// A settled event (its payload dropped): only its id is kept, until the front passes it.
+    Settled(i64),
     /// A position the slot may be confirmed at once everything before it is settled: the end
     /// of a commit, or a heartbeat.
     Mark(u64),
@@ -111,17 +116,49 @@ impl Log {
         self.front + i64::try_from(self.entries.len()).unwrap_or(i64::MAX)
     }
 
-    fn push(&mut self, entry: Entry) {
-        if let Entry::Event { fetched, .. } = &entry {
-            self.seq_of.insert(fetched.id, self.next_seq());
-            self.unsettled += 1;
-            self.unsettled_bytes += fetched.payload.len();
+    /// Appends an entry. The same event read twice in one term (the same id and event id)
+    /// is kept once; another event under an id still unsettled here is refused (the ids of one
+    /// outbox are unique).
+    fn push(&mut self, entry: Entry) -> std::result::Result<(), String> {
+        match entry {
+            Entry::Event { fetched, .. } => {
+                let id = fetched.id;
+                if let Some(Entry::Event { fetched: old, .. }) = self.get(id) {
+                    if old.event_id == fetched.event_id {
+                        return Ok(());
+                    }
+                    return Err(format!(
+                        "two events with outbox id {id} in the stream (event ids {} and {})",
+                        old.event_id, fetched.event_id
+                    ));
+                }
+                self.seq_of.insert(id, self.next_seq());
+                self.unsettled += 1;
+                self.unsettled_bytes += fetched.payload.len();
+                self.entries.push_back(Entry::Event { fetched });
+            }
+            Entry::Mark(lsn) => match self.entries.back_mut() {
+                // Consecutive positions: the later one stands for both.
+                Some(Entry::Mark(last)) => *last = (*last).max(lsn),
+                _ => self.entries.push_back(Entry::Mark(lsn)),
+            },
+            Entry::Settled(_) => self.entries.push_back(entry),
         }
-        self.entries.push_back(entry);
+        Ok(())
+    }
+
+    /// The entry of event `id`, if it is in the log.
+    fn get(&self, id: i64) -> Option<&Entry> {
+        let seq = self.seq_of.get(&id)?;
+        usize::try_from(seq - self.front)
+            .ok()
+            .and_then(|i| self.entries.get(i))
     }
 
     fn full(&self) -> bool {
-        self.unsettled >= LOG_MAX_EVENTS || self.unsettled_bytes >= LOG_MAX_BYTES
+        self.unsettled >= LOG_MAX_EVENTS
+            || self.unsettled_bytes >= LOG_MAX_BYTES
+            || self.entries.len() >= LOG_MAX_ENTRIES
     }
 
     fn settle(&mut self, ids: impl IntoIterator<Item = i64>) {
@@ -135,12 +172,10 @@ impl Log {
             else {
                 continue;
             };
-            if let Entry::Event { fetched, settled } = entry {
-                if !*settled {
-                    *settled = true;
-                    self.unsettled -= 1;
-                    self.unsettled_bytes -= fetched.payload.len();
-                }
+            if let Entry::Event { fetched, .. } = entry {
+                self.unsettled -= 1;
+                self.unsettled_bytes -= fetched.payload.len();
+                *entry = Entry::Settled(id);
             }
         }
     }
@@ -151,9 +186,11 @@ impl Log {
         let before = self.confirmed;
         while let Some(front) = self.entries.front() {
             match front {
-                Entry::Event { settled: false, .. } => break,
-                Entry::Event { fetched, .. } => {
-                    self.seq_of.remove(&fetched.id);
+                Entry::Event { .. } => break,
+                Entry::Settled(id) => {
+                    if self.seq_of.get(id) == Some(&self.front) {
+                        self.seq_of.remove(id);
+                    }
                 }
                 Entry::Mark(lsn) => self.confirmed = self.confirmed.max(*lsn),
             }
@@ -190,11 +227,7 @@ impl Log {
                 break;
             };
             seq += 1;
-            let Entry::Event {
-                fetched,
-                settled: false,
-            } = entry
-            else {
+            let Entry::Event { fetched, .. } = entry else {
                 continue;
             };
             let mut row = Fetched::clone(fetched);
@@ -224,6 +257,9 @@ struct State {
     log: Log,
     /// Inside a transaction of the stream (between its Begin and its Commit).
     in_tx: bool,
+    /// The schema of the outbox table (resolved at connect): rows of another schema's `outbox`
+    /// that the publication may carry are not this outbox's.
+    table_schema: String,
     /// The tableless prefix and the heartbeat prefix.
     prefix: String,
     heartbeat: String,
@@ -244,6 +280,7 @@ impl Streaming {
                 reader: None,
                 log: Log::default(),
                 in_tx: false,
+                table_schema: String::new(),
                 prefix: String::new(),
                 heartbeat: String::new(),
                 last_change: Instant::now(),
@@ -254,24 +291,21 @@ impl Streaming {
     /// Checks the slot, fences its walsender and starts streaming from its confirmed position.
     async fn connect(&self, st: &mut State, session: &mut Session<'_>) -> Result<()> {
         let s = self.settings.clone();
-        let (prefix, info) = session
+        let (prefix, table_schema, info) = session
             .call(move |c, sql, lease| {
+                store::stream::check_replication_role(c)?;
                 let info = store::stream::usable_slot(c, &s.slot)?;
-                if !store::stream::publication_exists(c, &s.publication)? {
-                    return Err(Error::Config(format!(
-                        "publication {:?} does not exist: create it with `outbox-relay migrate --capture streaming`",
-                        s.publication
-                    )));
-                }
                 let tables = match &s.schema {
                     Some(schema) => outbox::TableRef::in_schema(schema)?,
                     None => outbox::TableRef::default(),
                 };
+                let table_schema = store::stream::check_publication(c, &tables, &s.publication)?;
                 let prefix = store::stream::message_prefix(c, &tables)?;
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
-                Ok((prefix, info))
+                Ok((prefix, table_schema, info))
             })
             .await?;
+        st.table_schema = table_schema;
         tracing::info!(target: TARGET, slot = %self.settings.slot, confirmed = ?info.confirmed_flush_lsn, retained_bytes = ?info.retained_bytes, "streaming from the slot's confirmed position");
         st.heartbeat = format!("{prefix}:heartbeat");
         st.prefix = prefix;
@@ -335,8 +369,21 @@ impl Streaming {
     async fn fill(&self, st: &mut State, session: &mut Session<'_>, wait: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut waited = false;
+        let mut taken = 0_usize;
         loop {
+            // A batch is what arrived by now, bounded: reading a large transaction whole
+            // would keep the engine from renewing its lease.
+            if taken >= self.settings.batch_events
+                || (taken > 0 && tokio::time::Instant::now() >= deadline)
+            {
+                return Ok(());
+            }
             if st.log.full() {
+                if !waited {
+                    // Nothing more is read until something settles (the server keeps the WAL);
+                    // the engine comes round again after this pause, not in a busy loop.
+                    tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
+                }
                 return Ok(());
             }
             let Some(reader) = st.reader.as_mut() else {
@@ -386,6 +433,7 @@ impl Streaming {
             };
             let change = change.map_err(Error::Stream)?;
             self.ingest(st, change)?;
+            taken += 1;
         }
     }
 
@@ -395,7 +443,9 @@ impl Streaming {
             EventType::Begin { .. } => st.in_tx = true,
             EventType::Commit { end_lsn, .. } => {
                 st.in_tx = false;
-                st.log.push(Entry::Mark(end_lsn.value()));
+                st.log
+                    .push(Entry::Mark(end_lsn.value()))
+                    .map_err(Error::Stream)?;
             }
             EventType::Insert {
                 schema,
@@ -409,13 +459,12 @@ impl Streaming {
                     .as_deref()
                     .is_none_or(|s| s == &*schema) =>
             {
-                let fetched = self.checked(decode_row(&data).map_err(|e| {
-                    Error::Stream(format!("an outbox row in the WAL could not be read: {e}"))
-                })?);
-                st.log.push(Entry::Event {
-                    fetched: Box::new(fetched),
-                    settled: false,
-                });
+                let fetched = self.checked(decode_row(&data).map_err(Error::Stream)?);
+                st.log
+                    .push(Entry::Event {
+                        fetched: Box::new(fetched),
+                    })
+                    .map_err(Error::Stream)?;
             }
             EventType::Message {
                 flags,
@@ -425,12 +474,15 @@ impl Streaming {
             } => {
                 if flags & 1 == 1 && *prefix == *st.prefix {
                     let fetched = self.checked(decode_message(message_lsn.value(), &content));
-                    st.log.push(Entry::Event {
-                        fetched: Box::new(fetched),
-                        settled: false,
-                    });
+                    st.log
+                        .push(Entry::Event {
+                            fetched: Box::new(fetched),
+                        })
+                        .map_err(Error::Stream)?;
                 } else if flags & 1 == 0 && *prefix == *st.heartbeat && !st.in_tx {
-                    st.log.push(Entry::Mark(message_lsn.value()));
+                    st.log
+                        .push(Entry::Mark(message_lsn.value()))
+                        .map_err(Error::Stream)?;
                 }
             }
             EventType::StreamStart { .. }
@@ -612,9 +664,25 @@ async fn read_stream(
         // connection fit for the last feedback below.
         match stream.next_event(&stop).await {
             Ok(change) => {
-                if tx.send(Ok(change)).await.is_err() {
+                // While the log is full nothing is read; status updates keep the server from
+                // ending the connection as silent (`wal_sender_timeout`).
+                let permit = loop {
+                    match tokio::time::timeout(Duration::from_secs(1), tx.reserve()).await {
+                        Ok(permit) => break permit.ok(),
+                        Err(_) => {
+                            if stop.is_cancelled() {
+                                break None;
+                            }
+                            if let Err(e) = stream.send_feedback().await {
+                                tracing::debug!(target: TARGET, error = %e, "status update failed");
+                            }
+                        }
+                    }
+                };
+                let Some(permit) = permit else {
                     break;
-                }
+                };
+                permit.send(Ok(change));
             }
             Err(e) => {
                 if !stop.is_cancelled() {
@@ -643,17 +711,22 @@ pub(crate) fn replication_conninfo(url: &str, application_name: &str, timeout: D
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let sep = if url.contains('?') { '&' } else { '?' };
         let mut out = format!(
-            "{url}{sep}replication=database&application_name={}",
+            "{url}{sep}replication=database&client_encoding=UTF8&application_name={}",
             percent(application_name)
         );
-        if !url.contains("options=") {
+        if url.contains("options=") {
+            tracing::warn!(target: TARGET, "database_url sets options: the replication connection keeps them and the server's wal_sender_timeout applies");
+        } else {
             out.push_str(&format!("&options=-c%20wal_sender_timeout%3D{ms}"));
         }
         out
     } else {
         let quoted = application_name.replace('\\', "\\\\").replace('\'', "\\'");
-        let mut out = format!("{url} replication=database application_name='{quoted}'");
-        if !url.contains("options") {
+        let mut out =
+            format!("{url} replication=database client_encoding=UTF8 application_name='{quoted}'");
+        if url.split_whitespace().any(|kv| kv.starts_with("options")) {
+            tracing::warn!(target: TARGET, "database_url sets options: the replication connection keeps them and the server's wal_sender_timeout applies");
+        } else {
             out.push_str(&format!(" options='-c wal_sender_timeout={ms}'"));
         }
         out
@@ -672,8 +745,37 @@ fn percent(s: &str) -> String {
         .collect()
 }
 
-/// An outbox row from a binary pgoutput tuple.
+/// An outbox row from a binary pgoutput tuple. A row whose id is readable but whose content is
+/// not (an encoding the relay cannot read) is dead-lettered by id (the table still holds it).
 fn decode_row(data: &RowData) -> std::result::Result<Fetched, String> {
+    match decode_row_content(data) {
+        Ok(f) => Ok(f),
+        Err(why) => {
+            let id = match data.get("id") {
+                Some(ColumnValue::Binary(b)) => <[u8; 8]>::try_from(b.as_ref())
+                    .map(i64::from_be_bytes)
+                    .map_err(|_| format!("an outbox row in the WAL could not be read: {why}"))?,
+                _ => return Err(format!("an outbox row in the WAL could not be read: {why}")),
+            };
+            let mut event = outbox::StoredEvent::new(
+                id,
+                uuid::Uuid::nil(),
+                String::new(),
+                String::new(),
+                String::new(),
+                Vec::new(),
+            );
+            event.content_type = String::new();
+            Ok(Fetched {
+                event,
+                defect: Some(format!("the row could not be read from the WAL: {why}")),
+                over_budget: false,
+            })
+        }
+    }
+}
+
+fn decode_row_content(data: &RowData) -> std::result::Result<Fetched, String> {
     let raw = |name: &str| -> std::result::Result<Option<&[u8]>, String> {
         match data.get(name) {
             Some(ColumnValue::Binary(b)) => Ok(Some(b.as_ref())),
@@ -716,20 +818,28 @@ fn decode_row(data: &RowData) -> std::result::Result<Fetched, String> {
     event.content_type = text("content_type")?;
     event.traceparent = traceparent;
     event.tx_id = u64::from_be_bytes(int8("tx_id")?.to_be_bytes());
-    event.created_at = pg_time(micros);
+    let created_at = pg_time(micros);
+    event.created_at = created_at.unwrap_or(DateTime::UNIX_EPOCH);
+    // As the polling fetch does: a time no Kafka timestamp carries is dead-lettered.
+    let defect = created_at.is_none().then(|| {
+        "created_at is outside what a Kafka timestamp and ce_time carry (1970 to 9999)".to_owned()
+    });
     Ok(Fetched {
         event,
-        defect: None,
+        defect,
         over_budget: false,
     })
 }
 
-/// `timestamptz` binary: microseconds since 2000-01-01 UTC.
-fn pg_time(micros: i64) -> DateTime<Utc> {
+/// `timestamptz` binary: microseconds since 2000-01-01 UTC; `None` outside 1970..10000
+/// (`infinity` included).
+fn pg_time(micros: i64) -> Option<DateTime<Utc>> {
     const PG_EPOCH_SECS: i64 = 946_684_800;
-    let secs = micros.div_euclid(1_000_000) + PG_EPOCH_SECS;
-    let nanos = u32::try_from(micros.rem_euclid(1_000_000) * 1000).unwrap_or(0);
-    Utc.timestamp_opt(secs, nanos).single().unwrap_or_default()
+    let secs = micros.div_euclid(1_000_000).checked_add(PG_EPOCH_SECS)?;
+    let nanos = u32::try_from(micros.rem_euclid(1_000_000) * 1000).ok()?;
+    Utc.timestamp_opt(secs, nanos)
+        .single()
+        .filter(|t| t.timestamp() >= 0 && t.timestamp() < 253_402_300_800)
 }
 
 /// A tableless event's message, format v1 (docs/TABLES.md).
@@ -807,9 +917,11 @@ fn read_message(content: &[u8]) -> std::result::Result<MessageV1, String> {
 }
 
 fn unreadable(id: i64, content: &[u8], why: String) -> Fetched {
+    // The same message read again (after a restart) is the same dead letter.
+    let lsn = id.unsigned_abs();
     let mut event = outbox::StoredEvent::new(
         id,
-        uuid::Uuid::new_v4(),
+        uuid::Uuid::from_u64_pair(0x6f75_7462_6f78_0000, lsn),
         "outbox.unreadable".into(),
         id.to_string(),
         "unreadable".into(),
@@ -901,18 +1013,17 @@ mod tests {
         f.defect = None;
         Entry::Event {
             fetched: Box::new(f),
-            settled: false,
         }
     }
 
     #[test]
     fn the_position_moves_only_past_commits_whose_events_are_all_settled() {
         let mut log = Log::default();
-        log.push(event(1));
-        log.push(event(2));
-        log.push(Entry::Mark(100));
-        log.push(event(3));
-        log.push(Entry::Mark(200));
+        log.push(event(1)).unwrap();
+        log.push(event(2)).unwrap();
+        log.push(Entry::Mark(100)).unwrap();
+        log.push(event(3)).unwrap();
+        log.push(Entry::Mark(200)).unwrap();
         assert_eq!(log.advance(), None);
         log.settle([2, 3]);
         assert_eq!(log.advance(), None, "event 1 is not settled");
@@ -925,9 +1036,9 @@ mod tests {
     fn a_page_skips_settled_events_and_a_rewind_serves_what_is_left_in_order() {
         let mut log = Log::default();
         for id in 1..=5 {
-            log.push(event(id));
+            log.push(event(id)).unwrap();
         }
-        log.push(Entry::Mark(10));
+        log.push(Entry::Mark(10)).unwrap();
         let batch = StreamBatch { from: 0, to: 5 };
         let ids = |p: Vec<Fetched>| p.iter().map(|f| f.id).collect::<Vec<_>>();
         assert_eq!(ids(log.page(batch, BATCH_START, 2, usize::MAX)), [1, 2]);
@@ -948,7 +1059,7 @@ mod tests {
     fn a_page_stops_at_its_byte_budget_with_the_next_event_marked() {
         let mut log = Log::default();
         for id in 1..=3 {
-            log.push(event(id));
+            log.push(event(id)).unwrap();
         }
         let page = log.page(StreamBatch { from: 0, to: 2 }, BATCH_START, 10, 1);
         assert_eq!(page.len(), 2);
@@ -960,12 +1071,63 @@ mod tests {
         let t = Duration::from_millis(5000);
         assert_eq!(
             replication_conninfo("postgres://u@h/db?sslmode=require", "outbox-relay:a b", t),
-            "postgres://u@h/db?sslmode=require&replication=database&application_name=outbox-relay%3Aa%20b&options=-c%20wal_sender_timeout%3D5000"
+            "postgres://u@h/db?sslmode=require&replication=database&client_encoding=UTF8&application_name=outbox-relay%3Aa%20b&options=-c%20wal_sender_timeout%3D5000"
         );
         assert_eq!(
             replication_conninfo("host=h dbname=db", "x", t),
-            "host=h dbname=db replication=database application_name='x' options='-c wal_sender_timeout=5000'"
+            "host=h dbname=db replication=database client_encoding=UTF8 application_name='x' options='-c wal_sender_timeout=5000'"
         );
+    }
+
+    #[test]
+    fn an_event_read_twice_is_kept_once_and_a_retried_id_after_settling_is_tracked() {
+        let mut log = Log::default();
+        log.push(event(7)).unwrap();
+        log.push(event(7)).unwrap();
+        assert_eq!(log.entries.len(), 1);
+        let mut other = decode_message(2, b"y");
+        other.event.id = 7;
+        other.event.event_id = uuid::Uuid::from_u64_pair(1, 2);
+        assert!(log
+            .push(Entry::Event {
+                fetched: Box::new(other),
+            })
+            .unwrap_err()
+            .contains("two events with outbox id 7"));
+        // Settled, then the same id again (a dead letter retried under its id): the new copy
+        // is the one tracked, also after the old one leaves the front.
+        log.push(event(8)).unwrap();
+        log.settle([7]);
+        log.push(event(7)).unwrap();
+        assert_eq!(log.advance(), None);
+        log.settle([7]);
+        let batch = StreamBatch {
+            from: log.front,
+            to: log.next_seq() - 1,
+        };
+        let ids: Vec<i64> = log
+            .page(batch, BATCH_START, 10, usize::MAX)
+            .iter()
+            .map(|f| f.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [8],
+            "the retried copy is settled, event 8 is still served"
+        );
+    }
+
+    #[test]
+    fn settled_entries_drop_their_payload_and_marks_collapse() {
+        let mut log = Log::default();
+        log.push(event(1)).unwrap();
+        log.push(Entry::Mark(5)).unwrap();
+        log.push(Entry::Mark(9)).unwrap();
+        assert_eq!(log.entries.len(), 2);
+        log.settle([1]);
+        assert!(matches!(log.entries[0], Entry::Settled(1)));
+        assert_eq!((log.unsettled, log.unsettled_bytes), (0, 0));
+        assert_eq!(log.advance(), Some(9));
     }
 
     #[test]

@@ -14,14 +14,16 @@ use crate::error::{Error, Result};
 impl Sql {
     /// The fenced statements of streaming capture.
     pub(super) fn stream_statements(&mut self, f: &Fragments) {
-        let Fragments { s, lease_cond, .. } = f;
+        let Fragments { locked_lease, .. } = f;
         // Ends the walsender that streams the slot now (a previous leader's, paused or not):
-        // only while the lease is ours, so a standby never cuts off the leader. Both CTEs are
+        // only while the lease is ours (on the server it was taken on, the state row share-
+        // locked against a takeover), so a standby never cuts off the leader. Both CTEs are
         // materialized, so nothing is ended before the lease is checked and only this slot's
-        // walsender is a candidate (in one WHERE clause the planner may evaluate the
-        // terminating call on other slots' rows before the name filter).
+        // walsender is a candidate (in one WHERE clause the planner evaluated the terminating
+        // call on every slot's row before the name filter, ending every walsender on the
+        // server).
         self.terminate_walsender = format!(
-            "WITH lease AS MATERIALIZED (SELECT 1 FROM {s} WHERE {lease_cond}), \
+            "WITH lease AS MATERIALIZED ({locked_lease}), \
              target AS MATERIALIZED (SELECT active_pid FROM pg_replication_slots \
                WHERE slot_name = $4 AND active_pid IS NOT NULL \
                AND active_pid <> pg_backend_pid()) \
@@ -147,6 +149,7 @@ pub fn terminate_walsender(
         .bind::<Text, _>(&lease.instance)
         .bind::<BigInt, _>(lease.epoch)
         .bind::<Text, _>(slot)
+        .bind::<Text, _>(&lease.server)
         .get_result(conn)?;
     if r.leased == 0 {
         return Err(lost(sql));
@@ -216,6 +219,86 @@ pub fn wal_level(conn: &mut PgConnection) -> Result<String> {
             .get_result::<W>(conn)?
             .w,
     )
+}
+
+/// Checks that the publication exists, publishes INSERTs and includes the outbox table;
+/// returns the table's schema (what the stream's rows are matched against).
+///
+/// # Errors
+/// [`Error::Config`] naming what is missing; [`Error::Database`].
+pub fn check_publication(
+    conn: &mut PgConnection,
+    tables: &TableRef,
+    publication: &str,
+) -> Result<String> {
+    #[derive(QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Nullable<Text>)]
+        schema: Option<String>,
+        #[diesel(sql_type = Nullable<Bool>)]
+        inserts: Option<bool>,
+        #[diesel(sql_type = Bool)]
+        includes: bool,
+    }
+    let table = tables.qualify(Table::Outbox);
+    let p: P = diesel::sql_query(format!(
+        "SELECT (SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE c.oid = to_regclass('{table}')) AS schema, \
+         (SELECT pubinsert FROM pg_publication WHERE pubname = $1) AS inserts, \
+         EXISTS (SELECT 1 FROM pg_publication_tables t WHERE t.pubname = $1 \
+                 AND format('%I.%I', t.schemaname, t.tablename)::regclass = to_regclass('{table}')) AS includes"
+    ))
+    .bind::<Text, _>(publication)
+    .get_result(conn)?;
+    let migrate = "create it with `outbox-relay migrate --capture streaming`";
+    let Some(schema) = p.schema else {
+        return Err(Error::Config(format!(
+            "the outbox table {table} does not exist: apply the migrations"
+        )));
+    };
+    match (p.inserts, p.includes) {
+        (None, _) => Err(Error::Config(format!(
+            "publication {publication:?} does not exist: {migrate}"
+        ))),
+        (Some(false), _) => Err(Error::Config(format!(
+            "publication {publication:?} does not publish INSERTs: streaming capture reads the outbox table's inserts"
+        ))),
+        (Some(true), false) => Err(Error::Config(format!(
+            "publication {publication:?} does not include {schema}.outbox: nothing would be streamed"
+        ))),
+        (Some(true), true) => Ok(schema),
+    }
+}
+
+/// Fails with [`Error::MissingGrants`] when the connected role may not stream (no REPLICATION
+/// attribute).
+///
+/// # Errors
+/// [`Error::MissingGrants`], [`Error::Database`].
+pub fn check_replication_role(conn: &mut PgConnection) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct R {
+        #[diesel(sql_type = Text)]
+        role: String,
+        #[diesel(sql_type = Bool)]
+        ok: bool,
+    }
+    let r: R = diesel::sql_query(
+        "SELECT current_user::text AS role, (rolreplication OR rolsuper) AS ok \
+         FROM pg_roles WHERE rolname = current_user",
+    )
+    .get_result(conn)?;
+    if r.ok {
+        Ok(())
+    } else {
+        Err(Error::MissingGrants {
+            missing: vec![format!(
+                "the REPLICATION attribute for streaming capture (ALTER ROLE \"{}\" REPLICATION)",
+                r.role
+            )],
+            role: r.role,
+        })
+    }
 }
 
 /// Whether the publication exists.

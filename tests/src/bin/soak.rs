@@ -65,6 +65,8 @@ struct Args {
     broken_consumer: bool,
     mock_broker: bool,
     reader_fetch_max_bytes: Option<usize>,
+    /// The relays stream the WAL (`--capture streaming`) instead of polling.
+    streaming: bool,
 }
 
 /// The broker under the soak: durable tansu (killed and restarted as a fault), or librdkafka's
@@ -92,6 +94,7 @@ fn args() -> Result<Args> {
         broken_consumer: false,
         mock_broker: false,
         reader_fetch_max_bytes: Some(READER_FETCH_MAX_BYTES),
+        streaming: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -104,11 +107,18 @@ fn args() -> Result<Args> {
             }
             "--broken-consumer" => a.broken_consumer = true,
             "--mock-broker" => a.mock_broker = true,
+            "--capture" => {
+                a.streaming = match it.next().as_deref() {
+                    Some("streaming") => true,
+                    Some("polling") => false,
+                    other => anyhow::bail!("--capture polling|streaming, not {other:?}"),
+                };
+            }
             "--reader-fetch-max-bytes" => {
                 let n: usize = it.next().context("--reader-fetch-max-bytes N")?.parse()?;
                 a.reader_fetch_max_bytes = (n > 0).then_some(n);
             }
-            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer] [--mock-broker] [--reader-fetch-max-bytes N (0: librdkafka's default)]"),
+            other => anyhow::bail!("unknown argument {other:?}: soak [--seconds N] [--seed N] [--rate EVENTS_PER_S] [--long-tx-seconds N] [--broken-consumer] [--mock-broker] [--capture polling|streaming] [--reader-fetch-max-bytes N (0: librdkafka's default)]"),
         }
     }
     Ok(a)
@@ -192,11 +202,15 @@ async fn main() -> Result<()> {
         }
     );
     let relay_bin = std::env::current_exe()?.with_file_name("relay-under-test");
-    let relay_args: &[&str] = if args.mock_broker {
-        MOCK_RELAY_ARGS
+    let mut relay_args: Vec<&str> = if args.mock_broker {
+        MOCK_RELAY_ARGS.to_vec()
     } else {
-        &[]
+        Vec::new()
     };
+    if args.streaming {
+        relay_args.extend(["--capture", "streaming"]);
+    }
+    let relay_args = relay_args.as_slice();
     anyhow::ensure!(
         relay_bin.exists(),
         "{} missing: cargo build -p outbox-tests --bins",
@@ -209,6 +223,15 @@ async fn main() -> Result<()> {
     {
         let mut c = PgConnection::establish(&url)?;
         outbox::Outbox::new().migrate(&mut c)?;
+        if args.streaming {
+            let cfg = outbox_relay::RelayConfig::default();
+            outbox_relay::store::stream::ensure_streaming(
+                &mut c,
+                &outbox::TableRef::default(),
+                &cfg.slot_name(),
+                &cfg.publication_name(),
+            )?;
+        }
         create_keys(&mut c, 200)?;
         let mut c = PgConnection::establish(&consumer_url)?;
         outbox::Outbox::new().migrate(&mut c)?;
