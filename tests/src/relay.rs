@@ -85,7 +85,8 @@ impl RelayProcess {
             .env("KAFKA_BROKERS", bootstrap)
             .env(
                 "RUST_LOG",
-                std::env::var("OUTBOX_TEST_RELAY_LOG").unwrap_or_else(|_| "info".into()),
+                std::env::var("OUTBOX_TEST_RELAY_LOG")
+                    .unwrap_or_else(|_| "info,pg_walstream=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)

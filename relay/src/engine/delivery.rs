@@ -193,7 +193,11 @@ impl Relay {
                 }
                 outcome
             };
-            let event = (row.id < 0).then(|| Box::new(row.clone()));
+            // Streaming keeps the event for a dead letter written from its content: a row the
+            // stream delivers may not be visible to a new snapshot yet, so it cannot always be
+            // moved by id (its removal is retried until it is).
+            let event = (row.id < 0 || self.cfg.capture == crate::config::CaptureMode::Streaming)
+                .then(|| Box::new(row.clone()));
             page.push(Entry {
                 event,
                 id: row.id,
@@ -215,6 +219,7 @@ impl Relay {
         term: &mut Term<'_>,
         row: &outbox::StoredEvent,
     ) -> Result<Outcome> {
+        let queued_since = tokio::time::Instant::now();
         loop {
             let record = FutureRecord::to(&row.topic)
                 .key(row.partition_key.as_bytes())
@@ -226,7 +231,13 @@ impl Relay {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // Back-pressure, not an error: wait for librdkafka to drain its queue, while
                     // keeping the lease and listening for shutdown.
-                    if term.shutdown.is_cancelled() {
+                    // Not forever: a producer that stopped (a fatal error under the gap-less
+                    // guarantee) or a queue that stays full past `ack_overdue` hands the batch
+                    // back to the term loop, which checks the producer and the overdue events.
+                    if term.shutdown.is_cancelled()
+                        || term.producer.client().fatal_error().is_some()
+                        || queued_since.elapsed() >= self.cfg.ack_overdue.0
+                    {
                         return Ok(Outcome::NotSent);
                     }
                     term.session.renew_if_due().await?;

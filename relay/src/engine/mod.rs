@@ -137,11 +137,14 @@ impl Relay {
     /// `allow_superuser`, a producer configuration librdkafka refuses.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let app_name = store::application_name(&self.instance);
-        let mut db = Db::new(
-            &self.cfg.database_url,
-            &app_name,
-            &self.cfg.synchronous_commit,
-        );
+        // Streaming confirms the slot past a row once its removal returned: a removal lost in a
+        // database crash (synchronous_commit = off) would leave that row in the table for good,
+        // the slot never sending it again. So the relay's own commits wait for the WAL flush.
+        let synchronous_commit = match self.cfg.capture {
+            CaptureMode::Polling => self.cfg.synchronous_commit.as_str(),
+            CaptureMode::Streaming => "on",
+        };
+        let mut db = Db::new(&self.cfg.database_url, &app_name, synchronous_commit);
         self.startup_checks(&mut db, &shutdown).await?;
         let mut backoff = backoff_policy();
         let mut attempts: HashMap<i64, Attempts> = HashMap::new();

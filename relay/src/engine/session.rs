@@ -4,7 +4,6 @@
 //!
 //! May call: `store` (the SQL). Called by: the engine's term loop, capture and delivery.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,9 @@ use crate::store::{self, DeadLetter, Lease, Sql};
 use crate::{Error, Result};
 
 use super::TARGET;
+
+/// What a removal did (streaming): the events settled, the rows it did not find.
+type Removal = (Vec<i64>, Vec<i64>);
 
 /// One database connection, used from blocking threads (diesel is synchronous).
 pub(super) struct Db {
@@ -86,6 +88,9 @@ pub(super) struct Session<'a> {
     settled: Vec<i64>,
     /// Whether `settled` is kept (streaming capture reads it).
     track_settled: bool,
+    /// Rows a removal did not find (streaming: possibly not visible yet), for
+    /// [`Session::take_missed`].
+    missed: Vec<i64>,
 }
 
 impl<'a> Session<'a> {
@@ -105,6 +110,7 @@ impl<'a> Session<'a> {
             unremoved: Vec::new(),
             settled: Vec::new(),
             track_settled: false,
+            missed: Vec::new(),
         }
     }
 
@@ -112,6 +118,12 @@ impl<'a> Session<'a> {
     pub(super) fn track_settled(mut self) -> Self {
         self.track_settled = true;
         self
+    }
+
+    /// Acknowledged rows that a removal did not find since the last call (streaming capture
+    /// decides whether to try again: their transaction may not be visible yet).
+    pub(super) fn take_missed(&mut self) -> Vec<i64> {
+        std::mem::take(&mut self.missed)
     }
 
     /// The events settled since the last call: acknowledged (and removed by a call since) or
@@ -128,27 +140,45 @@ impl<'a> Session<'a> {
         F: FnOnce(&mut PgConnection, &Sql, &Lease) -> Result<T> + Send + 'static,
     {
         let ids = std::mem::take(&mut self.unremoved);
-        let removed = if self.track_settled {
-            ids.clone()
-        } else {
-            Vec::new()
-        };
-        let done = Arc::new(AtomicBool::new(ids.is_empty()));
-        let (sql, lease, flag) = (Arc::clone(&self.sql), self.lease.clone(), Arc::clone(&done));
+        let track = self.track_settled;
+        let outcome: Arc<std::sync::Mutex<Option<Removal>>> = Arc::new(std::sync::Mutex::new(None));
+        let (sql, lease, out) = (
+            Arc::clone(&self.sql),
+            self.lease.clone(),
+            Arc::clone(&outcome),
+        );
         let result = self
             .db
             .call(move |c| {
                 // Tableless events (negative ids) have no row.
-                let rows: Vec<i64> = ids.into_iter().filter(|id| *id > 0).collect();
-                if !rows.is_empty() {
+                let (rows, no_row): (Vec<i64>, Vec<i64>) = ids.into_iter().partition(|id| *id > 0);
+                let removed = if rows.is_empty() {
+                    Vec::new()
+                } else if track {
+                    store::delete_returning(c, &sql, &lease, &rows)?
+                } else {
                     store::delete(c, &sql, &lease, &rows)?;
+                    Vec::new()
+                };
+                if track {
+                    let gone: std::collections::HashSet<i64> = removed.iter().copied().collect();
+                    let missed = rows.into_iter().filter(|id| !gone.contains(id)).collect();
+                    let mut settled = removed;
+                    settled.extend(no_row);
+                    *out.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((settled, missed));
                 }
-                flag.store(true, Ordering::Release);
                 f(c, &sql, &lease)
             })
             .await;
-        if done.load(Ordering::Acquire) {
-            self.settled.extend(removed);
+        if let Some((settled, missed)) = outcome
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            self.settled.extend(settled);
+            self.missed.extend(missed);
         }
         result
     }
@@ -180,7 +210,11 @@ impl<'a> Session<'a> {
         };
         self.call(move |c, sql, lease| store::dead_letter(c, sql, lease, &rows))
             .await?;
-        self.settled.extend(ids);
+        // Streaming writes dead letters from their content; a row's own removal follows (and
+        // is retried while the row is not visible yet): settled once removed.
+        let (rows, no_row): (Vec<i64>, Vec<i64>) = ids.into_iter().partition(|id| *id > 0);
+        self.unremoved.extend(rows);
+        self.settled.extend(no_row);
         Ok(())
     }
 

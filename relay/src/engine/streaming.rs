@@ -63,8 +63,11 @@ pub(crate) struct StreamSettings {
     pub batch_events: usize,
 }
 
-/// Heartbeat after this long without an event, so an idle relay confirms its position.
+/// Heartbeat after this long without a change from the stream: an idle relay confirms its
+/// position, and a reader stuck on a large message is woken (see [`Streaming::fill`]).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// A transaction's changes stop arriving this long: nudge the reader (see [`Streaming::fill`]).
+const STALLED_IN_TRANSACTION: Duration = Duration::from_millis(200);
 /// Events read and not yet settled, at most: past it, reading waits (the server keeps the WAL).
 const LOG_MAX_EVENTS: usize = 200_000;
 /// Payload bytes read and not yet settled, at most.
@@ -257,6 +260,9 @@ struct State {
     log: Log,
     /// Inside a transaction of the stream (between its Begin and its Commit).
     in_tx: bool,
+    /// Rows a removal missed although their transaction was visible: tried once more, then
+    /// taken as removed before (e.g. by a previous leader).
+    retried: std::collections::HashSet<i64>,
     /// The schema of the outbox table (resolved at connect): rows of another schema's `outbox`
     /// that the publication may carry are not this outbox's.
     table_schema: String,
@@ -280,6 +286,7 @@ impl Streaming {
                 reader: None,
                 log: Log::default(),
                 in_tx: false,
+                retried: std::collections::HashSet::new(),
                 table_schema: String::new(),
                 prefix: String::new(),
                 heartbeat: String::new(),
@@ -394,34 +401,32 @@ impl Streaming {
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     return Err(Error::Stream("the replication connection ended".into()))
                 }
-                Err(mpsc::error::TryRecvError::Empty) if waited || st.in_tx => {
-                    if st.in_tx {
-                        // The rest of a transaction is on its way: wait for it a little, so a
-                        // batch is not cut after every change of a large transaction.
-                        match tokio::time::timeout(Duration::from_millis(5), reader.changes.recv())
-                            .await
-                        {
-                            Ok(Some(c)) => c,
-                            Ok(None) => {
-                                return Err(Error::Stream(
-                                    "the replication connection ended".into(),
-                                ))
-                            }
-                            Err(_) => return Ok(()),
-                        }
-                    } else {
-                        return Ok(());
-                    }
-                }
+                // What arrived is the batch: it waits for the first change, and for the rest
+                // of a transaction already begun, not for more.
+                Err(mpsc::error::TryRecvError::Empty) if taken > 0 && !st.in_tx => return Ok(()),
                 Err(mpsc::error::TryRecvError::Empty) => {
                     waited = true;
-                    if st.last_change.elapsed() >= HEARTBEAT_EVERY && st.log.unsettled == 0 {
+                    // New WAL wakes a reader whose socket still holds the rest of a large
+                    // message (pg_walstream 0.10.0's copy loop clears the socket's readiness
+                    // after a partial read and then waits for bytes already there): nudged
+                    // soon inside a transaction, every HEARTBEAT_EVERY otherwise (which also
+                    // lets an idle relay confirm its position).
+                    let nudge = if st.in_tx {
+                        STALLED_IN_TRANSACTION
+                    } else {
+                        HEARTBEAT_EVERY
+                    };
+                    if st.last_change.elapsed() >= nudge {
                         let prefix = st.heartbeat.clone();
+                        tracing::debug!(target: TARGET, in_transaction = st.in_tx, "heartbeat");
                         session
                             .call(move |c, _, _| store::stream::emit_heartbeat(c, &prefix))
                             .await?;
                         st.last_change = Instant::now();
                     }
+                    let Some(reader) = st.reader.as_mut() else {
+                        return Err(Error::Stream("not streaming".into()));
+                    };
                     match tokio::time::timeout_at(deadline, reader.changes.recv()).await {
                         Ok(Some(c)) => c,
                         Ok(None) => {
@@ -520,13 +525,51 @@ impl Streaming {
     }
 
     /// Takes in what delivery settled and gives the server the position now safe to confirm.
-    fn confirm(st: &mut State, session: &mut Session<'_>) {
+    /// A row the removal did not find is settled only once its writing transaction is visible
+    /// to new snapshots (it was removed before, e.g. by a previous leader); until then its
+    /// removal is tried again (the stream can deliver a commit a moment before the commit is
+    /// visible: a removal then deletes nothing, and confirming past the row would leave it in
+    /// the table for good).
+    async fn confirm(st: &mut State, session: &mut Session<'_>) -> Result<()> {
         st.log.settle(session.take_settled());
+        let missed = session.take_missed();
+        if !missed.is_empty() {
+            let tx_of: Vec<(i64, String)> = missed
+                .iter()
+                .filter_map(|id| match st.log.get(*id) {
+                    Some(Entry::Event { fetched }) => Some((*id, fetched.tx_id.to_string())),
+                    _ => None,
+                })
+                .collect();
+            let tx_ids: Vec<String> = tx_of.iter().map(|(_, t)| t.clone()).collect();
+            let invisible: std::collections::HashSet<String> = session
+                .call(move |c, _, _| store::not_yet_visible(c, &tx_ids))
+                .await?
+                .into_iter()
+                .collect();
+            type Rows = Vec<(i64, String)>;
+            // Visibility only grows: a row whose transaction is visible now is seen by the next
+            // removal if it still exists, so a row missed again after that is really gone.
+            let retried = &mut st.retried;
+            let (retry, gone): (Rows, Rows) = tx_of
+                .into_iter()
+                .partition(|(id, t)| invisible.contains(t) || retried.insert(*id));
+            if !retry.is_empty() {
+                tracing::debug!(target: TARGET, rows = retry.len(), "a removal missed rows (not visible yet); trying again");
+            }
+            session.remove_later(retry.into_iter().map(|(id, _)| id));
+            for (id, _) in &gone {
+                st.retried.remove(id);
+            }
+            st.log.settle(gone.into_iter().map(|(id, _)| id));
+            st.log.settle(session.take_settled());
+        }
         if let (Some(lsn), Some(reader)) = (st.log.advance(), st.reader.as_ref()) {
             reader.feedback.update_flushed_lsn(lsn);
             reader.feedback.update_applied_lsn(lsn);
             crate::metrics::stream_confirmed(lsn);
         }
+        Ok(())
     }
 }
 
@@ -552,7 +595,7 @@ impl Capture for Streaming {
                 }
             })
             .await?;
-        Self::confirm(&mut st, session);
+        Self::confirm(&mut st, session).await?;
         if st.reader.is_none() {
             self.connect(&mut st, session).await?;
         }
@@ -604,8 +647,7 @@ impl Capture for Streaming {
     ) -> Result<()> {
         let mut st = self.state.lock().await;
         session.call(|_, _, _| Ok(())).await?;
-        Self::confirm(&mut st, session);
-        Ok(())
+        Self::confirm(&mut st, session).await
     }
 
     fn start_after(batch: &StreamBatch) -> Option<i64> {
@@ -615,7 +657,9 @@ impl Capture for Streaming {
     async fn finish(&self, session: &mut Session<'_>) {
         let mut st = self.state.lock().await;
         if session.call(|_, _, _| Ok(())).await.is_ok() {
-            Self::confirm(&mut st, session);
+            if let Err(e) = Self::confirm(&mut st, session).await {
+                tracing::debug!(target: TARGET, error = %e, "last confirmation skipped");
+            }
         }
         if let Some(reader) = st.reader.take() {
             // The task sends the last feedback, then closes the connection.

@@ -137,6 +137,8 @@ pub struct Sql {
     page_bytes: i64,
     dead_letter: String,
     dead_letter_event: String,
+    delete_returning: String,
+    move_delivered_returning: String,
     terminate_walsender: String,
     held_keys: String,
     /// The hot statements split at their placeholders, run as cached prepared statements.
@@ -242,7 +244,7 @@ pub use capture::{
 };
 pub use lease::{release, renew, try_acquire};
 use prepared::Segment;
-pub use removal::{dead_letter, delete};
+pub use removal::{dead_letter, delete, delete_returning, not_yet_visible};
 
 impl Sql {
     /// SQL for the tables at `tables`.

@@ -2,7 +2,7 @@
 //! move to the dead letters, under the lease and on the server it was taken on.
 
 use diesel::sql_types::{Array, BigInt, Bytea, Integer, Nullable, Text, Timestamptz};
-use diesel::{PgConnection, RunQueryDsl};
+use diesel::{PgConnection, QueryableByName, RunQueryDsl};
 use outbox::contract::StoredEvent;
 
 use super::lease::lost;
@@ -41,6 +41,25 @@ impl Sql {
              SELECT (SELECT count(*) FROM lease) AS leased, \
              (SELECT count(*) FROM del) AS affected"
         );
+        // The same removals naming what they removed (streaming capture: a row the stream
+        // delivers can still be invisible to a new snapshot for a moment after its commit
+        // record was flushed, and a removal that missed it must be tried again, not counted).
+        self.delete_returning = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING id) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             coalesce((SELECT array_agg(id) FROM del), '{{}}') AS ids"
+        );
+        self.move_delivered_returning = format!(
+            "WITH lease AS ({locked_lease}), \
+             del AS (DELETE FROM {t} WHERE id = ANY($4) AND EXISTS (SELECT 1 FROM lease) \
+             RETURNING *), \
+             ins AS (INSERT INTO {k} ({all}) SELECT {all} FROM del \
+                     ON CONFLICT (id) DO NOTHING RETURNING 1) \
+             SELECT (SELECT count(*) FROM lease) AS leased, \
+             coalesce((SELECT array_agg(id) FROM del), '{{}}') AS ids"
+        );
         self.dead_letter = format!(
             "WITH lease AS ({locked_lease}), \
              f AS (SELECT * FROM unnest($4::bigint[], $6::text[], $7::int[]) \
@@ -54,7 +73,8 @@ impl Sql {
                        {dead_letter_updates}, dead_lettered_at = now() \
                      RETURNING 1) \
              SELECT (SELECT count(*) FROM lease) AS leased, \
-             (SELECT count(*) FROM ins) AS affected"
+             (SELECT count(*) FROM ins) AS affected, \
+             coalesce((SELECT array_agg(id) FROM moved), '{{}}') AS ids"
         );
         // A tableless event (no row to move): written from its content, same fencing.
         self.dead_letter_event = format!(
@@ -96,6 +116,63 @@ pub fn delete(conn: &mut PgConnection, sql: &Sql, lease: &Lease, ids: &[i64]) ->
     Ok(u64::try_from(r.affected).unwrap_or(0))
 }
 
+/// As [`delete`], returning the ids it removed.
+///
+/// # Errors
+/// As [`delete`].
+pub fn delete_returning(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    lease: &Lease,
+    ids: &[i64],
+) -> Result<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Removed {
+        #[diesel(sql_type = BigInt)]
+        leased: i64,
+        #[diesel(sql_type = Array<BigInt>)]
+        ids: Vec<i64>,
+    }
+    let statement = if sql.keep_delivered {
+        &sql.move_delivered_returning
+    } else {
+        &sql.delete_returning
+    };
+    let r: Removed = diesel::sql_query(statement)
+        .bind::<Text, _>(&sql.key)
+        .bind::<Text, _>(&lease.instance)
+        .bind::<BigInt, _>(lease.epoch)
+        .bind::<Array<BigInt>, _>(ids)
+        .bind::<Text, _>(&lease.server)
+        .get_result(conn)?;
+    if r.leased == 0 {
+        return Err(lost(sql));
+    }
+    Ok(r.ids)
+}
+
+/// Of these writing transactions (`xid8` as text), the ones a new snapshot does not see as
+/// committed yet.
+///
+/// # Errors
+/// [`Error::Database`](crate::Error::Database).
+pub fn not_yet_visible(conn: &mut PgConnection, tx_ids: &[String]) -> Result<Vec<String>> {
+    #[derive(QueryableByName)]
+    struct T {
+        #[diesel(sql_type = Text)]
+        t: String,
+    }
+    Ok(diesel::sql_query(
+        "SELECT t FROM unnest($1::text[]) t \
+         WHERE NOT pg_visible_in_snapshot(t::xid8, pg_current_snapshot())",
+    )
+    .bind::<Array<Text>, _>(tx_ids)
+    .load::<T>(conn)?
+    .into_iter()
+    .map(|t| t.t)
+    .collect())
+}
+
 /// Moves rows to the dead letters, only while the lease is ours.
 ///
 /// # Errors
@@ -106,33 +183,46 @@ pub fn dead_letter(
     lease: &Lease,
     rows: &[DeadLetter],
 ) -> Result<u64> {
-    let (events, rows): (Vec<&DeadLetter>, Vec<&DeadLetter>) =
-        rows.iter().partition(|r| r.event.is_some());
+    #[derive(QueryableByName)]
+    struct Moved {
+        #[diesel(sql_type = BigInt)]
+        leased: i64,
+        #[diesel(sql_type = BigInt)]
+        affected: i64,
+        #[diesel(sql_type = Array<BigInt>)]
+        ids: Vec<i64>,
+    }
+    // Rows are moved by id; what has no row (a tableless event), or whose row a new snapshot
+    // does not see yet (streaming delivers a commit a moment before it is visible), is written
+    // from the event's content when the event is at hand.
+    let rows_by_id: Vec<&DeadLetter> = rows.iter().filter(|r| r.id > 0).collect();
     let mut affected = 0;
-    for r in events {
+    let mut moved = std::collections::HashSet::new();
+    if !rows_by_id.is_empty() {
+        let ids: Vec<i64> = rows_by_id.iter().map(|r| r.id).collect();
+        let errors: Vec<&str> = rows_by_id.iter().map(|r| r.error.as_str()).collect();
+        let attempts: Vec<i32> = rows_by_id.iter().map(|r| r.attempts).collect();
+        let r: Moved = diesel::sql_query(&sql.dead_letter)
+            .bind::<Text, _>(&sql.key)
+            .bind::<Text, _>(&lease.instance)
+            .bind::<BigInt, _>(lease.epoch)
+            .bind::<Array<BigInt>, _>(&ids)
+            .bind::<Text, _>(&lease.server)
+            .bind::<Array<Text>, _>(&errors)
+            .bind::<Array<Integer>, _>(&attempts)
+            .get_result(conn)?;
+        if r.leased == 0 {
+            return Err(lost(sql));
+        }
+        affected += u64::try_from(r.affected).unwrap_or(0);
+        moved.extend(r.ids);
+    }
+    for r in rows.iter().filter(|r| !moved.contains(&r.id)) {
         if let Some(e) = &r.event {
             affected += dead_letter_event(conn, sql, lease, e, &r.error, r.attempts)?;
         }
     }
-    if rows.is_empty() {
-        return Ok(affected);
-    }
-    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
-    let errors: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
-    let attempts: Vec<i32> = rows.iter().map(|r| r.attempts).collect();
-    let r: Fenced = diesel::sql_query(&sql.dead_letter)
-        .bind::<Text, _>(&sql.key)
-        .bind::<Text, _>(&lease.instance)
-        .bind::<BigInt, _>(lease.epoch)
-        .bind::<Array<BigInt>, _>(&ids)
-        .bind::<Text, _>(&lease.server)
-        .bind::<Array<Text>, _>(&errors)
-        .bind::<Array<Integer>, _>(&attempts)
-        .get_result(conn)?;
-    if r.leased == 0 {
-        return Err(lost(sql));
-    }
-    Ok(affected + u64::try_from(r.affected).unwrap_or(0))
+    Ok(affected)
 }
 
 /// Writes one tableless event to the dead letters from its content, only while the lease is
