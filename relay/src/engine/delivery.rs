@@ -105,6 +105,9 @@ pub(super) struct Term<'a> {
     pub(super) solo: Option<Producer>,
     /// Partition counts of topics that had an overdue event (from the producer's metadata).
     pub(super) partitions: HashMap<String, i32>,
+    /// Since when the producer queue has been full (cleared by the next accepted send): past
+    /// `ack_overdue`, sends hand their batch back at once instead of each waiting again.
+    pub(super) queue_full_since: Option<tokio::time::Instant>,
     /// Partitions with an overdue event: every key on them waits too (it would only queue up
     /// behind the overdue ones; many distinct keys would each hold a page for `ack_overdue`).
     pub(super) overdue_partitions: HashSet<(String, i32)>,
@@ -219,7 +222,6 @@ impl Relay {
         term: &mut Term<'_>,
         row: &outbox::StoredEvent,
     ) -> Result<Outcome> {
-        let queued_since = tokio::time::Instant::now();
         loop {
             let record = FutureRecord::to(&row.topic)
                 .key(row.partition_key.as_bytes())
@@ -227,16 +229,22 @@ impl Relay {
                 .timestamp(row.created_at.timestamp_millis())
                 .headers(producer::headers(row, &self.source));
             match term.producer.send_result(record) {
-                Ok(future) => return Ok(Outcome::Pending(future)),
+                Ok(future) => {
+                    term.queue_full_since = None;
+                    return Ok(Outcome::Pending(future));
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     // Back-pressure, not an error: wait for librdkafka to drain its queue, while
                     // keeping the lease and listening for shutdown.
                     // Not forever: a producer that stopped (a fatal error under the gap-less
                     // guarantee) or a queue that stays full past `ack_overdue` hands the batch
                     // back to the term loop, which checks the producer and the overdue events.
+                    let since = *term
+                        .queue_full_since
+                        .get_or_insert_with(tokio::time::Instant::now);
                     if term.shutdown.is_cancelled()
                         || term.producer.client().fatal_error().is_some()
-                        || queued_since.elapsed() >= self.cfg.ack_overdue.0
+                        || since.elapsed() >= self.cfg.ack_overdue.0
                     {
                         return Ok(Outcome::NotSent);
                     }

@@ -301,6 +301,7 @@ impl Relay {
             solo: None,
             partitions: HashMap::new(),
             overdue_partitions: HashSet::new(),
+            queue_full_since: None,
         };
         // Retention purges run beside delivery, on their own short-lived connection.
         let purge_stop = shutdown.child_token();

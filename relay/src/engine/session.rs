@@ -91,6 +91,9 @@ pub(super) struct Session<'a> {
     /// Rows a removal did not find (streaming: possibly not visible yet), for
     /// [`Session::take_missed`].
     missed: Vec<i64>,
+    /// Streaming: rows of dead letters written from their content, removed by a plain delete
+    /// (never kept as delivered).
+    undelivered: Vec<i64>,
 }
 
 impl<'a> Session<'a> {
@@ -111,6 +114,7 @@ impl<'a> Session<'a> {
             settled: Vec::new(),
             track_settled: false,
             missed: Vec::new(),
+            undelivered: Vec::new(),
         }
     }
 
@@ -140,6 +144,7 @@ impl<'a> Session<'a> {
         F: FnOnce(&mut PgConnection, &Sql, &Lease) -> Result<T> + Send + 'static,
     {
         let ids = std::mem::take(&mut self.unremoved);
+        let dead_rows = std::mem::take(&mut self.undelivered);
         let track = self.track_settled;
         let outcome: Arc<std::sync::Mutex<Option<Removal>>> = Arc::new(std::sync::Mutex::new(None));
         let (sql, lease, out) = (
@@ -151,15 +156,20 @@ impl<'a> Session<'a> {
             .db
             .call(move |c| {
                 // Tableless events (negative ids) have no row.
-                let (rows, no_row): (Vec<i64>, Vec<i64>) = ids.into_iter().partition(|id| *id > 0);
-                let removed = if rows.is_empty() {
+                let (mut rows, no_row): (Vec<i64>, Vec<i64>) =
+                    ids.into_iter().partition(|id| *id > 0);
+                let mut removed = if rows.is_empty() {
                     Vec::new()
                 } else if track {
-                    store::delete_returning(c, &sql, &lease, &rows)?
+                    store::delete_returning(c, &sql, &lease, &rows, sql.keeps_delivered())?
                 } else {
                     store::delete(c, &sql, &lease, &rows)?;
                     Vec::new()
                 };
+                if !dead_rows.is_empty() {
+                    removed.extend(store::delete_returning(c, &sql, &lease, &dead_rows, false)?);
+                    rows.extend(dead_rows);
+                }
                 if track {
                     let gone: std::collections::HashSet<i64> = removed.iter().copied().collect();
                     let missed = rows.into_iter().filter(|id| !gone.contains(id)).collect();
@@ -190,7 +200,7 @@ impl<'a> Session<'a> {
 
     /// Whether acknowledged rows wait for removal.
     pub(super) fn has_unremoved(&self) -> bool {
-        !self.unremoved.is_empty()
+        !self.unremoved.is_empty() || !self.undelivered.is_empty()
     }
 
     /// Removes what was acknowledged now (best effort: what stays is sent again by the next
@@ -213,7 +223,7 @@ impl<'a> Session<'a> {
         // Streaming writes dead letters from their content; a row's own removal follows (and
         // is retried while the row is not visible yet): settled once removed.
         let (rows, no_row): (Vec<i64>, Vec<i64>) = ids.into_iter().partition(|id| *id > 0);
-        self.unremoved.extend(rows);
+        self.undelivered.extend(rows);
         self.settled.extend(no_row);
         Ok(())
     }

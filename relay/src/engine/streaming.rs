@@ -789,34 +789,13 @@ fn percent(s: &str) -> String {
         .collect()
 }
 
-/// An outbox row from a binary pgoutput tuple. A row whose id is readable but whose content is
-/// not (an encoding the relay cannot read) is dead-lettered by id (the table still holds it).
+/// An outbox row from a binary pgoutput tuple. A row that cannot be read ends the term with an
+/// error naming the column (the stream resumes there: nothing is skipped); it is never
+/// dead-lettered from a stand-in, whose removal would lose the row's content.
 fn decode_row(data: &RowData) -> std::result::Result<Fetched, String> {
-    match decode_row_content(data) {
-        Ok(f) => Ok(f),
-        Err(why) => {
-            let id = match data.get("id") {
-                Some(ColumnValue::Binary(b)) => <[u8; 8]>::try_from(b.as_ref())
-                    .map(i64::from_be_bytes)
-                    .map_err(|_| format!("an outbox row in the WAL could not be read: {why}"))?,
-                _ => return Err(format!("an outbox row in the WAL could not be read: {why}")),
-            };
-            let mut event = outbox::StoredEvent::new(
-                id,
-                uuid::Uuid::nil(),
-                String::new(),
-                String::new(),
-                String::new(),
-                Vec::new(),
-            );
-            event.content_type = String::new();
-            Ok(Fetched {
-                event,
-                defect: Some(format!("the row could not be read from the WAL: {why}")),
-                over_budget: false,
-            })
-        }
-    }
+    decode_row_content(data).map_err(|why| {
+        format!("an outbox row in the WAL could not be read ({why}): the relay stops here rather than skip it")
+    })
 }
 
 fn decode_row_content(data: &RowData) -> std::result::Result<Fetched, String> {

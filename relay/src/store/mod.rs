@@ -290,6 +290,12 @@ impl Sql {
         self
     }
 
+    /// Whether removal keeps delivered rows in `outbox_delivered`.
+    #[must_use]
+    pub fn keeps_delivered(&self) -> bool {
+        self.keep_delivered
+    }
+
     /// The state row's key for this outbox (`outbox` or `<schema>.outbox`).
     #[must_use]
     pub fn key(&self) -> &str {

@@ -125,6 +125,7 @@ pub fn delete_returning(
     sql: &Sql,
     lease: &Lease,
     ids: &[i64],
+    keep_delivered: bool,
 ) -> Result<Vec<i64>> {
     #[derive(QueryableByName)]
     struct Removed {
@@ -133,7 +134,7 @@ pub fn delete_returning(
         #[diesel(sql_type = Array<BigInt>)]
         ids: Vec<i64>,
     }
-    let statement = if sql.keep_delivered {
+    let statement = if keep_delivered {
         &sql.move_delivered_returning
     } else {
         &sql.delete_returning
