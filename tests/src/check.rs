@@ -192,6 +192,25 @@ impl TopicRead {
 
 /// Reads `topic` from offset 0 until at least `min` messages arrived and nothing new came for
 /// `quiet`, or `timeout` passed. A read that falls short prints what got in its way.
+/// [`read_topic`] from async code (on the blocking pool); panics when the read fails, as the
+/// suites want.
+///
+/// # Panics
+/// When the topic cannot be read or the blocking task fails.
+pub async fn read_topic_async(
+    bootstrap: &str,
+    topic: &str,
+    min: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Seen> {
+    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
+    tokio::task::spawn_blocking(move || read_topic(&b, &t, min, quiet, timeout))
+        .await
+        .expect("reader task")
+        .expect("read the topic")
+}
+
 pub fn read_topic(
     bootstrap: &str,
     topic: &str,

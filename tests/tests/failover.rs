@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use outbox_tests::check::{check, read_topic, Report};
+use outbox_tests::check::{check, Report};
 use outbox_tests::relay::{backlog, leader, wait_until};
 use outbox_tests::workload::{create_keys, run_writers, Expected};
 use outbox_tests::{
@@ -31,19 +31,14 @@ fn summary(r: &Report) -> String {
 }
 
 async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<outbox_tests::check::Seen> {
-    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        read_topic(
-            &b,
-            &t,
-            min,
-            Duration::from_secs(3),
-            Duration::from_secs(180),
-        )
-    })
+    outbox_tests::check::read_topic_async(
+        bootstrap,
+        topic,
+        min,
+        Duration::from_secs(3),
+        Duration::from_secs(180),
+    )
     .await
-    .unwrap()
-    .unwrap()
 }
 
 fn spawn_writers(

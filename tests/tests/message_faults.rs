@@ -9,7 +9,7 @@ use std::time::Duration;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use outbox::StoredEvent;
-use outbox_tests::check::{check, read_topic, Report, Seen};
+use outbox_tests::check::{check, Report, Seen};
 use outbox_tests::relay::{backlog, wait_until};
 use outbox_tests::workload::Expected;
 use outbox_tests::{relay_config, unique_name, InProcessRelay, TestDb};
@@ -61,14 +61,15 @@ async fn drain(cfg: outbox_relay::RelayConfig, conn: &mut PgConnection) {
     relay.stop().await.unwrap();
 }
 
-async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<Seen> {
-    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        read_topic(&b, &t, min, Duration::from_secs(2), Duration::from_secs(60))
-    })
+async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<outbox_tests::check::Seen> {
+    outbox_tests::check::read_topic_async(
+        bootstrap,
+        topic,
+        min,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
     .await
-    .unwrap()
-    .unwrap()
 }
 
 fn summary(r: &Report) -> String {

@@ -13,7 +13,7 @@ use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionMa
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
 use outbox_relay::{CaptureMode, RelayConfig};
-use outbox_tests::check::{check, read_topic, Report, Seen};
+use outbox_tests::check::{check, read_topic, Report};
 use outbox_tests::relay::{leader, wait_until};
 use outbox_tests::workload::{create_keys, run_writers_with, Expected};
 use outbox_tests::{
@@ -61,20 +61,15 @@ fn streaming(db: &TestDb, bootstrap: &str) -> RelayConfig {
         .slot(db.name())
 }
 
-async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<Seen> {
-    let (b, t) = (bootstrap.to_owned(), topic.to_owned());
-    tokio::task::spawn_blocking(move || {
-        read_topic(
-            &b,
-            &t,
-            min,
-            Duration::from_secs(3),
-            Duration::from_secs(180),
-        )
-    })
+async fn read(bootstrap: &str, topic: &str, min: usize) -> Vec<outbox_tests::check::Seen> {
+    outbox_tests::check::read_topic_async(
+        bootstrap,
+        topic,
+        min,
+        Duration::from_secs(3),
+        Duration::from_secs(180),
+    )
     .await
-    .unwrap()
-    .unwrap()
 }
 
 #[derive(QueryableByName)]
@@ -574,24 +569,29 @@ fn confirmed_past(conn: &mut PgConnection, slot: &str, lsn: &str) -> anyhow::Res
     .past)
 }
 
+/// A private cluster (one the test may crash or reconfigure) with a migrated database `app`, its
+/// publication and the slot `outbox_relay`.
+fn private_streaming_db() -> (outbox_tests::PgCluster, String, PgConnection) {
+    let cluster = outbox_tests::PgCluster::start().unwrap();
+    let url = cluster.create_db("app").unwrap();
+    let mut conn: PgConnection = Connection::establish(&url).unwrap();
+    outbox::Outbox::new().migrate(&mut conn).unwrap();
+    outbox_relay::store::stream::ensure_streaming(
+        &mut conn,
+        &outbox::TableRef::default(),
+        "outbox_relay",
+        "outbox_relay",
+    )
+    .unwrap();
+    (cluster, url, conn)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_crash_while_streaming_nothing_lost_nothing_uncommitted_order_kept() {
     use outbox_tests::workload::{committed, run_resilient_writers_until};
-    use outbox_tests::PgCluster;
-    let cluster = PgCluster::start().unwrap();
-    let url = cluster.create_db("app").unwrap();
-    {
-        let mut conn: PgConnection = Connection::establish(&url).unwrap();
-        outbox::Outbox::new().migrate(&mut conn).unwrap();
-        outbox_relay::store::stream::ensure_streaming(
-            &mut conn,
-            &outbox::TableRef::default(),
-            "outbox_relay",
-            "outbox_relay",
-        )
-        .unwrap();
-        create_keys(&mut conn, 50).unwrap();
-    }
+    let (cluster, url, mut conn) = private_streaming_db();
+    create_keys(&mut conn, 50).unwrap();
+    drop(conn);
     let broker = Tansu::start().unwrap();
     let topic = unique_name("spgcrash");
     create_topic(&broker.bootstrap(), &topic, 3).await.unwrap();
@@ -627,18 +627,7 @@ async fn postgres_crash_while_streaming_nothing_lost_nothing_uncommitted_order_k
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_slot_stops_the_relay_with_the_recovery_and_the_rows_are_still_there() {
-    use outbox_tests::PgCluster;
-    let cluster = PgCluster::start().unwrap();
-    let url = cluster.create_db("app").unwrap();
-    let mut conn: PgConnection = Connection::establish(&url).unwrap();
-    outbox::Outbox::new().migrate(&mut conn).unwrap();
-    outbox_relay::store::stream::ensure_streaming(
-        &mut conn,
-        &outbox::TableRef::default(),
-        "outbox_relay",
-        "outbox_relay",
-    )
-    .unwrap();
+    let (_cluster, url, mut conn) = private_streaming_db();
     let event = outbox::Event::json("lost-slot", "k", "T", &serde_json::json!({})).unwrap();
     conn.transaction::<_, outbox::Error, _>(|c| outbox::Outbox::new().enqueue(c, &event).map(drop))
         .unwrap();
