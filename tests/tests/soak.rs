@@ -42,12 +42,9 @@ fn soak_short_form_holds_every_invariant() {
 
 /// The same soak with the relays streaming the WAL (table rows; kill -9, SIGSTOP, broker kill,
 /// Postgres crash, a held transaction, edge rows, a failing consumer).
-///
-/// KNOWN FAILING: its 2 MB edge row stalls the stream (see
-/// `streaming::edge_rows_are_dead_lettered_while_streaming_and_nothing_stalls`); run it with
-/// `-- --ignored`.
+/// Its 2 MB edge rows stalled the stream until the replication client's copy loop was fixed
+/// (vendor/pg_walstream/PATCHED.md).
 #[test]
-#[ignore = "known stall on a 2 MB row in pg_walstream 0.10.0's copy loop"]
 fn soak_short_form_in_streaming_mode_holds_every_invariant() {
     let (ok, text) = soak(&["--seconds", "60", "--seed", "12", "--capture", "streaming"]);
     assert!(ok, "{text}");

@@ -773,16 +773,15 @@ async fn a_tableless_event_kafka_refuses_is_dead_lettered_with_its_content_and_r
 }
 
 /// Rows at the edges of what the table accepts, streamed: a 2 MB payload (over
-/// `message.max.bytes`) and `created_at = infinity` are dead-lettered, the events around them
-/// delivered, nothing stalls.
+/// `message.max.bytes`) and `created_at = infinity` are dead-lettered, a 900 kB payload and the
+/// events around them delivered, nothing stalls.
 ///
-/// KNOWN FAILING (about half the runs, with and without TLS): the stream stalls on the 2 MB
-/// row. pg_walstream 0.10.0's copy loop (`pump_copy`) clears the socket's readiness after a
-/// `PQconsumeInput` that did not complete the message, then waits for a readiness edge that
-/// never comes for bytes already queued (its own `await_readable` peeks first). Needs a fixed
-/// client; run it with `-- --ignored`.
+/// Each large row is one CopyData message larger than libpq's input buffer. pg_walstream
+/// 0.10.0's copy loop cleared the socket's readiness after a `PQconsumeInput` that stopped at
+/// a full buffer and then waited for an edge that never came for bytes already queued: the
+/// stream stalled in about half the runs (vendor/pg_walstream/PATCHED.md has the fix). Run with
+/// `OUTBOX_TEST_SSLMODE=require` for the same over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known stall on a 2 MB row in pg_walstream 0.10.0's copy loop (see the doc comment)"]
 async fn edge_rows_are_dead_lettered_while_streaming_and_nothing_stalls() {
     let db = streaming_db();
     let broker = Tansu::start().unwrap();
@@ -797,12 +796,17 @@ async fn edge_rows_are_dead_lettered_while_streaming_and_nothing_stalls() {
         .capture(CaptureMode::Streaming)
         .slot(db.name());
     let relay = InProcessRelay::start(cfg).unwrap();
-    for round in 0..3 {
+    // Every round is a chance to meet the stall on the unpatched client: with 6 rounds it
+    // stalled in 4 of 5 runs (3 rounds: 1 of 4); patched, 9 of 9 passed (3 rounds: 18 of 18).
+    const ROUNDS: usize = 6;
+    for round in 0..ROUNDS {
         conn.batch_execute(&format!(
             "INSERT INTO outbox (topic, partition_key, event_type, payload) \
              VALUES ('{topic}', 'k', 'Before', '\\x7b7d'); \
              INSERT INTO outbox (topic, partition_key, event_type, payload) \
              SELECT '{topic}', 'edge', 'Huge', decode(repeat('ab', 2000000), 'hex'); \
+             INSERT INTO outbox (topic, partition_key, event_type, payload) \
+             SELECT '{topic}', 'big', 'Big', decode(repeat('61', 900000), 'hex'); \
              BEGIN; SET LOCAL outbox.x = '1'; \
              INSERT INTO outbox (topic, partition_key, event_type, payload, created_at) \
              VALUES ('{topic}', 'edge', 'Infinity', '\\x7b7d', 'infinity'); COMMIT; \
@@ -816,10 +820,29 @@ async fn edge_rows_are_dead_lettered_while_streaming_and_nothing_stalls() {
         "edge rows dead-lettered, the rest delivered",
         || {
             Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0
-                && count(&mut conn, "SELECT count(*) AS n FROM outbox_dead_letters") == 6)
+                && count(&mut conn, "SELECT count(*) AS n FROM outbox_dead_letters")
+                    == 2 * ROUNDS as i64)
         },
     )
     .await
     .unwrap();
     relay.stop().await.unwrap();
+    // Three rounds of Before, Big, After: the 900 kB rows arrive whole and once.
+    let seen = read(&broker.bootstrap(), &topic, 3 * ROUNDS).await;
+    let big: Vec<_> = seen.iter().filter(|m| m.key == "big").collect();
+    assert_eq!(big.len(), ROUNDS, "every 900 kB row delivered once");
+    assert!(
+        big.iter().all(|m| m.payload.len() == 900_000),
+        "900 kB rows arrive whole"
+    );
+    let k: Vec<_> = seen
+        .iter()
+        .filter(|m| m.key == "k")
+        .map(|m| m.payload.len())
+        .collect();
+    assert_eq!(
+        k.len(),
+        2 * ROUNDS,
+        "the small events around the edge rows: {k:?}"
+    );
 }

@@ -64,7 +64,7 @@ pub(crate) struct StreamSettings {
 }
 
 /// Heartbeat after this long without a change from the stream: an idle relay confirms its
-/// position, and a reader stuck on a large message is woken (see [`Streaming::fill`]).
+/// position (see [`Streaming::fill`]).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// A transaction's changes stop arriving this long: nudge the reader (see [`Streaming::fill`]).
 const STALLED_IN_TRANSACTION: Duration = Duration::from_millis(200);
@@ -406,11 +406,11 @@ impl Streaming {
                 Err(mpsc::error::TryRecvError::Empty) if taken > 0 && !st.in_tx => return Ok(()),
                 Err(mpsc::error::TryRecvError::Empty) => {
                     waited = true;
-                    // New WAL wakes a reader whose socket still holds the rest of a large
-                    // message (pg_walstream 0.10.0's copy loop clears the socket's readiness
-                    // after a partial read and then waits for bytes already there): nudged
-                    // soon inside a transaction, every HEARTBEAT_EVERY otherwise (which also
-                    // lets an idle relay confirm its position).
+                    // A heartbeat lets an idle relay confirm its position (every
+                    // HEARTBEAT_EVERY), and nudges a transaction whose changes stopped
+                    // arriving (soon). The nudge was a workaround for the copy loop's stall on
+                    // large messages (fixed in vendor/pg_walstream); it stays as a cheap guard
+                    // against a reader waiting for an edge that does not come.
                     let nudge = if st.in_tx {
                         STALLED_IN_TRANSACTION
                     } else {
