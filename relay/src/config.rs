@@ -178,6 +178,33 @@ impl RelayConfig {
             })
     }
 
+    /// The tables whose changes streaming capture publishes (`capture_tables`), parsed.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the entry that is not `schema.table`.
+    pub fn captured_tables(&self) -> Result<Vec<crate::cdc::TableName>> {
+        match &self.capture_tables {
+            None => Ok(Vec::new()),
+            Some(list) => crate::cdc::parse_tables(list)
+                .map_err(|e| Error::Config(format!("capture_tables: {e}"))),
+        }
+    }
+
+    /// The publication of the captured tables: `capture_publication`, or
+    /// `<publication>_tables`.
+    #[must_use]
+    pub fn capture_publication_name(&self) -> String {
+        self.capture_publication
+            .clone()
+            .unwrap_or_else(|| format!("{}_tables", self.publication_name()))
+    }
+
+    /// The topic pattern of change events.
+    #[must_use]
+    pub fn capture_topic_pattern(&self) -> &str {
+        &self.capture_topic
+    }
+
     /// Checks every setting; the message names the setting and why it is refused.
     ///
     /// # Errors
@@ -199,9 +226,36 @@ impl RelayConfig {
             return bad("brokers is empty (set KAFKA_BROKERS or --brokers)".into());
         }
         self.tables()?;
+        let captured = self.captured_tables()?;
+        if !captured.is_empty() && self.capture != CaptureMode::Streaming {
+            return bad(format!(
+                "capture_tables names {} table(s), but change capture reads the WAL: set capture = \"streaming\"",
+                captured.len()
+            ));
+        }
+        if !captured.is_empty() {
+            for t in &captured {
+                if t.schema == self.schema.as_deref().unwrap_or("public") && t.table == "outbox" {
+                    return bad(format!("capture_tables names the outbox table {t} itself"));
+                }
+            }
+            let topic = crate::cdc::topic_for(&self.capture_topic, &captured[0]);
+            if topic.is_empty()
+                || topic.len() > 249
+                || !topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return bad(format!(
+                    "capture_topic {:?} makes topic {topic:?} for {}: a Kafka topic is 1 to 249 of a-z, A-Z, 0-9, '.', '_', '-'",
+                    self.capture_topic, captured[0]
+                ));
+            }
+        }
         for (what, name) in [
             ("slot", self.slot_name()),
             ("publication", self.publication_name()),
+            ("capture_publication", self.capture_publication_name()),
         ] {
             let ok = !name.is_empty()
                 && name.len() <= 63

@@ -23,6 +23,7 @@
 //! # }
 //! ```
 
+pub mod cdc;
 pub mod cli;
 mod config;
 pub mod dead_letters;

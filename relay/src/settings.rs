@@ -298,6 +298,21 @@ settings! {
         key "publication", Global, env "OUTBOX_RELAY_PUBLICATION", shown "`outbox_relay` (`outbox_relay_<schema>`)",
         meaning "publication (INSERT only) of the outbox table for streaming capture, created by `migrate`",
         set publication(name: impl Into<String>) => Some(name.into());
+    /// Tables whose row changes streaming capture publishes (change capture, docs/CDC.md).
+    capture_tables: Option<String> = None,
+        key "capture_tables", Global, env "OUTBOX_RELAY_CAPTURE_TABLES", shown "none",
+        meaning "comma-separated `schema.table` list whose committed INSERT, UPDATE, DELETE and TRUNCATE streaming capture publishes as change events ([docs/CDC.md](CDC.md)); needs `capture = streaming`",
+        set capture_tables(list: impl Into<String>) => Some(list.into());
+    /// The topic of a captured table's change events.
+    capture_topic: String = "{schema}.{table}".to_owned(),
+        key "capture_topic", Global, env "OUTBOX_RELAY_CAPTURE_TOPIC", shown "`{schema}.{table}`",
+        meaning "topic of a captured table's change events; `{schema}` and `{table}` are replaced",
+        set capture_topic(pattern: impl Into<String>) => pattern.into();
+    /// The publication of the captured tables (every operation).
+    capture_publication: Option<String> = None,
+        key "capture_publication", Global, env "OUTBOX_RELAY_CAPTURE_PUBLICATION", shown "`<publication>_tables`",
+        meaning "publication of the captured tables (insert, update, delete, truncate), created or extended by `migrate --capture streaming`",
+        set capture_publication(name: impl Into<String>) => Some(name.into());
     /// Rows per fetch: large enough to amortise a round trip, small enough to delete quickly.
     page_size: i64 = 1000,
         key "page_size", Run, env "OUTBOX_RELAY_PAGE_SIZE", shown "1000",
@@ -419,8 +434,16 @@ mod tests {
             let doc = doc.strip_suffix(" ms").unwrap_or(doc);
             match key {
                 // Not a value: what an empty default stands for.
-                "database_url" | "brokers" | "schema" | "source" | "instance_id"
-                | "metrics_addr" | "slot" | "publication" => assert!(shown.is_empty(), "{key}"),
+                "database_url"
+                | "brokers"
+                | "schema"
+                | "source"
+                | "instance_id"
+                | "metrics_addr"
+                | "slot"
+                | "publication"
+                | "capture_tables"
+                | "capture_publication" => assert!(shown.is_empty(), "{key}"),
                 _ => assert_eq!(shown, doc, "{key}"),
             }
         }

@@ -42,6 +42,15 @@ pub struct Cli {
     /// Publication of the outbox table for streaming capture.
     #[arg(long, global = true, env = "OUTBOX_RELAY_PUBLICATION")]
     publication: Option<String>,
+    /// Tables whose row changes streaming capture publishes (schema.table,...; docs/CDC.md).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_TABLES")]
+    capture_tables: Option<String>,
+    /// Topic of a captured table's change events ({schema} and {table} replaced).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_TOPIC")]
+    capture_topic: Option<String>,
+    /// Publication of the captured tables.
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_PUBLICATION")]
+    capture_publication: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -297,6 +306,9 @@ impl Cli {
             ("capture", &self.capture),
             ("slot", &self.slot),
             ("publication", &self.publication),
+            ("capture_tables", &self.capture_tables),
+            ("capture_topic", &self.capture_topic),
+            ("capture_publication", &self.capture_publication),
         ] {
             if let Some(v) = value {
                 cfg.set(key, v)
@@ -370,6 +382,20 @@ fn run(cli: Cli) -> Result<()> {
             }
             if cfg.capture == crate::CaptureMode::Streaming {
                 let (slot, publication) = (cfg.slot_name(), cfg.publication_name());
+                let captured = cfg.captured_tables()?;
+                if !captured.is_empty() {
+                    let table_pub = cfg.capture_publication_name();
+                    let added =
+                        store::stream::ensure_table_publication(&mut conn, &captured, &table_pub)?;
+                    if added.is_empty() {
+                        println!("publication {table_pub} publishes every captured table");
+                    } else {
+                        println!(
+                            "publication {table_pub} now publishes {} (every operation)",
+                            added.join(", ")
+                        );
+                    }
+                }
                 let setup =
                     store::stream::ensure_streaming(&mut conn, &tables, &slot, &publication)?;
                 if setup.created_publication {

@@ -31,6 +31,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinHandle;
 
+use crate::cdc;
 use crate::store::{self, Fetched};
 use crate::{Error, Result};
 
@@ -47,6 +48,10 @@ pub(crate) struct StreamSettings {
     pub application_name: String,
     pub slot: String,
     pub publication: String,
+    /// Tables whose row changes are captured (empty: none), their publication and topic pattern.
+    pub capture_tables: Vec<crate::cdc::TableName>,
+    pub capture_publication: String,
+    pub capture_topic: String,
     /// The outbox table's schema (`None`: the first `outbox` the stream shows, i.e. the one the
     /// publication names) and name.
     pub schema: Option<String>,
@@ -270,6 +275,11 @@ struct State {
     prefix: String,
     heartbeat: String,
     last_change: Instant,
+    /// Change capture: the captured relations the stream described, by relation id; the
+    /// database's non-built-in types; the transaction being read (from its Begin).
+    relations: HashMap<u32, Option<cdc::Relation>>,
+    types: cdc::Types,
+    tx: Option<cdc::TxInfo>,
 }
 
 /// Streaming capture (see the module docs). One per leader term.
@@ -291,6 +301,9 @@ impl Streaming {
                 prefix: String::new(),
                 heartbeat: String::new(),
                 last_change: Instant::now(),
+                relations: HashMap::new(),
+                types: cdc::Types::default(),
+                tx: None,
             }),
         }
     }
@@ -298,7 +311,7 @@ impl Streaming {
     /// Checks the slot, fences its walsender and starts streaming from its confirmed position.
     async fn connect(&self, st: &mut State, session: &mut Session<'_>) -> Result<()> {
         let s = self.settings.clone();
-        let (prefix, table_schema, info) = session
+        let (prefix, table_schema, info, types) = session
             .call(move |c, sql, lease| {
                 store::stream::check_replication_role(c)?;
                 let info = store::stream::usable_slot(c, &s.slot)?;
@@ -308,10 +321,36 @@ impl Streaming {
                 };
                 let table_schema = store::stream::check_publication(c, &tables, &s.publication)?;
                 let prefix = store::stream::message_prefix(c, &tables)?;
+                let types = if s.capture_tables.is_empty() {
+                    Vec::new()
+                } else {
+                    store::stream::check_captured_tables(
+                        c,
+                        &s.capture_tables,
+                        &s.capture_publication,
+                    )?;
+                    store::stream::user_types(c)?
+                };
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
-                Ok((prefix, table_schema, info))
+                Ok((prefix, table_schema, info, types))
             })
             .await?;
+        let (prefix, table_schema, info, types) = (prefix, table_schema, info, types);
+        st.types = cdc::Types {
+            kinds: types
+                .into_iter()
+                .map(|(oid, kind, base)| {
+                    let k = match kind.as_str() {
+                        "e" => cdc::TypeKind::Enum,
+                        "d" => cdc::TypeKind::Domain(base),
+                        _ => cdc::TypeKind::Array(base),
+                    };
+                    (oid, k)
+                })
+                .collect(),
+        };
+        st.relations.clear();
+        st.tx = None;
         st.table_schema = table_schema;
         tracing::info!(target: TARGET, slot = %self.settings.slot, confirmed = ?info.confirmed_flush_lsn, retained_bytes = ?info.retained_bytes, "streaming from the slot's confirmed position");
         st.heartbeat = format!("{prefix}:heartbeat");
@@ -347,9 +386,15 @@ impl Streaming {
 
     async fn start_stream(&self) -> Result<LogicalReplicationStream> {
         let s = &self.settings;
+        // Several publications go as one quoted list: `a","b` becomes '"a","b"'.
+        let publications = if s.capture_tables.is_empty() {
+            s.publication.clone()
+        } else {
+            format!("{}\",\"{}", s.publication, s.capture_publication)
+        };
         let config = ReplicationStreamConfig::new(
             s.slot.clone(),
-            s.publication.clone(),
+            publications,
             1,
             StreamingMode::Off,
             Duration::from_secs(1),
@@ -444,10 +489,118 @@ impl Streaming {
 
     fn ingest(&self, st: &mut State, change: ChangeEvent) -> Result<()> {
         st.last_change = Instant::now();
+        let lsn = change.lsn.value();
         match change.event_type {
-            EventType::Begin { .. } => st.in_tx = true,
+            EventType::Begin {
+                transaction_id,
+                final_lsn,
+                commit_timestamp,
+            } => {
+                st.in_tx = true;
+                st.tx = Some(cdc::TxInfo {
+                    xid: transaction_id,
+                    commit_lsn: final_lsn.value(),
+                    commit_time: commit_timestamp,
+                });
+            }
+            EventType::Relation {
+                relation_id,
+                namespace,
+                relation_name,
+                columns,
+                ..
+            } => {
+                let name = cdc::TableName {
+                    schema: namespace.to_string(),
+                    table: relation_name.to_string(),
+                };
+                let captured = self.settings.capture_tables.contains(&name);
+                st.relations.insert(
+                    relation_id,
+                    captured.then(|| cdc::Relation {
+                        name,
+                        columns: columns
+                            .iter()
+                            .map(|c| cdc::Column {
+                                name: c.name.to_string(),
+                                type_oid: c.type_id,
+                                is_key: c.is_key,
+                            })
+                            .collect(),
+                    }),
+                );
+            }
+            EventType::Insert {
+                relation_oid,
+                ref data,
+                ..
+            } if self.captured(st, relation_oid) => {
+                self.push_changes(st, relation_oid, lsn, &cdc::Change::Insert { new: data })?;
+            }
+            EventType::Update {
+                relation_oid,
+                ref old_data,
+                ref new_data,
+                ..
+            } if self.captured(st, relation_oid) => {
+                let change = cdc::Change::Update {
+                    old: old_data.as_ref(),
+                    new: new_data,
+                };
+                self.push_changes(st, relation_oid, lsn, &change)?;
+            }
+            EventType::Delete {
+                relation_oid,
+                ref old_data,
+                ..
+            } if self.captured(st, relation_oid) => {
+                self.push_changes(
+                    st,
+                    relation_oid,
+                    lsn,
+                    &cdc::Change::Delete { old: old_data },
+                )?;
+            }
+            EventType::Truncate {
+                ref tables,
+                cascade,
+                restart_identity,
+            } if !self.settings.capture_tables.is_empty() => {
+                let named: Vec<cdc::TableName> = tables
+                    .iter()
+                    .filter_map(|t| {
+                        let (schema, table) = t.split_once('.')?;
+                        let n = cdc::TableName {
+                            schema: schema.to_owned(),
+                            table: table.to_owned(),
+                        };
+                        self.settings.capture_tables.contains(&n).then_some(n)
+                    })
+                    .collect();
+                if !named.is_empty() {
+                    let ctx = self.cdc_ctx(st);
+                    let events = cdc::truncate_events(
+                        &ctx,
+                        &named,
+                        Self::tx_of(st)?,
+                        lsn,
+                        cascade,
+                        restart_identity,
+                    )
+                    .map_err(Error::Stream)?;
+                    for fetched in events {
+                        let fetched = self.checked(fetched);
+                        st.log
+                            .push(Entry::Event {
+                                fetched: Box::new(fetched),
+                            })
+                            .map_err(Error::Stream)?;
+                    }
+                }
+            }
             EventType::Commit { end_lsn, .. } => {
                 st.in_tx = false;
+                st.tx = None;
                 st.log
                     .push(Entry::Mark(end_lsn.value()))
                     .map_err(Error::Stream)?;
@@ -498,6 +651,49 @@ impl Streaming {
                 ));
             }
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether `relation` is a captured table (the stream described it before its changes).
+    fn captured(&self, st: &State, relation: u32) -> bool {
+        !self.settings.capture_tables.is_empty()
+            && matches!(st.relations.get(&relation), Some(Some(_)))
+    }
+
+    fn cdc_ctx<'a>(&'a self, st: &'a State) -> cdc::Ctx<'a> {
+        cdc::Ctx {
+            slot: &self.settings.slot,
+            topic_pattern: &self.settings.capture_topic,
+            types: &st.types,
+        }
+    }
+
+    fn tx_of(st: &State) -> Result<cdc::TxInfo> {
+        st.tx
+            .ok_or_else(|| Error::Stream("a change arrived outside a transaction".into()))
+    }
+
+    /// The events of one change of a captured table, into the log.
+    fn push_changes(
+        &self,
+        st: &mut State,
+        relation: u32,
+        lsn: u64,
+        change: &cdc::Change<'_>,
+    ) -> Result<()> {
+        let tx = Self::tx_of(st)?;
+        let events = match st.relations.get(&relation) {
+            Some(Some(rel)) => cdc::change_events(&self.cdc_ctx(st), rel, tx, lsn, change),
+            _ => return Ok(()),
+        };
+        for fetched in events {
+            let fetched = self.checked(fetched);
+            st.log
+                .push(Entry::Event {
+                    fetched: Box::new(fetched),
+                })
+                .map_err(Error::Stream)?;
         }
         Ok(())
     }

@@ -395,3 +395,183 @@ pub fn ensure_streaming(
     }
     Ok(setup)
 }
+
+/// Checks each captured table before streaming its changes: it exists, its replica identity
+/// gives every change a key (a primary key, `USING INDEX`, or `FULL`), and the table
+/// publication publishes it with every operation.
+///
+/// # Errors
+/// [`Error::Config`] naming the table and the fix; [`Error::Database`].
+pub fn check_captured_tables(
+    conn: &mut PgConnection,
+    tables: &[crate::cdc::TableName],
+    publication: &str,
+) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct T {
+        #[diesel(sql_type = Bool)]
+        exists: bool,
+        #[diesel(sql_type = Nullable<Text>)]
+        identity: Option<String>,
+        #[diesel(sql_type = Bool)]
+        has_pk: bool,
+        #[diesel(sql_type = Bool)]
+        published: bool,
+    }
+    #[derive(QueryableByName)]
+    struct P {
+        #[diesel(sql_type = Nullable<Bool>)]
+        all_ops: Option<bool>,
+    }
+    let p: P = diesel::sql_query(
+        "SELECT (SELECT pubinsert AND pubupdate AND pubdelete AND pubtruncate \
+                 FROM pg_publication WHERE pubname = $1) AS all_ops",
+    )
+    .bind::<Text, _>(publication)
+    .get_result(conn)?;
+    let migrate = "`outbox-relay migrate --capture streaming` with `tables` set creates it";
+    match p.all_ops {
+        None => {
+            return Err(Error::Config(format!(
+                "publication {publication:?} of the captured tables does not exist: {migrate}"
+            )))
+        }
+        Some(false) => {
+            return Err(Error::Config(format!(
+                "publication {publication:?} does not publish every operation (insert, update, \
+                 delete, truncate): change capture needs them all"
+            )))
+        }
+        Some(true) => {}
+    }
+    for t in tables {
+        let row: T = diesel::sql_query(
+            "SELECT c.oid IS NOT NULL AS exists, \
+                    c.relreplident::text AS identity, \
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
+                            AND (i.indisprimary OR (c.relreplident = 'i' AND i.indisreplident))) AS has_pk, \
+                    EXISTS (SELECT 1 FROM pg_publication_tables p WHERE p.pubname = $3 \
+                            AND p.schemaname = $1 AND p.tablename = $2) AS published \
+             FROM (SELECT 1) one \
+             LEFT JOIN pg_class c ON c.relname = $2 AND c.relkind IN ('r', 'p') \
+               AND c.relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = $1)",
+        )
+        .bind::<Text, _>(&t.schema)
+        .bind::<Text, _>(&t.table)
+        .bind::<Text, _>(publication)
+        .get_result(conn)?;
+        if !row.exists {
+            return Err(Error::Config(format!(
+                "captured table {t} does not exist (check `tables`)"
+            )));
+        }
+        let keyed = match row.identity.as_deref() {
+            Some("f") => true,
+            Some("d" | "i") => row.has_pk,
+            _ => false,
+        };
+        if !keyed {
+            return Err(Error::Config(format!(
+                "captured table {t} has no key its changes can carry: give it a primary key, or \
+                 set REPLICA IDENTITY USING INDEX (a unique index) or REPLICA IDENTITY FULL (the \
+                 whole row is then the key, docs/CDC.md)"
+            )));
+        }
+        if !row.published {
+            return Err(Error::Config(format!(
+                "captured table {t} is not in publication {publication:?}: {migrate}, or \
+                 ALTER PUBLICATION \"{publication}\" ADD TABLE {t}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The database's enums, domains and array types (what the change envelope's mapping needs
+/// beyond the built-in types): `(oid, kind, base or element type)`.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn user_types(conn: &mut PgConnection) -> Result<Vec<(u32, String, u32)>> {
+    #[derive(QueryableByName)]
+    struct U {
+        #[diesel(sql_type = BigInt)]
+        oid: i64,
+        #[diesel(sql_type = Text)]
+        kind: String,
+        #[diesel(sql_type = BigInt)]
+        base: i64,
+    }
+    let rows: Vec<U> = diesel::sql_query(
+        "SELECT oid::bigint AS oid, typtype::text AS kind, \
+                (CASE WHEN typtype = 'd' THEN typbasetype ELSE typelem END)::bigint AS base \
+         FROM pg_type \
+         WHERE typtype IN ('e', 'd') OR (typcategory = 'A' AND typelem <> 0)",
+    )
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|u| {
+            Some((
+                u32::try_from(u.oid).ok()?,
+                u.kind,
+                u32::try_from(u.base).ok()?,
+            ))
+        })
+        .collect())
+}
+
+/// Creates the publication of the captured tables (every operation) when missing, and adds
+/// the tables it does not publish yet.
+///
+/// # Errors
+/// [`Error::Database`] (the role must own the tables).
+pub fn ensure_table_publication(
+    conn: &mut PgConnection,
+    tables: &[crate::cdc::TableName],
+    publication: &str,
+) -> Result<Vec<String>> {
+    let list = |ts: &[&crate::cdc::TableName]| {
+        ts.iter()
+            .map(|t| format!("\"{}\".\"{}\"", t.schema, t.table))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut added = Vec::new();
+    if !publication_exists(conn, publication)? {
+        let all: Vec<_> = tables.iter().collect();
+        conn.batch_execute(&format!(
+            "CREATE PUBLICATION \"{publication}\" FOR TABLE {}",
+            list(&all)
+        ))?;
+        added.extend(tables.iter().map(ToString::to_string));
+        return Ok(added);
+    }
+    #[derive(QueryableByName)]
+    struct In {
+        #[diesel(sql_type = Bool)]
+        published: bool,
+    }
+    let mut missing = Vec::new();
+    for t in tables {
+        let r: In = diesel::sql_query(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $3 \
+                            AND schemaname = $1 AND tablename = $2) AS published",
+        )
+        .bind::<Text, _>(&t.schema)
+        .bind::<Text, _>(&t.table)
+        .bind::<Text, _>(publication)
+        .get_result(conn)?;
+        if !r.published {
+            missing.push(t);
+        }
+    }
+    if !missing.is_empty() {
+        conn.batch_execute(&format!(
+            "ALTER PUBLICATION \"{publication}\" ADD TABLE {}",
+            list(&missing)
+        ))?;
+        added.extend(missing.iter().map(ToString::to_string));
+    }
+    Ok(added)
+}

@@ -1,0 +1,816 @@
+//! Change capture of named tables: every committed INSERT, UPDATE, DELETE and TRUNCATE of a
+//! captured table, read from the same replication stream as the outbox, becomes one event in
+//! the change envelope (format v1, docs/CDC.md), delivered by the same engine: commit order
+//! per key, the slot confirmed only past settled commits, dead letters, metrics, failover.
+//!
+//! This module owns the envelope and the mapping of pgoutput's binary column values to JSON;
+//! the streaming capture (`engine::streaming`) feeds it the stream's relations and changes.
+//!
+//! May call: nothing of the relay (pure functions over the stream's data).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, Utc};
+use pg_walstream::{ColumnValue, RowData};
+use serde_json::{json, Map, Value};
+
+use crate::store::Fetched;
+
+/// A table whose row changes are captured, as configured (`schema.table`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.table)
+    }
+}
+
+/// Parses the `tables` setting: comma-separated `schema.table` names (a name without a
+/// schema is in `public`). Names are taken as written (no case folding, no quotes).
+///
+/// # Errors
+/// What is wrong with which entry.
+pub fn parse_tables(list: &str) -> std::result::Result<Vec<TableName>, String> {
+    let mut out: Vec<TableName> = Vec::new();
+    for raw in list.split(',') {
+        let entry = raw.trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let (schema, table) = match entry.split_once('.') {
+            Some((s, t)) => (s.trim(), t.trim()),
+            None => ("public", entry),
+        };
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+                && !s.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if !ok(schema) || !ok(table) || table.contains('.') {
+            return Err(format!(
+                "table {entry:?} is not schema.table with plain identifiers (letters, digits, _)"
+            ));
+        }
+        let name = TableName {
+            schema: schema.to_owned(),
+            table: table.to_owned(),
+        };
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+/// The topic of a table's change events: `pattern` with `{schema}` and `{table}` replaced.
+#[must_use]
+pub fn topic_for(pattern: &str, table: &TableName) -> String {
+    pattern
+        .replace("{schema}", &table.schema)
+        .replace("{table}", &table.table)
+}
+
+/// What the stream said of a relation (sent before its first change in a session and after
+/// each schema change).
+#[derive(Debug, Clone)]
+pub(crate) struct Relation {
+    pub name: TableName,
+    pub columns: Vec<Column>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Column {
+    pub name: String,
+    pub type_oid: u32,
+    pub is_key: bool,
+}
+
+/// How a type that is not built in is read: from `pg_type`, at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TypeKind {
+    /// An enum: its binary form is the label.
+    Enum,
+    /// A domain over this base type.
+    Domain(u32),
+    /// An array of this element type.
+    Array(u32),
+}
+
+/// The database's non-built-in types the mapping needs (enums, domains, arrays of them).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Types {
+    pub kinds: HashMap<u32, TypeKind>,
+}
+
+/// The transaction a change belongs to (from its Begin).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxInfo {
+    pub xid: u32,
+    pub commit_lsn: u64,
+    pub commit_time: DateTime<Utc>,
+}
+
+/// One change of a captured table.
+pub(crate) enum Change<'a> {
+    Insert {
+        new: &'a RowData,
+    },
+    Update {
+        old: Option<&'a RowData>,
+        new: &'a RowData,
+    },
+    Delete {
+        old: &'a RowData,
+    },
+}
+
+/// Most events one WAL record may yield (a TRUNCATE of many tables, an UPDATE that changes
+/// the key): each gets the id `-(lsn + k)`, `k` below this. WAL records are at least 24 bytes
+/// long, so no other record's (tableless) id can be one of them.
+pub(crate) const EVENTS_PER_RECORD: u64 = 24;
+
+/// The id of the `k`-th event of the WAL record at `lsn`.
+pub(crate) fn change_id(lsn: u64, k: u64) -> i64 {
+    debug_assert!(k < EVENTS_PER_RECORD);
+    -i64::try_from(lsn.saturating_add(k)).unwrap_or(i64::MAX)
+}
+
+/// A stable event id for the `k`-th event of the record at `lsn` of `slot`: the same change
+/// read again (after a restart) has the same `ce_id`, so consumers deduplicate it.
+fn change_event_id(slot: &str, lsn: u64, k: u64) -> uuid::Uuid {
+    // FNV-1a of the slot name: which stream the position belongs to.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in slot.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut bytes = [0_u8; 16];
+    bytes[..8].copy_from_slice(&h.to_be_bytes());
+    bytes[8..].copy_from_slice(&(lsn.wrapping_mul(EVENTS_PER_RECORD) + k).to_be_bytes());
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// What the engine needs to build events.
+pub(crate) struct Ctx<'a> {
+    pub slot: &'a str,
+    pub topic_pattern: &'a str,
+    pub types: &'a Types,
+}
+
+/// The events of one change (two when an UPDATE changes the key: a delete under the old key,
+/// then an insert under the new one, so each key's partition sees its own history).
+pub(crate) fn change_events(
+    ctx: &Ctx<'_>,
+    rel: &Relation,
+    tx: TxInfo,
+    lsn: u64,
+    change: &Change<'_>,
+) -> Vec<Fetched> {
+    let key_of = |row: &RowData| -> std::result::Result<(String, Map<String, Value>), String> {
+        let mut key = Map::new();
+        for c in rel.columns.iter().filter(|c| c.is_key) {
+            match row.get(&c.name) {
+                Some(v) => {
+                    key.insert(c.name.clone(), value(ctx.types, c.type_oid, v)?);
+                }
+                None => return Err(format!("key column {} missing from the row", c.name)),
+            }
+        }
+        Ok((key_text(&key), key))
+    };
+    let built = (|| -> std::result::Result<Vec<(String, &'static str, Value)>, String> {
+        Ok(match change {
+            Change::Insert { new } => {
+                let (text, key) = key_of(new)?;
+                let (after, unavailable) = row_json(ctx.types, rel, new)?;
+                vec![(
+                    text,
+                    "insert",
+                    envelope(
+                        rel,
+                        tx,
+                        lsn,
+                        "insert",
+                        &key,
+                        None,
+                        Some(after),
+                        &unavailable,
+                    ),
+                )]
+            }
+            Change::Update { old, new } => {
+                let (new_text, new_key) = key_of(new)?;
+                let (after, unavailable) = row_json(ctx.types, rel, new)?;
+                let before = old.map(|o| row_json(ctx.types, rel, o)).transpose()?;
+                let old_key = old.map(&key_of).transpose()?;
+                match old_key {
+                    Some((old_text, old_key)) if old_text != new_text => vec![
+                        (
+                            old_text,
+                            "delete",
+                            envelope(
+                                rel,
+                                tx,
+                                lsn,
+                                "delete",
+                                &old_key,
+                                before.map(|b| b.0),
+                                None,
+                                &[],
+                            ),
+                        ),
+                        (
+                            new_text,
+                            "insert",
+                            envelope(
+                                rel,
+                                tx,
+                                lsn,
+                                "insert",
+                                &new_key,
+                                None,
+                                Some(after),
+                                &unavailable,
+                            ),
+                        ),
+                    ],
+                    _ => vec![(
+                        new_text,
+                        "update",
+                        envelope(
+                            rel,
+                            tx,
+                            lsn,
+                            "update",
+                            &new_key,
+                            before.map(|b| b.0),
+                            Some(after),
+                            &unavailable,
+                        ),
+                    )],
+                }
+            }
+            Change::Delete { old } => {
+                let (text, key) = key_of(old)?;
+                let (before, _) = row_json(ctx.types, rel, old)?;
+                vec![(
+                    text,
+                    "delete",
+                    envelope(rel, tx, lsn, "delete", &key, Some(before), None, &[]),
+                )]
+            }
+        })
+    })();
+    let topic = topic_for(ctx.topic_pattern, &rel.name);
+    match built {
+        Ok(events) => events
+            .into_iter()
+            .enumerate()
+            .map(|(k, (key, op, body))| event(ctx, &topic, tx, lsn, k as u64, key, op, &body, None))
+            .collect(),
+        // A change the mapping cannot read is still an event: dead-lettered at once with the
+        // reason (nothing is skipped silently).
+        Err(why) => vec![event(
+            ctx,
+            &topic,
+            tx,
+            lsn,
+            0,
+            String::new(),
+            "unreadable",
+            &json!({"v": 1, "table": table_json(&rel.name)}),
+            Some(format!("a change of {} could not be read: {why}", rel.name)),
+        )],
+    }
+}
+
+/// The events of a TRUNCATE: one per captured table it names, keyed by nothing.
+pub(crate) fn truncate_events(
+    ctx: &Ctx<'_>,
+    tables: &[TableName],
+    tx: TxInfo,
+    lsn: u64,
+    cascade: bool,
+    restart_identity: bool,
+) -> std::result::Result<Vec<Fetched>, String> {
+    if tables.len() as u64 > EVENTS_PER_RECORD {
+        return Err(format!(
+            "one TRUNCATE named {} captured tables; the relay reads at most {EVENTS_PER_RECORD} per statement",
+            tables.len()
+        ));
+    }
+    Ok(tables
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let body = json!({
+                "v": 1,
+                "op": "truncate",
+                "table": table_json(t),
+                "cascade": cascade,
+                "restart_identity": restart_identity,
+                "source": source_json(tx, lsn),
+            });
+            event(
+                ctx,
+                &topic_for(ctx.topic_pattern, t),
+                tx,
+                lsn,
+                k as u64,
+                String::new(),
+                "truncate",
+                &body,
+                None,
+            )
+        })
+        .collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    ctx: &Ctx<'_>,
+    topic: &str,
+    tx: TxInfo,
+    lsn: u64,
+    k: u64,
+    key: String,
+    op: &str,
+    body: &Value,
+    defect: Option<String>,
+) -> Fetched {
+    let mut e = outbox::StoredEvent::new(
+        change_id(lsn, k),
+        change_event_id(ctx.slot, lsn, k),
+        topic.to_owned(),
+        key,
+        format!("change.{op}"),
+        serde_json::to_vec(body).unwrap_or_default(),
+    );
+    e.tx_id = u64::from(tx.xid);
+    e.created_at = tx.commit_time;
+    Fetched {
+        event: e,
+        defect,
+        over_budget: false,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn envelope(
+    rel: &Relation,
+    tx: TxInfo,
+    lsn: u64,
+    op: &str,
+    key: &Map<String, Value>,
+    before: Option<Map<String, Value>>,
+    after: Option<Map<String, Value>>,
+    unavailable: &[String],
+) -> Value {
+    let mut v = json!({
+        "v": 1,
+        "op": op,
+        "table": table_json(&rel.name),
+        "key": key,
+        "before": before,
+        "after": after,
+        "source": source_json(tx, lsn),
+    });
+    if !unavailable.is_empty() {
+        v["unavailable"] = json!(unavailable);
+    }
+    v
+}
+
+fn table_json(t: &TableName) -> Value {
+    json!({"schema": t.schema, "name": t.table})
+}
+
+fn source_json(tx: TxInfo, lsn: u64) -> Value {
+    json!({
+        "lsn": lsn_text(lsn),
+        "commit_lsn": lsn_text(tx.commit_lsn),
+        "tx": tx.xid,
+        "commit_time": tx.commit_time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+    })
+}
+
+/// `0/16B3748`, as Postgres prints an LSN.
+#[must_use]
+pub fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// The message key of a change: the key column's value as text when the key is one column,
+/// else the key object as compact JSON (columns in the table's order).
+fn key_text(key: &Map<String, Value>) -> String {
+    if key.len() == 1 {
+        if let Some(v) = key.values().next() {
+            return match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+        }
+    }
+    Value::Object(key.clone()).to_string()
+}
+
+/// A row as JSON (columns in the table's order), and the columns the stream left out because
+/// their TOASTed value did not change (never sent as null).
+fn row_json(
+    types: &Types,
+    rel: &Relation,
+    row: &RowData,
+) -> std::result::Result<(Map<String, Value>, Vec<String>), String> {
+    let mut out = Map::new();
+    let mut unavailable = Vec::new();
+    let by_name: BTreeMap<&str, &ColumnValue> = row.iter().map(|(n, v)| (&**n, v)).collect();
+    for c in &rel.columns {
+        match by_name.get(c.name.as_str()) {
+            Some(v) => {
+                out.insert(c.name.clone(), value(types, c.type_oid, v)?);
+            }
+            None => unavailable.push(c.name.clone()),
+        }
+    }
+    Ok((out, unavailable))
+}
+
+/// One column value as JSON (docs/CDC.md, "Types").
+///
+/// # Errors
+/// A value that does not match its type's binary form.
+pub(crate) fn value(
+    types: &Types,
+    oid: u32,
+    v: &ColumnValue,
+) -> std::result::Result<Value, String> {
+    match v {
+        ColumnValue::Null => Ok(Value::Null),
+        ColumnValue::Text(t) => Ok(Value::String(String::from_utf8_lossy(t).into_owned())),
+        ColumnValue::Binary(b) => binary(types, oid, b, 0),
+    }
+}
+
+fn binary(types: &Types, oid: u32, b: &[u8], depth: u32) -> std::result::Result<Value, String> {
+    if depth > 8 {
+        return Err("types nested too deep".into());
+    }
+    let fixed = |n: usize| -> std::result::Result<&[u8], String> {
+        if b.len() == n {
+            Ok(b)
+        } else {
+            Err(format!("type {oid}: {} bytes, {n} expected", b.len()))
+        }
+    };
+    let text = || -> std::result::Result<Value, String> {
+        String::from_utf8(b.to_vec())
+            .map(Value::String)
+            .map_err(|_| format!("type {oid}: not UTF-8"))
+    };
+    Ok(match oid {
+        16 => Value::Bool(fixed(1)?[0] != 0),
+        21 => json!(i16::from_be_bytes(
+            fixed(2)?.try_into().map_err(|_| "int2")?
+        )),
+        23 => json!(i32::from_be_bytes(
+            fixed(4)?.try_into().map_err(|_| "int4")?
+        )),
+        20 => json!(i64::from_be_bytes(
+            fixed(8)?.try_into().map_err(|_| "int8")?
+        )),
+        26 | 28 | 29 => json!(u32::from_be_bytes(fixed(4)?.try_into().map_err(|_| "oid")?)),
+        700 => float(f64::from(f32::from_be_bytes(
+            fixed(4)?.try_into().map_err(|_| "float4")?,
+        ))),
+        701 => float(f64::from_be_bytes(
+            fixed(8)?.try_into().map_err(|_| "float8")?,
+        )),
+        1700 => Value::String(numeric(b)?),
+        790 => Value::String(money(fixed(8)?)),
+        // text, varchar, bpchar, name, char, citext-like and xml come as their text.
+        25 | 1043 | 1042 | 19 | 18 | 142 => text()?,
+        17 => Value::String(base64(b)),
+        2950 => Value::String(
+            uuid::Uuid::from_slice(b)
+                .map_err(|e| e.to_string())?
+                .to_string(),
+        ),
+        114 => serde_json::from_slice(b).map_err(|e| format!("json: {e}"))?,
+        3802 => match b.split_first() {
+            Some((1, rest)) => serde_json::from_slice(rest).map_err(|e| format!("jsonb: {e}"))?,
+            _ => return Err("jsonb: unknown version".into()),
+        },
+        1082 => Value::String(date(i32::from_be_bytes(
+            fixed(4)?.try_into().map_err(|_| "date")?,
+        ))),
+        1114 => Value::String(timestamp(
+            i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| "timestamp")?),
+            false,
+        )),
+        1184 => Value::String(timestamp(
+            i64::from_be_bytes(fixed(8)?.try_into().map_err(|_| "timestamptz")?),
+            true,
+        )),
+        1083 => Value::String(time_of_day(i64::from_be_bytes(
+            fixed(8)?.try_into().map_err(|_| "time")?,
+        ))),
+        _ => match types.kinds.get(&oid) {
+            Some(TypeKind::Enum) => text()?,
+            Some(TypeKind::Domain(base)) => binary(types, *base, b, depth + 1)?,
+            Some(TypeKind::Array(_)) => array(types, b, depth)?,
+            None if is_builtin_array(oid) => array(types, b, depth)?,
+            // Anything else is kept whole, named by its type: nothing is guessed.
+            None => json!({"type_oid": oid, "binary_base64": base64(b)}),
+        },
+    })
+}
+
+fn is_builtin_array(oid: u32) -> bool {
+    matches!(
+        oid,
+        1000 | 1001
+            | 1005
+            | 1007
+            | 1016
+            | 1021
+            | 1022
+            | 1231
+            | 1009
+            | 1015
+            | 1014
+            | 1182
+            | 1115
+            | 1185
+            | 2951
+            | 199
+            | 3807
+            | 1183
+            | 1003
+            | 1028
+    )
+}
+
+/// A binary array: ndim, has-nulls flag, element type, then (size, lower bound) per dimension,
+/// then each element as (length or -1, bytes). Nested JSON arrays, one level per dimension.
+fn array(types: &Types, b: &[u8], depth: u32) -> std::result::Result<Value, String> {
+    let mut at = 0_usize;
+    let i32_at = |at: &mut usize| -> std::result::Result<i32, String> {
+        let s = b.get(*at..*at + 4).ok_or("array: truncated")?;
+        *at += 4;
+        Ok(i32::from_be_bytes(s.try_into().map_err(|_| "array")?))
+    };
+    let ndim = i32_at(&mut at)?;
+    let _flags = i32_at(&mut at)?;
+    let elem = u32::from_be_bytes(i32_at(&mut at)?.to_be_bytes());
+    if ndim == 0 {
+        return Ok(Value::Array(Vec::new()));
+    }
+    if !(1..=6).contains(&ndim) {
+        return Err(format!("array: {ndim} dimensions"));
+    }
+    let mut dims = Vec::new();
+    for _ in 0..ndim {
+        let size = usize::try_from(i32_at(&mut at)?).map_err(|_| "array: negative size")?;
+        let _lower = i32_at(&mut at)?;
+        dims.push(size);
+    }
+    let total: usize = dims.iter().product();
+    let mut flat = Vec::with_capacity(total.min(1 << 16));
+    for _ in 0..total {
+        let len = i32_at(&mut at)?;
+        if len < 0 {
+            flat.push(Value::Null);
+            continue;
+        }
+        let len = usize::try_from(len).map_err(|_| "array: length")?;
+        let s = b.get(at..at + len).ok_or("array: truncated element")?;
+        at += len;
+        flat.push(binary(types, elem, s, depth + 1)?);
+    }
+    // Fold the flat list into nested arrays from the innermost dimension out.
+    let mut level = flat;
+    for &d in dims.iter().skip(1).rev() {
+        level = level
+            .chunks(d.max(1))
+            .map(|c| Value::Array(c.to_vec()))
+            .collect();
+    }
+    Ok(Value::Array(level))
+}
+
+fn float(f: f64) -> Value {
+    if f.is_finite() {
+        json!(f)
+    } else if f.is_nan() {
+        Value::String("NaN".into())
+    } else if f > 0.0 {
+        Value::String("Infinity".into())
+    } else {
+        Value::String("-Infinity".into())
+    }
+}
+
+/// `numeric` binary: ndigits, weight, sign, dscale (i16 each), then base-10000 digits; as its
+/// exact decimal text (`NaN`, `Infinity`, `-Infinity` for the special values).
+fn numeric(b: &[u8]) -> std::result::Result<String, String> {
+    let word = |i: usize| -> std::result::Result<u16, String> {
+        b.get(i * 2..i * 2 + 2)
+            .map(|s| u16::from_be_bytes([s[0], s[1]]))
+            .ok_or_else(|| "numeric: truncated".to_owned())
+    };
+    let ndigits = usize::from(word(0)?);
+    let weight = i32::from(word(1)? as i16);
+    let sign = word(2)?;
+    let dscale = usize::from(word(3)?);
+    match sign {
+        0xC000 => return Ok("NaN".into()),
+        0xD000 => return Ok("Infinity".into()),
+        0xF000 => return Ok("-Infinity".into()),
+        0 | 0x4000 => {}
+        other => return Err(format!("numeric: sign {other:#x}")),
+    }
+    let digits: Vec<u16> = (0..ndigits)
+        .map(|i| word(4 + i))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut out = String::new();
+    if sign == 0x4000 {
+        out.push('-');
+    }
+    // Integer part: groups at weights weight..=0.
+    if weight < 0 {
+        out.push('0');
+    } else {
+        for w in 0..=weight {
+            let d = usize::try_from(w)
+                .ok()
+                .and_then(|i| digits.get(i))
+                .copied()
+                .unwrap_or(0);
+            if w == 0 {
+                let _ = write!(out, "{d}");
+            } else {
+                let _ = write!(out, "{d:04}");
+            }
+        }
+    }
+    if dscale > 0 {
+        out.push('.');
+        let mut frac = String::new();
+        let mut w = -1_i32;
+        while frac.len() < dscale {
+            let idx = weight - w; // index of the group at weight w is (weight - w)
+            let d = usize::try_from(idx)
+                .ok()
+                .and_then(|i| digits.get(i))
+                .copied()
+                .unwrap_or(0);
+            let _ = write!(frac, "{d:04}");
+            w -= 1;
+        }
+        frac.truncate(dscale);
+        out.push_str(&frac);
+    }
+    Ok(out)
+}
+
+/// `money` binary: cents as int8 (the server's locale decides the symbol; this is the amount).
+fn money(b: &[u8]) -> String {
+    let cents = i64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
+fn pg_epoch() -> NaiveDate {
+    NaiveDate::from_ymd_opt(2000, 1, 1).unwrap_or_default()
+}
+
+fn date(days: i32) -> String {
+    match days {
+        i32::MAX => "infinity".into(),
+        i32::MIN => "-infinity".into(),
+        d => pg_epoch()
+            .checked_add_signed(TimeDelta::days(i64::from(d)))
+            .map_or_else(|| format!("{d} days from 2000-01-01"), |x| x.to_string()),
+    }
+}
+
+fn timestamp(micros: i64, zoned: bool) -> String {
+    match micros {
+        i64::MAX => "infinity".into(),
+        i64::MIN => "-infinity".into(),
+        m => {
+            let at = pg_epoch()
+                .and_time(NaiveTime::MIN)
+                .checked_add_signed(TimeDelta::microseconds(m));
+            match at {
+                Some(t) if zoned => t
+                    .and_utc()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+                None => format!("{m} microseconds from 2000-01-01"),
+            }
+        }
+    }
+}
+
+fn time_of_day(micros: i64) -> String {
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    format!(
+        "{:02}:{:02}:{:02}.{frac:06}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
+}
+
+fn base64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(b.len().div_ceil(3) * 4);
+    for chunk in b.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn num(ndigits: u16, weight: i16, sign: u16, dscale: u16, digits: &[u16]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for w in [ndigits, weight as u16, sign, dscale] {
+            b.extend_from_slice(&w.to_be_bytes());
+        }
+        for d in digits {
+            b.extend_from_slice(&d.to_be_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn numerics_are_exact_decimal_text() {
+        assert_eq!(numeric(&num(2, 0, 0, 2, &[12, 3400])).unwrap(), "12.34");
+        assert_eq!(numeric(&num(1, -1, 0x4000, 4, &[5])).unwrap(), "-0.0005");
+        assert_eq!(numeric(&num(2, 1, 0, 0, &[1, 0])).unwrap(), "10000");
+        assert_eq!(numeric(&num(0, 0, 0, 0, &[])).unwrap(), "0");
+        assert_eq!(numeric(&num(0, 0, 0, 3, &[])).unwrap(), "0.000");
+        assert_eq!(numeric(&num(0, 0, 0xC000, 0, &[])).unwrap(), "NaN");
+        assert_eq!(
+            numeric(&num(3, 2, 0, 0, &[12, 3456, 7890])).unwrap(),
+            "1234567890"
+        );
+    }
+
+    #[test]
+    fn times_dates_and_bytes() {
+        assert_eq!(date(0), "2000-01-01");
+        assert_eq!(date(i32::MAX), "infinity");
+        assert_eq!(timestamp(1_500_000, true), "2000-01-01T00:00:01.500000Z");
+        assert_eq!(timestamp(-1, false), "1999-12-31T23:59:59.999999");
+        assert_eq!(time_of_day(3_723_000_001), "01:02:03.000001");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"abc"), "YWJj");
+        assert_eq!(money(&(-12345_i64).to_be_bytes()), "-123.45");
+    }
+
+    #[test]
+    fn tables_parse_and_refuse_clearly() {
+        let t = parse_tables("public.stock, orders ,inv.moves,public.stock").unwrap();
+        assert_eq!(
+            t.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["public.stock", "public.orders", "inv.moves"]
+        );
+        let e = parse_tables("public.\"x y\"").unwrap_err();
+        assert!(e.contains("\"public.\\\"x y\\\"\""), "{e}");
+        assert_eq!(topic_for("cdc.{schema}.{table}", &t[2]), "cdc.inv.moves");
+    }
+
+    #[test]
+    fn change_ids_stay_inside_their_record() {
+        assert_eq!(change_id(1000, 0), -1000);
+        assert_eq!(change_id(1000, 23), -1023);
+        assert_ne!(change_event_id("s", 1000, 0), change_event_id("s", 1000, 1));
+        assert_ne!(change_event_id("s", 1000, 0), change_event_id("t", 1000, 0));
+        assert_eq!(change_event_id("s", 1000, 0), change_event_id("s", 1000, 0));
+    }
+}
