@@ -51,6 +51,12 @@ GRANT SELECT, INSERT, DELETE ON outbox_delivered TO outbox_relay;
 -- The lease (leader, epoch, expiry) and the open batch's snapshots.
 GRANT SELECT, INSERT, UPDATE ON outbox_relay_state TO outbox_relay;
 
+-- Change capture (capture_tables, docs/CDC.md): snapshot requests and their progress. The
+-- relay also reads each captured table for a snapshot: grant SELECT on those tables (and
+-- REPLICATION to stream them), e.g. GRANT SELECT ON public.stock TO outbox_relay;
+GRANT SELECT, UPDATE ON outbox_cdc_snapshots TO outbox_relay;
+GRANT INSERT, UPDATE ON outbox_cdc_snapshots TO outbox_relay_operator;
+
 -- The start-up schema check reads which migrations were applied, and the inbox's columns;
 -- `status` shows inbox sizes per consumer.
 GRANT SELECT ON __diesel_schema_migrations TO outbox_relay;

@@ -30,16 +30,19 @@ pub enum Table {
     Inbox,
     /// `__diesel_schema_migrations`: which migrations were applied (diesel's own table).
     Migrations,
+    /// `outbox_cdc_snapshots`: snapshots of captured tables the relay is to read, and how far.
+    Snapshots,
 }
 
 impl Table {
     /// Every table, in migration order.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Outbox,
         Table::DeadLetters,
         Table::RelayState,
         Table::Inbox,
         Table::Delivered,
+        Table::Snapshots,
         Table::Migrations,
     ];
 
@@ -53,6 +56,7 @@ impl Table {
             Table::RelayState => "outbox_relay_state",
             Table::Inbox => "inbox",
             Table::Migrations => "__diesel_schema_migrations",
+            Table::Snapshots => "outbox_cdc_snapshots",
         }
     }
 
@@ -76,6 +80,7 @@ impl Table {
             Table::RelayState => RELAY_STATE,
             Table::Inbox => INBOX,
             Table::Migrations => MIGRATIONS_TABLE,
+            Table::Snapshots => SNAPSHOTS,
         }
     }
 }
@@ -191,6 +196,15 @@ const INBOX: &[Column] = &[
     col("kafka_partition", "int4", Role::Own),
     col("kafka_offset", "int8", Role::Own),
     col("processed_at", "timestamptz", Role::Own),
+];
+
+const SNAPSHOTS: &[Column] = &[
+    col("table_name", "text", Role::Own),
+    col("chunk_size", "int4", Role::Own),
+    col("last_key", "_text", Role::Own),
+    col("rows_read", "int8", Role::Own),
+    col("requested_at", "timestamptz", Role::Own),
+    col("finished_at", "timestamptz", Role::Own),
 ];
 
 const MIGRATIONS_TABLE: &[Column] = &[

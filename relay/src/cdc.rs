@@ -131,6 +131,73 @@ pub(crate) enum Change<'a> {
     Delete {
         old: &'a RowData,
     },
+    /// A row read by a snapshot chunk (op `read`).
+    Read {
+        row: &'a RowData,
+    },
+}
+
+/// The id of the `k`-th row of the snapshot chunk whose high watermark is at `lsn`: below every
+/// id of a change or a tableless event (`-(lsn)`), so none can collide while the log holds it.
+pub(crate) fn snapshot_id(lsn: u64, k: u64) -> i64 {
+    let lsn_bits = i64::try_from(lsn & 0x3F_FFFF_FFFF).unwrap_or(0);
+    let k = i64::try_from(k & 0x3F_FFFF).unwrap_or(0);
+    -((1_i64 << 62) | (lsn_bits << 22) | k)
+}
+
+/// Whether a transaction (its 32-bit xid, as the stream gives it) had committed for a snapshot
+/// given as `xmin:xmax:xip,...` (full xids). A transaction the stream shows is committed; it
+/// is missing from the snapshot when it is at or past `xmax` or in progress (`xip`).
+pub(crate) fn committed_in(snapshot: &str, xid: u32) -> bool {
+    let mut parts = snapshot.split(':');
+    let (Some(xmin), Some(xmax), xip) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(xmin), Ok(xmax)) = (xmin.parse::<u64>(), xmax.parse::<u64>()) else {
+        return false;
+    };
+    // The full xid: in xmax's epoch, or the one before when that would be past xmax.
+    let mut full = (xmax & !0xFFFF_FFFF) | u64::from(xid);
+    if full > xmax {
+        full = full.saturating_sub(1 << 32);
+    }
+    if full < xmin {
+        return true;
+    }
+    full < xmax
+        && !xip
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|x| x.parse::<u64>().ok())
+            .any(|x| x == full)
+}
+
+/// The events of a snapshot chunk: each row as a `read` event, except the rows whose key a
+/// change in the chunk's window named (that change is newer; the row is left out).
+pub(crate) fn snapshot_events(
+    ctx: &Ctx<'_>,
+    rel: &Relation,
+    high_lsn: u64,
+    rows: &[RowData],
+    changed: &std::collections::HashSet<String>,
+) -> Vec<Fetched> {
+    let tx = TxInfo {
+        xid: 0,
+        commit_lsn: high_lsn,
+        commit_time: Utc::now(),
+    };
+    let mut out = Vec::new();
+    for (k, row) in rows.iter().enumerate() {
+        let mut events = change_events(ctx, rel, tx, high_lsn, &Change::Read { row });
+        let Some(mut e) = events.pop() else { continue };
+        if changed.contains(&e.partition_key) && e.defect.is_none() {
+            continue;
+        }
+        e.event.id = snapshot_id(high_lsn, k as u64);
+        e.event.event_id = change_event_id(ctx.slot, high_lsn ^ (1 << 63), k as u64);
+        out.push(e);
+    }
+    out
 }
 
 /// Most events one WAL record may yield (a TRUNCATE of many tables, an UPDATE that changes
@@ -258,6 +325,15 @@ pub(crate) fn change_events(
                         ),
                     )],
                 }
+            }
+            Change::Read { row } => {
+                let (text, key) = key_of(row)?;
+                let (after, _) = row_json(ctx.types, rel, row)?;
+                vec![(
+                    text,
+                    "read",
+                    envelope(rel, tx, lsn, "read", &key, None, Some(after), &[]),
+                )]
             }
             Change::Delete { old } => {
                 let (text, key) = key_of(old)?;
@@ -803,6 +879,22 @@ mod tests {
         let e = parse_tables("public.\"x y\"").unwrap_err();
         assert!(e.contains("\"public.\\\"x y\\\"\""), "{e}");
         assert_eq!(topic_for("cdc.{schema}.{table}", &t[2]), "cdc.inv.moves");
+    }
+
+    #[test]
+    fn visibility_in_a_snapshot() {
+        let snap = "100:110:102,105";
+        assert!(committed_in(snap, 99));
+        assert!(committed_in(snap, 101));
+        assert!(!committed_in(snap, 102));
+        assert!(!committed_in(snap, 105));
+        assert!(committed_in(snap, 109));
+        assert!(!committed_in(snap, 110));
+        // Across an epoch: xmax in epoch 1, an xid of the end of epoch 0.
+        let epoch = "4294967290:4294967306:";
+        assert!(committed_in(epoch, 4_294_967_295));
+        assert!(committed_in(epoch, 3));
+        assert!(!committed_in(epoch, 10));
     }
 
     #[test]

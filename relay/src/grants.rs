@@ -39,11 +39,18 @@ pub const KEEP_DELIVERED: &[(Table, &str)] = &[
 /// More privileges when the leader purges old dead letters (`dead_letters_keep_days > 0`).
 pub const PURGE_DEAD_LETTERS: &[(Table, &str)] = &[(Table::DeadLetters, "DELETE")];
 
-/// Every `(table, privilege)` pair `cfg` needs: [`REQUIRED`], plus [`KEEP_DELIVERED`] and
-/// [`PURGE_DEAD_LETTERS`] when those are configured.
+/// More privileges when tables are captured (`capture_tables`): snapshot requests are read and
+/// their progress saved.
+pub const SNAPSHOTS: &[(Table, &str)] = &[(Table::Snapshots, "SELECT"), (Table::Snapshots, "UPDATE")];
+
+/// Every `(table, privilege)` pair `cfg` needs: [`REQUIRED`], plus [`KEEP_DELIVERED`],
+/// [`PURGE_DEAD_LETTERS`] and [`SNAPSHOTS`] when those are configured.
 #[must_use]
 pub fn required(cfg: &RelayConfig) -> Vec<(Table, &'static str)> {
     let mut all = REQUIRED.to_vec();
+    if cfg.capture_tables.is_some() {
+        all.extend_from_slice(SNAPSHOTS);
+    }
     if cfg.keep_delivered_hours > 0 {
         all.extend_from_slice(KEEP_DELIVERED);
     }

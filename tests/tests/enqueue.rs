@@ -415,9 +415,10 @@ fn schema_mismatch_is_reported_with_what_is_wrong() {
     );
 
     let applied = Outbox::new().migrate(&mut conn).unwrap();
-    // 000001-000008: outbox, inbox, tx_id guard, outbox_delivered, tx_id index, dead-letter
-    // key hash index, dead letters keyed by (id, event_id), the tableless outbox functions.
-    assert_eq!(applied.len(), 8, "{applied:?}");
+    // 000001-000009: outbox, inbox, tx_id guard, outbox_delivered, tx_id index, dead-letter
+    // key hash index, dead letters keyed by (id, event_id), the tableless outbox functions,
+    // the snapshots of captured tables.
+    assert_eq!(applied.len(), 9, "{applied:?}");
     assert!(
         Outbox::new().migrate(&mut conn).unwrap().is_empty(),
         "idempotent"

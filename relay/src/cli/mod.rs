@@ -84,6 +84,16 @@ enum Command {
     /// Re-publish delivered events kept in outbox_delivered (needs keep_delivered_hours > 0 on
     /// the relay), with their original event ids, in their original order.
     Replay(ReplayArgs),
+    /// Ask the streaming relay to publish a captured table's existing rows as `read` events
+    /// (again from the start if it did before), in chunks between watermarks, while its
+    /// changes keep flowing (docs/CDC.md#snapshots).
+    Snapshot {
+        /// The captured table (`schema.table`).
+        table: String,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = 1000)]
+        chunk_size: i32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -394,6 +404,12 @@ fn run(cli: Cli) -> Result<()> {
                             "publication {table_pub} now publishes {} (every operation)",
                             added.join(", ")
                         );
+                        // Their existing rows are not in the stream: a snapshot publishes them.
+                        let snapshots = tables.qualify(outbox::contract::Table::Snapshots).to_string();
+                        for t in captured.iter().filter(|t| added.contains(&t.to_string())) {
+                            store::stream::request_snapshot(&mut conn, &snapshots, t, 1000)?;
+                            println!("snapshot of {t} requested (its existing rows)");
+                        }
                     }
                 }
                 let setup =
@@ -442,6 +458,27 @@ fn run(cli: Cli) -> Result<()> {
             let mut conn = store::connect(cfg.database_url())?;
             outbox::Outbox::with_tables(tables.clone()).verify_schema(&mut conn)?;
             run_replay(&mut conn, &tables, args)
+        }
+        Command::Snapshot { table, chunk_size } => {
+            let tables = cfg.tables()?;
+            require_url(&cfg)?;
+            let name = crate::cdc::parse_tables(table)
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .pop()
+                .ok_or_else(|| anyhow::anyhow!("name the table: schema.table"))?;
+            if !(1..=100_000).contains(chunk_size) {
+                anyhow::bail!("--chunk-size {chunk_size} is out of range: 1 to 100000");
+            }
+            let mut conn = store::connect(cfg.database_url())?;
+            outbox::Outbox::with_tables(tables.clone()).verify_schema(&mut conn)?;
+            store::stream::snapshot_plan(&mut conn, &name)?;
+            let snapshots = tables.qualify(outbox::contract::Table::Snapshots).to_string();
+            store::stream::request_snapshot(&mut conn, &snapshots, &name, *chunk_size)?;
+            println!(
+                "snapshot of {name} requested ({chunk_size} rows per chunk); a streaming relay \
+                 capturing it reads it now (outbox-relay status shows the progress)"
+            );
+            Ok(())
         }
         Command::Run(args) => {
             let cfg = args.apply(cfg)?;

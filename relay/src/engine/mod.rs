@@ -231,6 +231,11 @@ impl Relay {
             capture_tables: self.cfg.captured_tables().unwrap_or_default(),
             capture_publication: self.cfg.capture_publication_name(),
             capture_topic: self.cfg.capture_topic_pattern().to_owned(),
+            snapshots_table: self
+                .cfg
+                .tables()
+                .map(|t| t.qualify(outbox::contract::Table::Snapshots).to_string())
+                .unwrap_or_default(),
             schema: self.cfg.schema.clone(),
             max_event_bytes: usize::try_from(self.cfg.max_event_bytes()).unwrap_or(usize::MAX),
             page_bytes: usize::try_from(store::DEFAULT_PAGE_BYTES).unwrap_or(usize::MAX),

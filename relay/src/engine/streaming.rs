@@ -52,6 +52,8 @@ pub(crate) struct StreamSettings {
     pub capture_tables: Vec<crate::cdc::TableName>,
     pub capture_publication: String,
     pub capture_topic: String,
+    /// The snapshot requests table, qualified.
+    pub snapshots_table: String,
     /// The outbox table's schema (`None`: the first `outbox` the stream shows, i.e. the one the
     /// publication names) and name.
     pub schema: Option<String>,
@@ -280,6 +282,61 @@ struct State {
     relations: HashMap<u32, Option<cdc::Relation>>,
     types: cdc::Types,
     tx: Option<cdc::TxInfo>,
+    /// The snapshot being read, if any (see [`Streaming::snapshot_step`]).
+    snap: Snap,
+}
+
+/// A snapshot of a captured table, read in chunks between watermarks (the DBLog method): a
+/// low watermark message, the chunk's rows read by key, a high watermark message. A change of
+/// the table the stream shows between the two watermarks is newer than the chunk's row of its
+/// key, which is then left out; the other rows are put into the log at the high watermark, as
+/// `read` events. A chunk's progress is saved once the slot is confirmed past its high
+/// watermark (its events delivered), so a relay killed mid-snapshot resumes after the last
+/// delivered chunk.
+#[derive(Default)]
+struct Snap {
+    request: Option<store::stream::SnapshotRequest>,
+    plan: Option<(store::stream::SnapshotPlan, cdc::Relation)>,
+    phase: SnapPhase,
+    /// When the requests were last read (at most once a second while none is open).
+    checked: Option<Instant>,
+    /// Names this term's watermarks (a replayed watermark of an earlier term is not ours).
+    nonce: String,
+    chunk: u64,
+    /// The snapshot table's changes the stream showed lately, `(when, xid, key)`: a
+    /// transaction whose commit the stream showed before the chunk began can still have been
+    /// invisible to the chunk's read (its commit record is written before it becomes visible);
+    /// its keys are left out of the chunk too.
+    recent: VecDeque<(Instant, u32, String)>,
+}
+
+/// How long the snapshot table's changes are remembered for the visibility check.
+const RECENT_FOR: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+enum SnapPhase {
+    /// No chunk open: read the next one.
+    #[default]
+    Idle,
+    /// A chunk read, its watermarks not yet both seen in the stream.
+    Reading {
+        marker: String,
+        rows: Vec<RowData>,
+        last_key: Option<Vec<String>>,
+        finished: bool,
+        /// The keys of the table changed since the chunk began to be read (in the stream's
+        /// order: from before its low watermark).
+        window: Option<std::collections::HashSet<String>>,
+        /// The snapshot the rows were read in.
+        snapshot: Option<String>,
+    },
+    /// A chunk's events in the log: saved once the slot is confirmed past `high`.
+    Delivering {
+        high: u64,
+        last_key: Option<Vec<String>>,
+        rows: i64,
+        finished: bool,
+    },
 }
 
 /// Streaming capture (see the module docs). One per leader term.
@@ -304,6 +361,10 @@ impl Streaming {
                 relations: HashMap::new(),
                 types: cdc::Types::default(),
                 tx: None,
+                snap: Snap {
+                    nonce: uuid::Uuid::new_v4().simple().to_string(),
+                    ..Snap::default()
+                },
             }),
         }
     }
@@ -637,6 +698,8 @@ impl Streaming {
                             fetched: Box::new(fetched),
                         })
                         .map_err(Error::Stream)?;
+                } else if flags & 1 == 0 && prefix.ends_with(":snapshot") && *prefix == *self.snapshot_prefix(st) {
+                    self.on_watermark(st, message_lsn.value(), &content)?;
                 } else if flags & 1 == 0 && *prefix == *st.heartbeat && !st.in_tx {
                     st.log
                         .push(Entry::Mark(message_lsn.value()))
@@ -683,10 +746,34 @@ impl Streaming {
         change: &cdc::Change<'_>,
     ) -> Result<()> {
         let tx = Self::tx_of(st)?;
-        let events = match st.relations.get(&relation) {
-            Some(Some(rel)) => cdc::change_events(&self.cdc_ctx(st), rel, tx, lsn, change),
+        let (events, table) = match st.relations.get(&relation) {
+            Some(Some(rel)) => (
+                cdc::change_events(&self.cdc_ctx(st), rel, tx, lsn, change),
+                rel.name.to_string(),
+            ),
             _ => return Ok(()),
         };
+        if st.snap.request.as_ref().is_some_and(|r| r.table == table) {
+            if let SnapPhase::Reading {
+                window: Some(changed),
+                ..
+            } = &mut st.snap.phase
+            {
+                changed.extend(events.iter().map(|e| e.partition_key.clone()));
+            }
+            let now = Instant::now();
+            while st
+                .snap
+                .recent
+                .front()
+                .is_some_and(|(t, _, _)| now.duration_since(*t) > RECENT_FOR)
+            {
+                st.snap.recent.pop_front();
+            }
+            st.snap
+                .recent
+                .extend(events.iter().map(|e| (now, tx.xid, e.partition_key.clone())));
+        }
         for fetched in events {
             let fetched = self.checked(fetched);
             st.log
@@ -694,6 +781,252 @@ impl Streaming {
                     fetched: Box::new(fetched),
                 })
                 .map_err(Error::Stream)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_prefix(&self, st: &State) -> String {
+        format!("{}:snapshot", st.prefix)
+    }
+
+    /// A watermark of the open chunk: the low one opens its window, the high one puts the
+    /// chunk's rows (those no change in the window named) into the log.
+    fn on_watermark(&self, st: &mut State, lsn: u64, content: &[u8]) -> Result<()> {
+        let text = String::from_utf8_lossy(content);
+        let Some((what, marker)) = text.split_once(':') else {
+            return Ok(());
+        };
+        let SnapPhase::Reading {
+            marker: ours,
+            window,
+            ..
+        } = &mut st.snap.phase
+        else {
+            return Ok(());
+        };
+        if marker != ours.as_str() {
+            return Ok(());
+        }
+        match what {
+            // The window opened when the chunk began to be read, before this point.
+            "low" => {
+                window.get_or_insert_with(std::collections::HashSet::new);
+            }
+            "high" => {
+                let SnapPhase::Reading {
+                    rows,
+                    last_key,
+                    finished,
+                    window,
+                    snapshot,
+                    ..
+                } = std::mem::take(&mut st.snap.phase)
+                else {
+                    return Ok(());
+                };
+                let Some(mut changed) = window else {
+                    return Ok(());
+                };
+                if let Some(snap) = &snapshot {
+                    changed.extend(
+                        st.snap
+                            .recent
+                            .iter()
+                            .filter(|(_, xid, _)| !cdc::committed_in(snap, *xid))
+                            .map(|(_, _, k)| k.clone()),
+                    );
+                }
+                let Some((_, rel)) = &st.snap.plan else {
+                    return Ok(());
+                };
+                let events =
+                    cdc::snapshot_events(&self.cdc_ctx(st), rel, lsn, &rows, &changed);
+                let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
+                for fetched in events {
+                    let fetched = self.checked(fetched);
+                    st.log
+                        .push(Entry::Event {
+                            fetched: Box::new(fetched),
+                        })
+                        .map_err(Error::Stream)?;
+                }
+                st.log.push(Entry::Mark(lsn)).map_err(Error::Stream)?;
+                st.snap.phase = SnapPhase::Delivering {
+                    high: lsn,
+                    last_key,
+                    rows: n,
+                    finished,
+                };
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Moves the snapshot on: saves a delivered chunk, finds the next request, reads the next
+    /// chunk between its watermarks. At most one chunk per call.
+    async fn snapshot_step(&self, st: &mut State, session: &mut Session<'_>) -> Result<()> {
+        if self.settings.capture_tables.is_empty() {
+            return Ok(());
+        }
+        let snapshots = self.settings.snapshots_table.clone();
+        if let SnapPhase::Delivering {
+            high,
+            last_key,
+            rows,
+            finished,
+        } = &st.snap.phase
+        {
+            if st.log.confirmed < *high {
+                return Ok(());
+            }
+            let (last_key, rows, finished) = (last_key.clone(), *rows, *finished);
+            let Some(req) = st.snap.request.clone() else {
+                st.snap.phase = SnapPhase::Idle;
+                return Ok(());
+            };
+            let table = req.table.clone();
+            let (s2, lk) = (snapshots.clone(), last_key.clone());
+            session
+                .call(move |c, _, _| {
+                    store::stream::save_snapshot_progress(
+                        c,
+                        &s2,
+                        &table,
+                        lk.as_deref(),
+                        rows,
+                        finished,
+                    )
+                })
+                .await?;
+            tracing::info!(target: TARGET, table = %req.table, rows, finished, "snapshot chunk delivered");
+            st.snap.phase = SnapPhase::Idle;
+            if finished {
+                st.snap.request = None;
+                st.snap.plan = None;
+            } else if let Some(r) = st.snap.request.as_mut() {
+                if last_key.is_some() {
+                    r.last_key = last_key;
+                }
+            }
+        }
+        if !matches!(st.snap.phase, SnapPhase::Idle) {
+            return Ok(());
+        }
+        if st.snap.request.is_none() {
+            if st
+                .snap
+                .checked
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+            {
+                return Ok(());
+            }
+            st.snap.checked = Some(Instant::now());
+            let (s2, tables) = (snapshots.clone(), self.settings.capture_tables.clone());
+            let found = session
+                .call(move |c, _, _| {
+                    let Some(req) = store::stream::next_snapshot(c, &s2, &tables)? else {
+                        return Ok(None);
+                    };
+                    let name = cdc::parse_tables(&req.table)
+                        .map_err(Error::Config)?
+                        .pop()
+                        .ok_or_else(|| Error::Config(format!("snapshot of {:?}", req.table)))?;
+                    let plan = store::stream::snapshot_plan(c, &name)?;
+                    Ok(Some((req, name, plan)))
+                })
+                .await?;
+            let Some((req, name, plan)) = found else {
+                return Ok(());
+            };
+            tracing::info!(target: TARGET, table = %req.table, chunk_size = req.chunk_size, resume_after = ?req.last_key, "snapshot starts");
+            let rel = cdc::Relation {
+                name,
+                columns: plan
+                    .columns
+                    .iter()
+                    .map(|(n, oid, _, _, key)| cdc::Column {
+                        name: n.clone(),
+                        type_oid: *oid,
+                        is_key: key.is_some(),
+                    })
+                    .collect(),
+            };
+            st.snap.request = Some(req);
+            st.snap.plan = Some((plan, rel));
+        }
+        let (Some(req), Some((plan, _))) = (st.snap.request.clone(), st.snap.plan.clone()) else {
+            return Ok(());
+        };
+        st.snap.chunk += 1;
+        let marker = format!("{}:{}", st.snap.nonce, st.snap.chunk);
+        let prefix = self.snapshot_prefix(st);
+        let (m2, p2) = (marker.clone(), plan.clone());
+        // The window opens now: every change the stream shows from here on is at least as
+        // new as what the chunk reads.
+        st.snap.phase = SnapPhase::Reading {
+            marker: marker.clone(),
+            rows: Vec::new(),
+            last_key: None,
+            finished: false,
+            window: Some(std::collections::HashSet::new()),
+            snapshot: None,
+        };
+        let chunk = session
+            .call(move |c, _, _| {
+                store::stream::snapshot_chunk(
+                    c,
+                    &p2,
+                    &prefix,
+                    &m2,
+                    req.last_key.as_deref(),
+                    req.chunk_size,
+                )
+            })
+            .await;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                st.snap.phase = SnapPhase::Idle;
+                return Err(e);
+            }
+        };
+        let rows = chunk.rows;
+        let finished = rows.len() < usize::try_from(req.chunk_size).unwrap_or(usize::MAX);
+        let last_key = rows.last().map(|(_, k)| k.clone());
+        let names: Vec<std::sync::Arc<str>> = plan
+            .columns
+            .iter()
+            .map(|c| std::sync::Arc::from(c.0.as_str()))
+            .collect();
+        let rows = rows
+            .into_iter()
+            .map(|(cols, _)| {
+                let mut row = RowData::with_capacity(cols.len());
+                for (name, v) in names.iter().zip(cols) {
+                    row.push(
+                        std::sync::Arc::clone(name),
+                        match v {
+                            Some(b) => ColumnValue::binary_bytes(bytes::Bytes::from(b)),
+                            None => ColumnValue::Null,
+                        },
+                    );
+                }
+                row
+            })
+            .collect();
+        if let SnapPhase::Reading {
+            rows: r,
+            last_key: l,
+            finished: f,
+            snapshot: s,
+            ..
+        } = &mut st.snap.phase
+        {
+            *r = rows;
+            *l = last_key;
+            *f = finished;
+            *s = chunk.snapshot;
         }
         Ok(())
     }
@@ -795,6 +1128,7 @@ impl Capture for Streaming {
         if st.reader.is_none() {
             self.connect(&mut st, session).await?;
         }
+        self.snapshot_step(&mut st, session).await?;
         let from = match previous {
             Some(p) => p.to + 1,
             // The start of a term, or a rewind: everything not settled, in commit order.

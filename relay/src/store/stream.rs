@@ -575,3 +575,272 @@ pub fn ensure_table_publication(
     }
     Ok(added)
 }
+
+/// A snapshot the relay is to read (a row of `outbox_cdc_snapshots` not finished).
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows per chunk.
+    pub chunk_size: i32,
+    /// The key after which the next chunk starts (`None`: the first chunk).
+    pub last_key: Option<Vec<String>>,
+}
+
+/// The oldest unfinished snapshot of one of `tables`.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn next_snapshot(
+    conn: &mut PgConnection,
+    snapshots: &str,
+    tables: &[crate::cdc::TableName],
+) -> Result<Option<SnapshotRequest>> {
+    #[derive(QueryableByName)]
+    struct R {
+        #[diesel(sql_type = Text)]
+        table_name: String,
+        #[diesel(sql_type = Integer)]
+        chunk_size: i32,
+        #[diesel(sql_type = Nullable<diesel::sql_types::Array<Text>>)]
+        last_key: Option<Vec<String>>,
+    }
+    let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
+    let r: Option<R> = diesel::sql_query(format!(
+        "SELECT table_name, chunk_size, last_key FROM {snapshots} \
+         WHERE finished_at IS NULL AND table_name = ANY($1) ORDER BY requested_at LIMIT 1"
+    ))
+    .bind::<diesel::sql_types::Array<Text>, _>(names)
+    .get_result(conn)
+    .optional()?;
+    Ok(r.map(|r| SnapshotRequest {
+        table: r.table_name,
+        chunk_size: r.chunk_size,
+        last_key: r.last_key,
+    }))
+}
+
+/// Asks for a snapshot of `table` (again from the start if one ran before).
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn request_snapshot(
+    conn: &mut PgConnection,
+    snapshots: &str,
+    table: &crate::cdc::TableName,
+    chunk_size: i32,
+) -> Result<()> {
+    diesel::sql_query(format!(
+        "INSERT INTO {snapshots} (table_name, chunk_size) VALUES ($1, $2) \
+         ON CONFLICT (table_name) DO UPDATE SET chunk_size = EXCLUDED.chunk_size, last_key = NULL, \
+           rows_read = 0, requested_at = now(), finished_at = NULL"
+    ))
+    .bind::<Text, _>(table.to_string())
+    .bind::<Integer, _>(chunk_size)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// Records a delivered chunk: the snapshot resumes after `last_key`; `finished` ends it.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn save_snapshot_progress(
+    conn: &mut PgConnection,
+    snapshots: &str,
+    table: &str,
+    last_key: Option<&[String]>,
+    rows: i64,
+    finished: bool,
+) -> Result<()> {
+    diesel::sql_query(format!(
+        "UPDATE {snapshots} SET last_key = COALESCE($2, last_key), rows_read = rows_read + $3, \
+           finished_at = CASE WHEN $4 THEN now() END \
+         WHERE table_name = $1 AND finished_at IS NULL"
+    ))
+    .bind::<Text, _>(table)
+    .bind::<Nullable<diesel::sql_types::Array<Text>>, _>(last_key.map(<[String]>::to_vec))
+    .bind::<BigInt, _>(rows)
+    .bind::<Bool, _>(finished)
+    .execute(conn)?;
+    Ok(())
+}
+
+/// How a snapshot reads a table: its columns (in table order) with their type and send function,
+/// and the key columns in key order.
+#[derive(Debug, Clone)]
+pub struct SnapshotPlan {
+    /// `"schema"."table"`.
+    pub qualified: String,
+    /// `(name, type oid, send function, type name, key position)`.
+    pub columns: Vec<(String, u32, String, String, Option<i32>)>,
+}
+
+impl SnapshotPlan {
+    fn key_columns(&self) -> Vec<&(String, u32, String, String, Option<i32>)> {
+        let mut k: Vec<_> = self.columns.iter().filter(|c| c.4.is_some()).collect();
+        k.sort_by_key(|c| c.4);
+        k
+    }
+}
+
+/// The plan of a snapshot of `table`.
+///
+/// # Errors
+/// [`Error::Config`] when the table has no unique key to read it in order by; [`Error::Database`].
+pub fn snapshot_plan(conn: &mut PgConnection, table: &crate::cdc::TableName) -> Result<SnapshotPlan> {
+    #[derive(QueryableByName)]
+    struct C {
+        #[diesel(sql_type = Text)]
+        name: String,
+        #[diesel(sql_type = BigInt)]
+        type_oid: i64,
+        #[diesel(sql_type = Text)]
+        send: String,
+        #[diesel(sql_type = Text)]
+        type_name: String,
+        #[diesel(sql_type = Nullable<Integer>)]
+        key_pos: Option<i32>,
+    }
+    let qualified = format!("\"{}\".\"{}\"", table.schema, table.table);
+    let cols: Vec<C> = diesel::sql_query(
+        "SELECT a.attname::text AS name, a.atttypid::bigint AS type_oid, \
+                t.typsend::regproc::text AS send, pg_catalog.format_type(a.atttypid, NULL) AS type_name, \
+                array_position(i.indkey, a.attnum)::int AS key_pos \
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+         LEFT JOIN LATERAL (SELECT indkey::int2[] AS indkey FROM pg_index \
+                            WHERE indrelid = a.attrelid AND (indisprimary OR indisreplident) \
+                            ORDER BY indisprimary DESC LIMIT 1) i ON true \
+         WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+         ORDER BY a.attnum",
+    )
+    .bind::<Text, _>(&qualified)
+    .load(conn)?;
+    let plan = SnapshotPlan {
+        qualified,
+        columns: cols
+            .into_iter()
+            .map(|c| {
+                (
+                    c.name,
+                    u32::try_from(c.type_oid).unwrap_or(0),
+                    c.send,
+                    c.type_name,
+                    c.key_pos,
+                )
+            })
+            .collect(),
+    };
+    if plan.key_columns().is_empty() {
+        return Err(Error::Config(format!(
+            "a snapshot of {table} reads it in key order: give it a primary key or REPLICA \
+             IDENTITY USING INDEX (a unique index)"
+        )));
+    }
+    Ok(plan)
+}
+
+/// One chunk between watermarks: a low watermark message, the next `n` rows after `after`
+/// in key order (each column in its binary send form, as pgoutput sends it, and the key as
+/// text), a high watermark message.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn snapshot_chunk(
+    conn: &mut PgConnection,
+    plan: &SnapshotPlan,
+    marker_prefix: &str,
+    marker: &str,
+    after: Option<&[String]>,
+    n: i32,
+) -> Result<Chunk> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Array<Nullable<diesel::sql_types::Bytea>>)]
+        cols: Vec<Option<Vec<u8>>>,
+        #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+        key: Vec<String>,
+        #[diesel(sql_type = Text)]
+        snap: String,
+    }
+    let quote = |n: &str| format!("\"{}\"", n.replace('"', "\"\""));
+    let cols = plan
+        .columns
+        .iter()
+        .map(|(name, _, send, _, _)| format!("{send}({})", quote(name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let keys = plan.key_columns();
+    let key_list = keys.iter().map(|k| quote(&k.0)).collect::<Vec<_>>().join(", ");
+    let key_text = keys
+        .iter()
+        .map(|k| format!("{}::text", quote(&k.0)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let after_tuple = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| format!("($1::text[])[{}]::{}", i + 1, k.3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let emit = |conn: &mut PgConnection, what: &str| -> Result<u64> {
+        let l: Lsn = diesel::sql_query(
+            "SELECT pg_logical_emit_message(false, $1, $2)::text AS lsn",
+        )
+        .bind::<Text, _>(marker_prefix)
+        .bind::<Text, _>(format!("{what}:{marker}"))
+        .get_result(conn)?;
+        parse_lsn(&l.lsn)
+    };
+    emit(conn, "low")?;
+    // Without an OR, so the key's index serves each chunk as a range scan.
+    let filter = if after.is_some() {
+        format!("WHERE ({key_list}) > ({after_tuple})")
+    } else {
+        "WHERE $1::text[] IS NULL".to_owned()
+    };
+    let rows: Vec<Row> = diesel::sql_query(format!(
+        "SELECT ARRAY[{cols}]::bytea[] AS cols, ARRAY[{key_text}] AS key, \
+                pg_current_snapshot()::text AS snap FROM {} \
+         {filter} ORDER BY {key_list} LIMIT $2",
+        plan.qualified
+    ))
+    .bind::<Nullable<diesel::sql_types::Array<Text>>, _>(after.map(<[String]>::to_vec))
+    .bind::<Integer, _>(n)
+    .load(conn)?;
+    let high = emit(conn, "high")?;
+    let snapshot = rows.first().map(|r| r.snap.clone());
+    Ok(Chunk {
+        rows: rows.into_iter().map(|r| (r.cols, r.key)).collect(),
+        high,
+        snapshot,
+    })
+}
+
+/// A chunk read by [`snapshot_chunk`].
+pub struct Chunk {
+    /// Each row's columns (binary send form) and key (as text).
+    pub rows: Vec<(Vec<Option<Vec<u8>>>, Vec<String>)>,
+    /// The LSN of the high watermark.
+    pub high: u64,
+    /// The snapshot the rows were read in (`xmin:xmax:xip,...`); `None` for no rows.
+    pub snapshot: Option<String>,
+}
+
+#[derive(QueryableByName)]
+struct Lsn {
+    #[diesel(sql_type = Text)]
+    lsn: String,
+}
+
+/// `16/B374D848` as a number.
+///
+/// # Errors
+/// [`Error::Stream`] when it is not an LSN.
+pub fn parse_lsn(s: &str) -> Result<u64> {
+    let bad = || Error::Stream(format!("{s:?} is not an LSN"));
+    let (hi, lo) = s.split_once('/').ok_or_else(bad)?;
+    let hi = u64::from_str_radix(hi, 16).map_err(|_| bad())?;
+    let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
+    Ok((hi << 32) | lo)
+}
