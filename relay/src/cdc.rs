@@ -496,7 +496,14 @@ fn key_text(key: &Map<String, Value>) -> String {
             };
         }
     }
-    Value::Object(key.clone()).to_string()
+    // Columns in name order, whatever order the map keeps (the key decides the partition).
+    let mut pairs: Vec<(&String, &Value)> = key.iter().collect();
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let body: Vec<String> = pairs
+        .into_iter()
+        .map(|(k, v)| format!("{}:{v}", Value::String(k.clone())))
+        .collect();
+    format!("{{{}}}", body.join(","))
 }
 
 /// A row as JSON (columns in the table's order), and the columns the stream left out because
@@ -879,6 +886,17 @@ mod tests {
         let e = parse_tables("public.\"x y\"").unwrap_err();
         assert!(e.contains("\"public.\\\"x y\\\"\""), "{e}");
         assert_eq!(topic_for("cdc.{schema}.{table}", &t[2]), "cdc.inv.moves");
+    }
+
+    #[test]
+    fn keys_as_text() {
+        let mut one = Map::new();
+        one.insert("sku".into(), json!("A-17"));
+        assert_eq!(key_text(&one), "A-17");
+        let mut two = Map::new();
+        two.insert("wh".into(), json!(3));
+        two.insert("sku".into(), json!("A\"17"));
+        assert_eq!(key_text(&two), r#"{"sku":"A\"17","wh":3}"#);
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub const PURGE_DEAD_LETTERS: &[(Table, &str)] = &[(Table::DeadLetters, "DELETE"
 
 /// More privileges when tables are captured (`capture_tables`): snapshot requests are read and
 /// their progress saved.
-pub const SNAPSHOTS: &[(Table, &str)] = &[(Table::Snapshots, "SELECT"), (Table::Snapshots, "UPDATE")];
+pub const SNAPSHOTS: &[(Table, &str)] =
+    &[(Table::Snapshots, "SELECT"), (Table::Snapshots, "UPDATE")];
 
 /// Every `(table, privilege)` pair `cfg` needs: [`REQUIRED`], plus [`KEEP_DELIVERED`],
 /// [`PURGE_DEAD_LETTERS`] and [`SNAPSHOTS`] when those are configured.

@@ -405,7 +405,9 @@ fn run(cli: Cli) -> Result<()> {
                             added.join(", ")
                         );
                         // Their existing rows are not in the stream: a snapshot publishes them.
-                        let snapshots = tables.qualify(outbox::contract::Table::Snapshots).to_string();
+                        let snapshots = tables
+                            .qualify(outbox::contract::Table::Snapshots)
+                            .to_string();
                         for t in captured.iter().filter(|t| added.contains(&t.to_string())) {
                             store::stream::request_snapshot(&mut conn, &snapshots, t, 1000)?;
                             println!("snapshot of {t} requested (its existing rows)");
@@ -472,7 +474,9 @@ fn run(cli: Cli) -> Result<()> {
             let mut conn = store::connect(cfg.database_url())?;
             outbox::Outbox::with_tables(tables.clone()).verify_schema(&mut conn)?;
             store::stream::snapshot_plan(&mut conn, &name)?;
-            let snapshots = tables.qualify(outbox::contract::Table::Snapshots).to_string();
+            let snapshots = tables
+                .qualify(outbox::contract::Table::Snapshots)
+                .to_string();
             store::stream::request_snapshot(&mut conn, &snapshots, &name, *chunk_size)?;
             println!(
                 "snapshot of {name} requested ({chunk_size} rows per chunk); a streaming relay \

@@ -284,6 +284,9 @@ struct State {
     tx: Option<cdc::TxInfo>,
     /// The snapshot being read, if any (see [`Streaming::snapshot_step`]).
     snap: Snap,
+    /// The captured tables' oids when the term began: a Relation message naming one of them
+    /// under a name not captured is a rename.
+    captured_oids: std::collections::HashSet<u32>,
 }
 
 /// A snapshot of a captured table, read in chunks between watermarks (the DBLog method): a
@@ -365,6 +368,7 @@ impl Streaming {
                     nonce: uuid::Uuid::new_v4().simple().to_string(),
                     ..Snap::default()
                 },
+                captured_oids: std::collections::HashSet::new(),
             }),
         }
     }
@@ -382,21 +386,22 @@ impl Streaming {
                 };
                 let table_schema = store::stream::check_publication(c, &tables, &s.publication)?;
                 let prefix = store::stream::message_prefix(c, &tables)?;
-                let types = if s.capture_tables.is_empty() {
-                    Vec::new()
+                let (types, oids) = if s.capture_tables.is_empty() {
+                    (Vec::new(), Vec::new())
                 } else {
-                    store::stream::check_captured_tables(
+                    let oids = store::stream::check_captured_tables(
                         c,
                         &s.capture_tables,
                         &s.capture_publication,
                     )?;
-                    store::stream::user_types(c)?
+                    (store::stream::user_types(c)?, oids)
                 };
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
-                Ok((prefix, table_schema, info, types))
+                Ok((prefix, table_schema, info, (types, oids)))
             })
             .await?;
-        let (prefix, table_schema, info, types) = (prefix, table_schema, info, types);
+        let (types, oids) = types;
+        st.captured_oids = oids.into_iter().collect();
         st.types = cdc::Types {
             kinds: types
                 .into_iter()
@@ -575,7 +580,20 @@ impl Streaming {
                     schema: namespace.to_string(),
                     table: relation_name.to_string(),
                 };
-                let captured = self.settings.capture_tables.contains(&name);
+                // By name, or by the oid a captured name had when the term began (changes
+                // from before a rename the configuration already follows).
+                let captured = self.settings.capture_tables.contains(&name)
+                    || st.captured_oids.contains(&relation_id);
+                let known = st.relations.get(&relation_id).and_then(Option::as_ref);
+                let renamed = known.is_some_and(|r| r.name != name)
+                    && !self.settings.capture_tables.contains(&name);
+                if renamed {
+                    let was = known.map_or_else(String::new, |r| r.name.to_string());
+                    return Err(Error::Config(format!(
+                        "{was} was renamed to {name}: its changes are no longer captured. Add \
+                         {name} to capture_tables (and to the publication) to go on"
+                    )));
+                }
                 st.relations.insert(
                     relation_id,
                     captured.then(|| cdc::Relation {
@@ -698,7 +716,10 @@ impl Streaming {
                             fetched: Box::new(fetched),
                         })
                         .map_err(Error::Stream)?;
-                } else if flags & 1 == 0 && prefix.ends_with(":snapshot") && *prefix == *self.snapshot_prefix(st) {
+                } else if flags & 1 == 0
+                    && prefix.ends_with(":snapshot")
+                    && *prefix == *self.snapshot_prefix(st)
+                {
                     self.on_watermark(st, message_lsn.value(), &content)?;
                 } else if flags & 1 == 0 && *prefix == *st.heartbeat && !st.in_tx {
                     st.log
@@ -770,9 +791,11 @@ impl Streaming {
             {
                 st.snap.recent.pop_front();
             }
-            st.snap
-                .recent
-                .extend(events.iter().map(|e| (now, tx.xid, e.partition_key.clone())));
+            st.snap.recent.extend(
+                events
+                    .iter()
+                    .map(|e| (now, tx.xid, e.partition_key.clone())),
+            );
         }
         for fetched in events {
             let fetched = self.checked(fetched);
@@ -839,8 +862,7 @@ impl Streaming {
                 let Some((_, rel)) = &st.snap.plan else {
                     return Ok(());
                 };
-                let events =
-                    cdc::snapshot_events(&self.cdc_ctx(st), rel, lsn, &rows, &changed);
+                let events = cdc::snapshot_events(&self.cdc_ctx(st), rel, lsn, &rows, &changed);
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
                 for fetched in events {
                     let fetched = self.checked(fetched);

@@ -398,7 +398,7 @@ pub fn ensure_streaming(
 
 /// Checks each captured table before streaming its changes: it exists, its replica identity
 /// gives every change a key (a primary key, `USING INDEX`, or `FULL`), and the table
-/// publication publishes it with every operation.
+/// publication publishes it with every operation. Returns the tables' oids.
 ///
 /// # Errors
 /// [`Error::Config`] naming the table and the fix; [`Error::Database`].
@@ -406,9 +406,11 @@ pub fn check_captured_tables(
     conn: &mut PgConnection,
     tables: &[crate::cdc::TableName],
     publication: &str,
-) -> Result<()> {
+) -> Result<Vec<u32>> {
     #[derive(QueryableByName)]
     struct T {
+        #[diesel(sql_type = Nullable<BigInt>)]
+        oid: Option<i64>,
         #[diesel(sql_type = Bool)]
         exists: bool,
         #[diesel(sql_type = Nullable<Text>)]
@@ -444,9 +446,10 @@ pub fn check_captured_tables(
         }
         Some(true) => {}
     }
+    let mut oids = Vec::new();
     for t in tables {
         let row: T = diesel::sql_query(
-            "SELECT c.oid IS NOT NULL AS exists, \
+            "SELECT c.oid::bigint AS oid, c.oid IS NOT NULL AS exists, \
                     c.relreplident::text AS identity, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
                             AND (i.indisprimary OR (c.relreplident = 'i' AND i.indisreplident))) AS has_pk, \
@@ -483,8 +486,9 @@ pub fn check_captured_tables(
                  ALTER PUBLICATION \"{publication}\" ADD TABLE {t}"
             )));
         }
+        oids.extend(row.oid.and_then(|o| u32::try_from(o).ok()));
     }
-    Ok(())
+    Ok(oids)
 }
 
 /// The database's enums, domains and array types (what the change envelope's mapping needs
@@ -688,7 +692,10 @@ impl SnapshotPlan {
 ///
 /// # Errors
 /// [`Error::Config`] when the table has no unique key to read it in order by; [`Error::Database`].
-pub fn snapshot_plan(conn: &mut PgConnection, table: &crate::cdc::TableName) -> Result<SnapshotPlan> {
+pub fn snapshot_plan(
+    conn: &mut PgConnection,
+    table: &crate::cdc::TableName,
+) -> Result<SnapshotPlan> {
     #[derive(QueryableByName)]
     struct C {
         #[diesel(sql_type = Text)]
@@ -771,7 +778,11 @@ pub fn snapshot_chunk(
         .collect::<Vec<_>>()
         .join(", ");
     let keys = plan.key_columns();
-    let key_list = keys.iter().map(|k| quote(&k.0)).collect::<Vec<_>>().join(", ");
+    let key_list = keys
+        .iter()
+        .map(|k| quote(&k.0))
+        .collect::<Vec<_>>()
+        .join(", ");
     let key_text = keys
         .iter()
         .map(|k| format!("{}::text", quote(&k.0)))
@@ -784,12 +795,11 @@ pub fn snapshot_chunk(
         .collect::<Vec<_>>()
         .join(", ");
     let emit = |conn: &mut PgConnection, what: &str| -> Result<u64> {
-        let l: Lsn = diesel::sql_query(
-            "SELECT pg_logical_emit_message(false, $1, $2)::text AS lsn",
-        )
-        .bind::<Text, _>(marker_prefix)
-        .bind::<Text, _>(format!("{what}:{marker}"))
-        .get_result(conn)?;
+        let l: Lsn =
+            diesel::sql_query("SELECT pg_logical_emit_message(false, $1, $2)::text AS lsn")
+                .bind::<Text, _>(marker_prefix)
+                .bind::<Text, _>(format!("{what}:{marker}"))
+                .get_result(conn)?;
         parse_lsn(&l.lsn)
     };
     emit(conn, "low")?;
@@ -817,10 +827,15 @@ pub fn snapshot_chunk(
     })
 }
 
+/// One row of a chunk: its columns in their binary send form (NULL: `None`), and its key as
+/// text.
+pub type ChunkRow = (Vec<Option<Vec<u8>>>, Vec<String>);
+
 /// A chunk read by [`snapshot_chunk`].
+#[derive(Debug)]
 pub struct Chunk {
-    /// Each row's columns (binary send form) and key (as text).
-    pub rows: Vec<(Vec<Option<Vec<u8>>>, Vec<String>)>,
+    /// The rows, in key order.
+    pub rows: Vec<ChunkRow>,
     /// The LSN of the high watermark.
     pub high: u64,
     /// The snapshot the rows were read in (`xmin:xmax:xip,...`); `None` for no rows.
