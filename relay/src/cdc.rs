@@ -71,6 +71,101 @@ pub fn parse_tables(list: &str) -> std::result::Result<Vec<TableName>, String> {
     Ok(out)
 }
 
+/// Per-table column choices: which columns the envelope carries, and which make the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ColumnOptions {
+    /// Only these columns (and the key's), when set.
+    pub include: Option<Vec<String>>,
+    /// Never these.
+    pub exclude: Vec<String>,
+    /// The key, in this order, instead of the replica identity's columns.
+    pub key: Option<Vec<String>>,
+}
+
+/// Every table's [`ColumnOptions`].
+pub type Columns = std::collections::HashMap<TableName, ColumnOptions>;
+
+/// Parses the three column settings (`schema.table.column` lists) against the captured tables.
+///
+/// # Errors
+/// What is wrong with which entry: not `schema.table.column`, a table not captured, a table
+/// both included and excluded from, a key column excluded.
+pub fn parse_columns(
+    tables: &[TableName],
+    include: Option<&str>,
+    exclude: Option<&str>,
+    key: Option<&str>,
+) -> std::result::Result<Columns, String> {
+    let mut out = Columns::new();
+    let mut each =
+        |list: Option<&str>, what: &str, f: &mut dyn FnMut(&mut ColumnOptions, String)| {
+            for raw in list.unwrap_or("").split(',') {
+                let entry = raw.trim();
+                if entry.is_empty() {
+                    continue;
+                }
+                let Some((table, column)) = entry.rsplit_once('.') else {
+                    return Err(format!("{what}: {entry:?} is not schema.table.column"));
+                };
+                let t = parse_tables(table)
+                    .map_err(|e| format!("{what}: {e}"))?
+                    .pop()
+                    .ok_or_else(|| format!("{what}: {entry:?} is not schema.table.column"))?;
+                if !table.contains('.') {
+                    return Err(format!("{what}: {entry:?} is not schema.table.column"));
+                }
+                if !tables.contains(&t) {
+                    return Err(format!("{what}: {t} is not in capture_tables"));
+                }
+                let column = column.trim();
+                if column.is_empty() {
+                    return Err(format!("{what}: {entry:?} names no column"));
+                }
+                f(out.entry(t).or_default(), column.to_owned());
+            }
+            Ok(())
+        };
+    each(include, "capture_include_columns", &mut |o, c| {
+        o.include.get_or_insert_with(Vec::new).push(c);
+    })?;
+    each(exclude, "capture_exclude_columns", &mut |o, c| {
+        o.exclude.push(c)
+    })?;
+    each(key, "capture_key_columns", &mut |o, c| {
+        o.key.get_or_insert_with(Vec::new).push(c);
+    })?;
+    for (t, o) in &out {
+        if o.include.is_some() && !o.exclude.is_empty() {
+            return Err(format!(
+                "{t} has both capture_include_columns and capture_exclude_columns: use one"
+            ));
+        }
+        if let Some(k) = &o.key {
+            if let Some(c) = k.iter().find(|c| o.exclude.contains(c)) {
+                return Err(format!("{t}.{c} is a key column and cannot be excluded"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl ColumnOptions {
+    /// `rel` as the envelope sees it: the chosen columns, the chosen key.
+    pub(crate) fn shape(&self, mut rel: Relation) -> Relation {
+        if let Some(key) = &self.key {
+            for c in &mut rel.columns {
+                c.is_key = key.contains(&c.name);
+            }
+        }
+        rel.columns.retain(|c| {
+            c.is_key
+                || (!self.exclude.contains(&c.name)
+                    && self.include.as_ref().is_none_or(|i| i.contains(&c.name)))
+        });
+        rel
+    }
+}
+
 /// The topic of a table's change events: `pattern` with `{schema}` and `{table}` replaced.
 #[must_use]
 pub fn topic_for(pattern: &str, table: &TableName) -> String {
@@ -886,6 +981,56 @@ mod tests {
         let e = parse_tables("public.\"x y\"").unwrap_err();
         assert!(e.contains("\"public.\\\"x y\\\"\""), "{e}");
         assert_eq!(topic_for("cdc.{schema}.{table}", &t[2]), "cdc.inv.moves");
+    }
+
+    #[test]
+    fn column_options_parse_and_shape() {
+        let tables = parse_tables("public.users").unwrap();
+        let o = parse_columns(
+            &tables,
+            None,
+            Some("public.users.password, public.users.ssn"),
+            Some("public.users.email"),
+        )
+        .unwrap();
+        let rel = Relation {
+            name: tables[0].clone(),
+            columns: ["id", "email", "password", "ssn", "name"]
+                .iter()
+                .map(|n| Column {
+                    name: (*n).to_owned(),
+                    type_oid: 25,
+                    is_key: *n == "id",
+                })
+                .collect(),
+        };
+        let shaped = o[&tables[0]].shape(rel);
+        let names: Vec<_> = shaped
+            .columns
+            .iter()
+            .map(|c| (c.name.as_str(), c.is_key))
+            .collect();
+        assert_eq!(names, [("id", false), ("email", true), ("name", false)]);
+        let e = parse_columns(
+            &tables,
+            Some("public.users.id"),
+            Some("public.users.ssn"),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("use one"), "{e}");
+        let e = parse_columns(&tables, None, Some("public.other.x"), None).unwrap_err();
+        assert!(e.contains("public.other is not in capture_tables"), "{e}");
+        let e = parse_columns(&tables, None, Some("users"), None).unwrap_err();
+        assert!(e.contains("schema.table.column"), "{e}");
+        let e = parse_columns(
+            &tables,
+            None,
+            Some("public.users.email"),
+            Some("public.users.email"),
+        )
+        .unwrap_err();
+        assert!(e.contains("cannot be excluded"), "{e}");
     }
 
     #[test]

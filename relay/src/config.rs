@@ -190,6 +190,20 @@ impl RelayConfig {
         }
     }
 
+    /// The column choices of the captured tables, parsed.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the entry.
+    pub fn capture_columns(&self) -> Result<crate::cdc::Columns> {
+        crate::cdc::parse_columns(
+            &self.captured_tables()?,
+            self.capture_include_columns.as_deref(),
+            self.capture_exclude_columns.as_deref(),
+            self.capture_key_columns.as_deref(),
+        )
+        .map_err(Error::Config)
+    }
+
     /// The publication of the captured tables: `capture_publication`, or
     /// `<publication>_tables`.
     #[must_use]
@@ -227,6 +241,7 @@ impl RelayConfig {
         }
         self.tables()?;
         let captured = self.captured_tables()?;
+        self.capture_columns()?;
         if !captured.is_empty() && self.capture != CaptureMode::Streaming {
             return bad(format!(
                 "capture_tables names {} table(s), but change capture reads the WAL: set capture = \"streaming\"",

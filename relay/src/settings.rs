@@ -313,6 +313,21 @@ settings! {
         key "capture_publication", Global, env "OUTBOX_RELAY_CAPTURE_PUBLICATION", shown "`<publication>_tables`",
         meaning "publication of the captured tables (insert, update, delete, truncate), created or extended by `migrate --capture streaming`",
         set capture_publication(name: impl Into<String>) => Some(name.into());
+    /// Columns a captured table's events carry (all others left out).
+    capture_include_columns: Option<String> = None,
+        key "capture_include_columns", Global, env "OUTBOX_RELAY_CAPTURE_INCLUDE_COLUMNS", shown "all",
+        meaning "`schema.table.column` list: for each table named, its events carry only these columns (and the key's)",
+        set capture_include_columns(list: impl Into<String>) => Some(list.into());
+    /// Columns a captured table's events never carry.
+    capture_exclude_columns: Option<String> = None,
+        key "capture_exclude_columns", Global, env "OUTBOX_RELAY_CAPTURE_EXCLUDE_COLUMNS", shown "none",
+        meaning "`schema.table.column` list of columns left out of the events (e.g. secrets); not a key column",
+        set capture_exclude_columns(list: impl Into<String>) => Some(list.into());
+    /// The key of a captured table's events, when not its replica identity.
+    capture_key_columns: Option<String> = None,
+        key "capture_key_columns", Global, env "OUTBOX_RELAY_CAPTURE_KEY_COLUMNS", shown "the primary key",
+        meaning "`schema.table.column` list, in key order: the message key of that table's events (columns of its replica identity, or any with REPLICA IDENTITY FULL)",
+        set capture_key_columns(list: impl Into<String>) => Some(list.into());
     /// Rows per fetch: large enough to amortise a round trip, small enough to delete quickly.
     page_size: i64 = 1000,
         key "page_size", Run, env "OUTBOX_RELAY_PAGE_SIZE", shown "1000",
@@ -443,7 +458,10 @@ mod tests {
                 | "slot"
                 | "publication"
                 | "capture_tables"
-                | "capture_publication" => assert!(shown.is_empty(), "{key}"),
+                | "capture_publication"
+                | "capture_include_columns"
+                | "capture_exclude_columns"
+                | "capture_key_columns" => assert!(shown.is_empty(), "{key}"),
                 _ => assert_eq!(shown, doc, "{key}"),
             }
         }

@@ -220,10 +220,11 @@ fn run_stock_writers(url: &str, writers: usize, ops: usize, keys: usize, seed: u
     handles.into_iter().map(|h| h.join().unwrap()).sum()
 }
 
-/// The rebuild-equals-source guarantee under concurrent writers and kill -9 of the streaming
-/// leader (two relay processes, the leader killed three times).
+/// The rebuild-equals-source guarantee under concurrent writers, kill -9 of the streaming
+/// leader three times and a SIGSTOP of it past its lease (two relay processes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_after_kill_9() {
+async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_after_kill_9_and_sigstop(
+) {
     let db = cdc_db(STOCK, "public.stock");
     let broker = Tansu::start().unwrap();
     let topic = unique_name("cdc");
@@ -250,9 +251,11 @@ async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_afte
         panic!("{e}\n{logs}");
     }
     let url = db.url().to_owned();
-    let writers = tokio::task::spawn_blocking(move || run_stock_writers(&url, 4, 600, 60, 7));
-    let mut kills = 0;
-    for _ in 0..3 {
+    let writers = tokio::task::spawn_blocking(move || run_stock_writers(&url, 4, 900, 60, 7));
+    let (mut kills, mut stops) = (0, 0);
+    // Three kill -9 of the leader, then a SIGSTOP past its lease and a SIGCONT (the zombie
+    // wakes up after a standby took the slot).
+    for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let Some((first, epoch)) = leader(&mut conn).unwrap() else {
             continue;
@@ -261,14 +264,23 @@ async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_afte
         let Some(victim) = relays.iter().position(|r| r.pid() == pid) else {
             continue;
         };
-        relays[victim].kill9().unwrap();
-        relays[victim] = spawn();
-        kills += 1;
+        if round < 3 {
+            relays[victim].kill9().unwrap();
+            relays[victim] = spawn();
+            kills += 1;
+        } else {
+            relays[victim].stop().unwrap();
+            stops += 1;
+        }
         wait_until(Duration::from_secs(20), "takeover", || {
             Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
         })
         .await
         .unwrap();
+        if round == 3 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            relays[victim].cont().unwrap();
+        }
     }
     let committed = writers.await.unwrap();
     let source = source_rows(&mut conn);
@@ -304,9 +316,12 @@ async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_afte
         broken_diff > 0,
         "the broken rebuild (unavailable columns as NULL) was not caught"
     );
-    assert!(kills >= 2, "only {kills} kills");
+    assert!(
+        kills >= 2 && stops == 1,
+        "only {kills} kills and {stops} SIGSTOP"
+    );
     eprintln!(
-        "cdc kill -9 x{kills}: {committed} transactions, {} rows, {} events read, {skipped} duplicates skipped, rebuild = source; {unavailable} events with an unchanged TOASTed note; the broken rebuild differs in {broken_diff} rows",
+        "cdc kill -9 x{kills}, SIGSTOP x{stops}: {committed} transactions, {} rows, {} events read, {skipped} duplicates skipped, rebuild = source; {unavailable} events with an unchanged TOASTed note; the broken rebuild differs in {broken_diff} rows",
         source.len(),
         seen.len()
     );
@@ -693,4 +708,72 @@ async fn a_dropped_column_leaves_the_envelope_and_a_rename_stops_the_relay_clear
         "{err}"
     );
     shutdown.cancel();
+}
+
+/// Column choices: an excluded column never appears (not in `after`, `before`, `unavailable`),
+/// a configured key is the message key; a key a DELETE would not carry is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excluded_columns_never_appear_and_a_configured_key_is_the_message_key() {
+    let db = cdc_db(
+        "CREATE TABLE users (id integer PRIMARY KEY, email text UNIQUE NOT NULL, password text, name text)",
+        "public.users",
+    );
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("cdcc");
+    create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
+    let cfg = cdc_config(&db, &broker.bootstrap(), "public.users", &topic)
+        .capture_exclude_columns("public.users.password")
+        .capture_key_columns("public.users.email");
+    // email is not in the replica identity (the primary key): a DELETE would not carry it.
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        outbox_relay::Relay::new(cfg.clone())
+            .unwrap()
+            .run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("the relay stops")
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("public.users.email is not in its replica identity")
+            && err.contains("REPLICA IDENTITY FULL"),
+        "{err}"
+    );
+    let mut conn = db.conn().unwrap();
+    conn.batch_execute("ALTER TABLE users REPLICA IDENTITY FULL")
+        .unwrap();
+    let relay = InProcessRelay::start(cfg).unwrap();
+    conn.batch_execute(
+        "INSERT INTO users VALUES (1, 'a@x', 'secret', 'Ann'); \
+         UPDATE users SET name = 'Anna', password = 'secret2' WHERE id = 1; \
+         DELETE FROM users WHERE id = 1;",
+    )
+    .unwrap();
+    let seen = read_all(&broker.bootstrap(), &topic, 3).await;
+    relay.stop().await.unwrap();
+    assert_eq!(seen.len(), 3);
+    for m in &seen {
+        assert_eq!(m.key, "a@x", "the configured key");
+        assert!(
+            !m.payload.contains("password") && !m.payload.contains("secret"),
+            "{}",
+            m.payload
+        );
+    }
+    let last: Value = serde_json::from_str(&seen[2].payload).unwrap();
+    assert_eq!(last["op"], "delete");
+    assert_eq!(
+        last["before"]["name"], "Anna",
+        "REPLICA IDENTITY FULL: the whole old row"
+    );
+    // Bad choices are refused by name.
+    let e = relay_config(db.url(), &broker.bootstrap())
+        .capture(CaptureMode::Streaming)
+        .capture_tables("public.users")
+        .capture_exclude_columns("public.orders.x")
+        .validate()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("public.orders is not in capture_tables"), "{e}");
 }

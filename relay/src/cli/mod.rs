@@ -51,6 +51,15 @@ pub struct Cli {
     /// Publication of the captured tables.
     #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_PUBLICATION")]
     capture_publication: Option<String>,
+    /// Columns captured tables' events carry (schema.table.column,...).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_INCLUDE_COLUMNS")]
+    capture_include_columns: Option<String>,
+    /// Columns left out of captured tables' events (schema.table.column,...).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_EXCLUDE_COLUMNS")]
+    capture_exclude_columns: Option<String>,
+    /// The key of a captured table's events (schema.table.column,..., in key order).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CAPTURE_KEY_COLUMNS")]
+    capture_key_columns: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -319,6 +328,9 @@ impl Cli {
             ("capture_tables", &self.capture_tables),
             ("capture_topic", &self.capture_topic),
             ("capture_publication", &self.capture_publication),
+            ("capture_include_columns", &self.capture_include_columns),
+            ("capture_exclude_columns", &self.capture_exclude_columns),
+            ("capture_key_columns", &self.capture_key_columns),
         ] {
             if let Some(v) = value {
                 cfg.set(key, v)

@@ -231,6 +231,7 @@ impl Relay {
             capture_tables: self.cfg.captured_tables().unwrap_or_default(),
             capture_publication: self.cfg.capture_publication_name(),
             capture_topic: self.cfg.capture_topic_pattern().to_owned(),
+            capture_columns: self.cfg.capture_columns().unwrap_or_default(),
             snapshots_table: self
                 .cfg
                 .tables()

@@ -54,6 +54,8 @@ pub(crate) struct StreamSettings {
     pub capture_topic: String,
     /// The snapshot requests table, qualified.
     pub snapshots_table: String,
+    /// Which columns the captured tables' events carry, and their keys.
+    pub capture_columns: cdc::Columns,
     /// The outbox table's schema (`None`: the first `outbox` the stream shows, i.e. the one the
     /// publication names) and name.
     pub schema: Option<String>,
@@ -394,6 +396,7 @@ impl Streaming {
                         &s.capture_tables,
                         &s.capture_publication,
                     )?;
+                    store::stream::check_capture_columns(c, &s.capture_columns)?;
                     (store::stream::user_types(c)?, oids)
                 };
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
@@ -594,9 +597,8 @@ impl Streaming {
                          {name} to capture_tables (and to the publication) to go on"
                     )));
                 }
-                st.relations.insert(
-                    relation_id,
-                    captured.then(|| cdc::Relation {
+                let rel = captured.then(|| {
+                    self.shape(cdc::Relation {
                         name,
                         columns: columns
                             .iter()
@@ -606,8 +608,9 @@ impl Streaming {
                                 is_key: c.is_key,
                             })
                             .collect(),
-                    }),
-                );
+                    })
+                });
+                st.relations.insert(relation_id, rel);
             }
             EventType::Insert {
                 relation_oid,
@@ -808,6 +811,14 @@ impl Streaming {
         Ok(())
     }
 
+    /// A captured relation as its events carry it (the configured columns and key).
+    fn shape(&self, rel: cdc::Relation) -> cdc::Relation {
+        match self.settings.capture_columns.get(&rel.name) {
+            Some(o) => o.shape(rel),
+            None => rel,
+        }
+    }
+
     fn snapshot_prefix(&self, st: &State) -> String {
         format!("{}:snapshot", st.prefix)
     }
@@ -962,7 +973,7 @@ impl Streaming {
                 return Ok(());
             };
             tracing::info!(target: TARGET, table = %req.table, chunk_size = req.chunk_size, resume_after = ?req.last_key, "snapshot starts");
-            let rel = cdc::Relation {
+            let rel = self.shape(cdc::Relation {
                 name,
                 columns: plan
                     .columns
@@ -973,7 +984,7 @@ impl Streaming {
                         is_key: key.is_some(),
                     })
                     .collect(),
-            };
+            });
             st.snap.request = Some(req);
             st.snap.plan = Some((plan, rel));
         }

@@ -859,3 +859,81 @@ pub fn parse_lsn(s: &str) -> Result<u64> {
     let lo = u64::from_str_radix(lo, 16).map_err(|_| bad())?;
     Ok((hi << 32) | lo)
 }
+
+/// Checks the column choices against the tables: every named column exists, and a configured
+/// key is carried by every change (columns of the replica identity's key, or any column with
+/// `REPLICA IDENTITY FULL`: a DELETE's old row holds only those).
+///
+/// # Errors
+/// [`Error::Config`] naming the table and column; [`Error::Database`].
+pub fn check_capture_columns(conn: &mut PgConnection, columns: &crate::cdc::Columns) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Full {
+        #[diesel(sql_type = Bool)]
+        full: bool,
+    }
+    for (t, o) in columns {
+        let plan = snapshot_plan(conn, t).or_else(|e| match e {
+            // No unique key: a FULL identity table; its columns are still listed below.
+            Error::Config(_) => Ok(SnapshotPlan {
+                qualified: String::new(),
+                columns: Vec::new(),
+            }),
+            other => Err(other),
+        })?;
+        let full: Full = diesel::sql_query(
+            "SELECT c.relreplident = 'f' AS full FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+        )
+        .bind::<Text, _>(&t.schema)
+        .bind::<Text, _>(&t.table)
+        .get_result(conn)?;
+        #[derive(QueryableByName)]
+        struct Col {
+            #[diesel(sql_type = Text)]
+            name: String,
+        }
+        let names: Vec<String> = diesel::sql_query(
+            "SELECT a.attname::text AS name FROM pg_attribute a \
+             WHERE a.attrelid = format('%I.%I', $1::text, $2::text)::regclass \
+               AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind::<Text, _>(&t.schema)
+        .bind::<Text, _>(&t.table)
+        .load::<Col>(conn)?
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+        let named = o
+            .include
+            .iter()
+            .flatten()
+            .chain(&o.exclude)
+            .chain(o.key.iter().flatten());
+        for c in named {
+            if !names.contains(c) {
+                return Err(Error::Config(format!(
+                    "{t} has no column {c:?} (capture_*_columns)"
+                )));
+            }
+        }
+        if let Some(key) = &o.key {
+            let identity: Vec<&String> = plan
+                .columns
+                .iter()
+                .filter(|c| c.4.is_some())
+                .map(|c| &c.0)
+                .collect();
+            if !full.full {
+                if let Some(c) = key.iter().find(|c| !identity.contains(c)) {
+                    return Err(Error::Config(format!(
+                        "capture_key_columns: {t}.{c} is not in its replica identity, so a DELETE \
+                         would not carry it: key by replica identity columns, or set REPLICA \
+                         IDENTITY FULL on {t}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -16,6 +16,7 @@
 //! cargo run -p outbox-bench -- --smoke                     # CI: small, no thresholds
 //! ```
 
+mod cdc;
 mod cpu;
 mod inbox;
 mod load;
@@ -534,6 +535,11 @@ async fn main() -> Result<()> {
     let mut l0: Option<Latencies> = None;
     for m in &modes {
         scenarios::live(&ctx, *m, &mut report, &mut l0, &t_k).await?;
+    }
+
+    // C: change capture of an existing table (streaming).
+    if modes.iter().any(|m| m.streaming()) {
+        cdc::run(&ctx, &b, &mut report).await?;
     }
 
     // S6: the inbox consumer (independent of the capture mode).
