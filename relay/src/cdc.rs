@@ -149,6 +149,16 @@ pub fn parse_columns(
     Ok(out)
 }
 
+/// `rel` with the default key (from the catalog: see `store::stream::table_keys`) and
+/// identity applied, before the column choices.
+pub(crate) fn with_key(mut rel: Relation, full: bool, key: &[String]) -> Relation {
+    rel.full_identity = full;
+    for c in &mut rel.columns {
+        c.is_key = key.contains(&c.name);
+    }
+    rel
+}
+
 impl ColumnOptions {
     /// `rel` as the envelope sees it: the chosen columns, the chosen key.
     pub(crate) fn shape(&self, mut rel: Relation) -> Relation {
@@ -180,6 +190,9 @@ pub fn topic_for(pattern: &str, table: &TableName) -> String {
 pub(crate) struct Relation {
     pub name: TableName,
     pub columns: Vec<Column>,
+    /// REPLICA IDENTITY FULL: an UPDATE's and a DELETE's old row is whole (else it holds the
+    /// key columns only, the others sent as NULL).
+    pub full_identity: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -232,14 +245,6 @@ pub(crate) enum Change<'a> {
     },
 }
 
-/// The id of the `k`-th row of the snapshot chunk whose high watermark is at `lsn`: below every
-/// id of a change or a tableless event (`-(lsn)`), so none can collide while the log holds it.
-pub(crate) fn snapshot_id(lsn: u64, k: u64) -> i64 {
-    let lsn_bits = i64::try_from(lsn & 0x3F_FFFF_FFFF).unwrap_or(0);
-    let k = i64::try_from(k & 0x3F_FFFF).unwrap_or(0);
-    -((1_i64 << 62) | (lsn_bits << 22) | k)
-}
-
 /// Whether a transaction (its 32-bit xid, as the stream gives it) had committed for a snapshot
 /// given as `xmin:xmax:xip,...` (full xids). A transaction the stream shows is committed; it
 /// is missing from the snapshot when it is at or past `xmax` or in progress (`xip`).
@@ -268,7 +273,8 @@ pub(crate) fn committed_in(snapshot: &str, xid: u32) -> bool {
 }
 
 /// The events of a snapshot chunk: each row as a `read` event, except the rows whose key a
-/// change in the chunk's window named (that change is newer; the row is left out).
+/// change in the chunk's window named (that change is newer; the row is left out). Their log
+/// ids are left for the caller to assign ([`change_log_id`]).
 pub(crate) fn snapshot_events(
     ctx: &Ctx<'_>,
     rel: &Relation,
@@ -283,41 +289,48 @@ pub(crate) fn snapshot_events(
     };
     let mut out = Vec::new();
     for (k, row) in rows.iter().enumerate() {
-        let mut events = change_events(ctx, rel, tx, high_lsn, &Change::Read { row });
+        let mut seq = k as u64;
+        let mut events = change_events(ctx, rel, tx, high_lsn, &mut seq, &Change::Read { row });
         let Some(mut e) = events.pop() else { continue };
         if changed.contains(&e.partition_key) && e.defect.is_none() {
             continue;
         }
-        e.event.id = snapshot_id(high_lsn, k as u64);
-        e.event.event_id = change_event_id(ctx.slot, high_lsn ^ (1 << 63), k as u64);
+        e.event.event_id = stable_event_id(ctx.slot, "read", high_lsn, k as u64);
         out.push(e);
     }
     out
 }
 
-/// Most events one WAL record may yield (a TRUNCATE of many tables, an UPDATE that changes
-/// the key): each gets the id `-(lsn + k)`, `k` below this. WAL records are at least 24 bytes
-/// long, so no other record's (tableless) id can be one of them.
-pub(crate) const EVENTS_PER_RECORD: u64 = 24;
-
-/// The id of the `k`-th event of the WAL record at `lsn`.
-pub(crate) fn change_id(lsn: u64, k: u64) -> i64 {
-    debug_assert!(k < EVENTS_PER_RECORD);
-    -i64::try_from(lsn.saturating_add(k)).unwrap_or(i64::MAX)
+/// The log id of the `n`-th change or snapshot row of a term: negative (no outbox row) and in
+/// a range of its own, above every tableless id (`-lsn`, lsn < 2^62), so none can collide
+/// while the log holds them. Ids of change events are not stable across terms; their
+/// `ce_id` is ([`stable_event_id`]).
+pub(crate) fn change_log_id(n: u64) -> i64 {
+    -((1_i64 << 62) | i64::try_from(n & ((1 << 62) - 1)).unwrap_or(0))
 }
 
-/// A stable event id for the `k`-th event of the record at `lsn` of `slot`: the same change
-/// read again (after a restart) has the same `ce_id`, so consumers deduplicate it.
-fn change_event_id(slot: &str, lsn: u64, k: u64) -> uuid::Uuid {
-    // FNV-1a of the slot name: which stream the position belongs to.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in slot.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
+/// A stable event id: the same change read again (after a restart) has the same `ce_id`, so
+/// consumers deduplicate it. A change is named by its transaction's commit position and its
+/// place in the transaction (`seq`); a snapshot row by its chunk's high watermark and its
+/// place in the chunk, under another tag, so the two never meet.
+fn stable_event_id(slot: &str, tag: &str, position: u64, seq: u64) -> uuid::Uuid {
+    let fnv = |seed: u64| {
+        let mut h = seed;
+        let mut eat = |b: u8| {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        };
+        for b in slot.bytes().chain([0]).chain(tag.bytes()).chain([0]) {
+            eat(b);
+        }
+        for b in position.to_be_bytes().into_iter().chain(seq.to_be_bytes()) {
+            eat(b);
+        }
+        h
+    };
     let mut bytes = [0_u8; 16];
-    bytes[..8].copy_from_slice(&h.to_be_bytes());
-    bytes[8..].copy_from_slice(&(lsn.wrapping_mul(EVENTS_PER_RECORD) + k).to_be_bytes());
+    bytes[..8].copy_from_slice(&fnv(0xcbf2_9ce4_8422_2325).to_be_bytes());
+    bytes[8..].copy_from_slice(&fnv(0x6c62_272e_07bb_0142).to_be_bytes());
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
@@ -335,6 +348,7 @@ pub(crate) fn change_events(
     rel: &Relation,
     tx: TxInfo,
     lsn: u64,
+    seq: &mut u64,
     change: &Change<'_>,
 ) -> Vec<Fetched> {
     let key_of = |row: &RowData| -> std::result::Result<(String, Map<String, Value>), String> {
@@ -370,25 +384,32 @@ pub(crate) fn change_events(
                 )]
             }
             Change::Update { old, new } => {
+                // With a whole old row (FULL), a TOASTed value the UPDATE left alone is the
+                // old row's: carried, not unavailable.
+                let merged;
+                let new = match old {
+                    Some(o) if rel.full_identity => {
+                        let mut m = (*new).clone();
+                        for (name, v) in o.iter() {
+                            if new.get(name).is_none() {
+                                m.push(std::sync::Arc::clone(name), v.clone());
+                            }
+                        }
+                        merged = m;
+                        &merged
+                    }
+                    _ => *new,
+                };
                 let (new_text, new_key) = key_of(new)?;
                 let (after, unavailable) = row_json(ctx.types, rel, new)?;
-                let before = old.map(|o| row_json(ctx.types, rel, o)).transpose()?;
+                let before = old.map(|o| before_json(ctx.types, rel, o)).transpose()?;
                 let old_key = old.map(&key_of).transpose()?;
                 match old_key {
                     Some((old_text, old_key)) if old_text != new_text => vec![
                         (
                             old_text,
                             "delete",
-                            envelope(
-                                rel,
-                                tx,
-                                lsn,
-                                "delete",
-                                &old_key,
-                                before.map(|b| b.0),
-                                None,
-                                &[],
-                            ),
+                            envelope(rel, tx, lsn, "delete", &old_key, before.clone(), None, &[]),
                         ),
                         (
                             new_text,
@@ -414,7 +435,7 @@ pub(crate) fn change_events(
                             lsn,
                             "update",
                             &new_key,
-                            before.map(|b| b.0),
+                            before,
                             Some(after),
                             &unavailable,
                         ),
@@ -432,7 +453,7 @@ pub(crate) fn change_events(
             }
             Change::Delete { old } => {
                 let (text, key) = key_of(old)?;
-                let (before, _) = row_json(ctx.types, rel, old)?;
+                let before = before_json(ctx.types, rel, old)?;
                 vec![(
                     text,
                     "delete",
@@ -445,8 +466,12 @@ pub(crate) fn change_events(
     match built {
         Ok(events) => events
             .into_iter()
-            .enumerate()
-            .map(|(k, (key, op, body))| event(ctx, &topic, tx, lsn, k as u64, key, op, &body, None))
+            .map(|(key, op, mut body)| {
+                let n = *seq;
+                *seq += 1;
+                body["source"]["seq"] = json!(n);
+                event(ctx, &topic, tx, n, key, op, &body, None)
+            })
             .collect(),
         // A change the mapping cannot read is still an event: dead-lettered at once with the
         // reason (nothing is skipped silently).
@@ -454,8 +479,11 @@ pub(crate) fn change_events(
             ctx,
             &topic,
             tx,
-            lsn,
-            0,
+            {
+                let n = *seq;
+                *seq += 1;
+                n
+            },
             String::new(),
             "unreadable",
             &json!({"v": 1, "table": table_json(&rel.name)}),
@@ -470,57 +498,54 @@ pub(crate) fn truncate_events(
     tables: &[TableName],
     tx: TxInfo,
     lsn: u64,
+    seq: &mut u64,
     cascade: bool,
     restart_identity: bool,
-) -> std::result::Result<Vec<Fetched>, String> {
-    if tables.len() as u64 > EVENTS_PER_RECORD {
-        return Err(format!(
-            "one TRUNCATE named {} captured tables; the relay reads at most {EVENTS_PER_RECORD} per statement",
-            tables.len()
-        ));
-    }
-    Ok(tables
+) -> Vec<Fetched> {
+    tables
         .iter()
-        .enumerate()
-        .map(|(k, t)| {
+        .map(|t| {
+            let n = *seq;
+            *seq += 1;
+            let mut source = source_json(tx, lsn);
+            source["seq"] = json!(n);
             let body = json!({
                 "v": 1,
                 "op": "truncate",
                 "table": table_json(t),
                 "cascade": cascade,
                 "restart_identity": restart_identity,
-                "source": source_json(tx, lsn),
+                "source": source,
             });
             event(
                 ctx,
                 &topic_for(ctx.topic_pattern, t),
                 tx,
-                lsn,
-                k as u64,
+                n,
                 String::new(),
                 "truncate",
                 &body,
                 None,
             )
         })
-        .collect())
+        .collect()
 }
 
+/// One event; its log id is assigned by the caller ([`change_log_id`]).
 #[allow(clippy::too_many_arguments)]
 fn event(
     ctx: &Ctx<'_>,
     topic: &str,
     tx: TxInfo,
-    lsn: u64,
-    k: u64,
+    seq: u64,
     key: String,
     op: &str,
     body: &Value,
     defect: Option<String>,
 ) -> Fetched {
     let mut e = outbox::StoredEvent::new(
-        change_id(lsn, k),
-        change_event_id(ctx.slot, lsn, k),
+        0,
+        stable_event_id(ctx.slot, "change", tx.commit_lsn, seq),
         topic.to_owned(),
         key,
         format!("change.{op}"),
@@ -601,8 +626,22 @@ fn key_text(key: &Map<String, Value>) -> String {
     format!("{{{}}}", body.join(","))
 }
 
-/// A row as JSON (columns in the table's order), and the columns the stream left out because
-/// their TOASTed value did not change (never sent as null).
+/// An old row as JSON: whole with REPLICA IDENTITY FULL, else its key columns only (the
+/// stream sends the others as NULL, which would read as data).
+fn before_json(
+    types: &Types,
+    rel: &Relation,
+    row: &RowData,
+) -> std::result::Result<Map<String, Value>, String> {
+    let (mut m, _) = row_json(types, rel, row)?;
+    if !rel.full_identity {
+        m.retain(|name, _| rel.columns.iter().any(|c| c.is_key && &c.name == name));
+    }
+    Ok(m)
+}
+
+/// A row as JSON, and the columns the stream left out because their TOASTed value did not
+/// change (never sent as null).
 fn row_json(
     types: &Types,
     rel: &Relation,
@@ -756,9 +795,10 @@ fn array(types: &Types, b: &[u8], depth: u32) -> std::result::Result<Value, Stri
         return Err(format!("array: {ndim} dimensions"));
     }
     let mut dims = Vec::new();
+    let mut lower_bounds = Vec::new();
     for _ in 0..ndim {
         let size = usize::try_from(i32_at(&mut at)?).map_err(|_| "array: negative size")?;
-        let _lower = i32_at(&mut at)?;
+        lower_bounds.push(i32_at(&mut at)?);
         dims.push(size);
     }
     let total: usize = dims.iter().product();
@@ -781,6 +821,10 @@ fn array(types: &Types, b: &[u8], depth: u32) -> std::result::Result<Value, Stri
             .chunks(d.max(1))
             .map(|c| Value::Array(c.to_vec()))
             .collect();
+    }
+    // JSON arrays start at 0 and Postgres's at 1: other lower bounds are kept beside them.
+    if lower_bounds.iter().any(|l| *l != 1) {
+        return Ok(json!({"lower_bounds": lower_bounds, "elements": level}));
     }
     Ok(Value::Array(level))
 }
@@ -994,6 +1038,7 @@ mod tests {
         )
         .unwrap();
         let rel = Relation {
+            full_identity: false,
             name: tables[0].clone(),
             columns: ["id", "email", "password", "ssn", "name"]
                 .iter()
@@ -1061,11 +1106,16 @@ mod tests {
     }
 
     #[test]
-    fn change_ids_stay_inside_their_record() {
-        assert_eq!(change_id(1000, 0), -1000);
-        assert_eq!(change_id(1000, 23), -1023);
-        assert_ne!(change_event_id("s", 1000, 0), change_event_id("s", 1000, 1));
-        assert_ne!(change_event_id("s", 1000, 0), change_event_id("t", 1000, 0));
-        assert_eq!(change_event_id("s", 1000, 0), change_event_id("s", 1000, 0));
+    fn change_ids_and_event_ids() {
+        assert_eq!(change_log_id(0), -(1 << 62));
+        assert!(change_log_id(5) < -(1 << 62));
+        let id = |tag, p, q| stable_event_id("s", tag, p, q);
+        assert_ne!(id("change", 1000, 0), id("change", 1000, 1));
+        assert_ne!(id("change", 1000, 0), id("read", 1000, 0));
+        assert_ne!(
+            stable_event_id("s", "change", 1, 0),
+            stable_event_id("t", "change", 1, 0)
+        );
+        assert_eq!(id("change", 1000, 0), id("change", 1000, 0));
     }
 }

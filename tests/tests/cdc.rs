@@ -96,7 +96,7 @@ fn source_rows(conn: &mut PgConnection) -> BTreeMap<String, StockRow> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Rebuild {
     /// As docs/CDC.md says: per key, skip what is not newer than what was applied (by
-    /// `(commit_lsn, lsn)`); a column listed in `unavailable` keeps its value.
+    /// `(commit_lsn, seq)`); a column listed in `unavailable` keeps its value.
     AsDocumented,
     /// Broken: an unavailable column is taken as NULL.
     UnavailableAsNull,
@@ -118,7 +118,10 @@ fn rebuild(seen: &[Seen], how: Rebuild) -> (BTreeMap<String, StockRow>, usize) {
     let mut skipped = 0;
     for m in ordered {
         let e: Value = serde_json::from_str(&m.payload).unwrap();
-        let at = (lsn(&e["source"]["commit_lsn"]), lsn(&e["source"]["lsn"]));
+        let at = (
+            lsn(&e["source"]["commit_lsn"]),
+            e["source"]["seq"].as_u64().unwrap(),
+        );
         if e["op"] == "truncate" {
             rows.clear();
             continue;
@@ -634,7 +637,7 @@ async fn a_snapshot_under_concurrent_writes_and_kill_9_rebuilds_the_source() {
             "v": 1, "op": "read", "table": {"schema": "public", "name": "stock"},
             "key": {"sku": r.sku}, "before": null,
             "after": {"sku": r.sku, "qty": r.qty, "note": r.note},
-            "source": {"lsn": "FFFF/0", "commit_lsn": "FFFF/0", "tx": 0, "commit_time": "2026-12-01T00:00:00Z"}
+            "source": {"lsn": "FFFF/0", "commit_lsn": "FFFF/0", "seq": i, "tx": 0, "commit_time": "2026-12-01T00:00:00Z"}
         });
         let partition = seen
             .iter()
@@ -776,4 +779,114 @@ async fn excluded_columns_never_appear_and_a_configured_key_is_the_message_key()
         .unwrap_err()
         .to_string();
     assert!(e.contains("public.orders is not in capture_tables"), "{e}");
+}
+
+/// What an independent review found, each fixed: an outbox event and a captured change in one
+/// transaction (their ids collided: the relay stopped for good); COPY of many rows (one WAL
+/// record: all but one row were dropped); a table keyed by REPLICA IDENTITY USING INDEX (the
+/// key must be the index's, in the stream as in a snapshot); REPLICA IDENTITY FULL with a
+/// TOASTed column an UPDATE left alone (dead-lettered; now carried from the old row); a DELETE's
+/// `before` holds the key only; JSON numbers exact; an array's lower bound kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_mixed_transactions_identity_index_full_and_exact_json() {
+    let db = cdc_db(
+        "CREATE TABLE c (id integer PRIMARY KEY, v text); \
+         CREATE TABLE coded (id integer PRIMARY KEY, code text NOT NULL, n integer); \
+         CREATE UNIQUE INDEX coded_code ON coded (code); \
+         ALTER TABLE coded REPLICA IDENTITY USING INDEX coded_code; \
+         CREATE TABLE wide (id integer PRIMARY KEY, big text, n integer, doc jsonb, a integer[]); \
+         ALTER TABLE wide REPLICA IDENTITY FULL;",
+        "public.c,public.coded,public.wide",
+    );
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("cdcx");
+    create_topic(&broker.bootstrap(), &topic, 1).await.unwrap();
+    let outbox_topic = unique_name("cdcxo");
+    create_topic(&broker.bootstrap(), &outbox_topic, 1)
+        .await
+        .unwrap();
+    let relay = InProcessRelay::start(cdc_config(
+        &db,
+        &broker.bootstrap(),
+        "public.c,public.coded,public.wide",
+        &topic,
+    ))
+    .unwrap();
+    let mut conn = db.conn().unwrap();
+    conn.batch_execute(&format!(
+        "BEGIN; SELECT * FROM outbox_emit('{outbox_topic}', 'k', 'E', '\\x7b7d'); \
+           INSERT INTO c VALUES (0, 'after an outbox event'); COMMIT; \
+         COPY c (id) FROM PROGRAM 'seq 1 50'; \
+         INSERT INTO coded VALUES (1, 'c1', 1); UPDATE coded SET n = 2 WHERE id = 1; \
+         DELETE FROM coded WHERE id = 1; \
+         INSERT INTO wide VALUES (1, (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 625) i), \
+           1, '{{\"n\": 123456789012345678901234567890, \"pi\": 3.14159265358979323846264338327950288}}', \
+           '[0:2]={{1,2,3}}'); \
+         UPDATE wide SET n = 2 WHERE id = 1; \
+         DELETE FROM c WHERE id = 0;"
+    ))
+    .unwrap();
+    // 1 + 50 rows of c, 3 of coded, 2 of wide, 1 delete of c.
+    let seen = read_all(&broker.bootstrap(), &topic, 57).await;
+    let outbox_seen = read_all(&broker.bootstrap(), &outbox_topic, 1).await;
+    relay.stop().await.unwrap();
+    assert_eq!(outbox_seen.len(), 1, "the outbox event beside the change");
+    let events: Vec<Value> = seen
+        .iter()
+        .map(|m| serde_json::from_str(&m.payload).unwrap())
+        .collect();
+    let of = |table: &str| -> Vec<(&Seen, &Value)> {
+        seen.iter()
+            .zip(&events)
+            .filter(|(_, e)| e["table"]["name"] == table)
+            .collect()
+    };
+    let c = of("c");
+    assert_eq!(
+        c.len(),
+        52,
+        "every copied row, the row after the outbox event, the delete"
+    );
+    let ids: std::collections::BTreeSet<i64> = c
+        .iter()
+        .map(|(_, e)| e["key"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 51);
+    let ce_ids: std::collections::HashSet<&str> =
+        seen.iter().map(|m| m.event_id.as_str()).collect();
+    assert_eq!(ce_ids.len(), seen.len(), "every change has its own ce_id");
+    // The delete's before: the key only, not the other columns as null.
+    let del = c.iter().find(|(_, e)| e["op"] == "delete").unwrap().1;
+    assert_eq!(del["before"], serde_json::json!({"id": 0}));
+    // USING INDEX: the key is the index's column.
+    let coded = of("coded");
+    assert_eq!(coded.len(), 3);
+    for (m, e) in &coded {
+        assert_eq!(m.key, "c1", "{e}");
+        assert_eq!(e["key"], serde_json::json!({"code": "c1"}));
+    }
+    // FULL: the update carries the TOASTed value from the old row, keyed by the primary key.
+    let wide = of("wide");
+    assert_eq!(wide.len(), 2);
+    let (m, upd) = wide[1];
+    assert_eq!(upd["op"], "update");
+    assert_eq!(m.key, "1");
+    assert_eq!(
+        upd["after"]["big"].as_str().map(str::len),
+        Some(20_000),
+        "{upd}"
+    );
+    assert!(upd.get("unavailable").is_none());
+    assert_eq!(upd["before"]["n"], 1, "FULL: the whole old row");
+    // Exact JSON numbers and the array's lower bound.
+    let raw = &wide[0].0.payload;
+    assert!(raw.contains("123456789012345678901234567890"), "{raw}");
+    assert!(
+        raw.contains("3.14159265358979323846264338327950288"),
+        "{raw}"
+    );
+    assert_eq!(
+        wide[0].1["after"]["a"],
+        serde_json::json!({"lower_bounds": [0], "elements": [1, 2, 3]})
+    );
 }

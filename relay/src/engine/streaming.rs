@@ -289,6 +289,12 @@ struct State {
     /// The captured tables' oids when the term began: a Relation message naming one of them
     /// under a name not captured is a rename.
     captured_oids: std::collections::HashSet<u32>,
+    /// Change events and snapshot rows given a log id so far this term.
+    change_ids: u64,
+    /// Each captured table's default key and whether its identity is FULL (at connect).
+    table_keys: HashMap<cdc::TableName, (bool, Vec<String>)>,
+    /// The place of the next change event in the transaction being read.
+    tx_seq: u64,
 }
 
 /// A snapshot of a captured table, read in chunks between watermarks (the DBLog method): a
@@ -308,15 +314,19 @@ struct Snap {
     /// Names this term's watermarks (a replayed watermark of an earlier term is not ours).
     nonce: String,
     chunk: u64,
-    /// The snapshot table's changes the stream showed lately, `(when, xid, key)`: a
-    /// transaction whose commit the stream showed before the chunk began can still have been
-    /// invisible to the chunk's read (its commit record is written before it becomes visible);
-    /// its keys are left out of the chunk too.
-    recent: VecDeque<(Instant, u32, String)>,
+    /// Captured changes whose transaction may not be visible yet, `(xid, table, key)`: the
+    /// stream can show a commit before new snapshots see it (its commit record is written
+    /// first; with a synchronous standby, until the standby answered). A chunk read in a
+    /// snapshot that does not see one of them leaves its key out. Kept until a snapshot of the
+    /// server sees the transaction (checked every [`PRUNE_EVERY`]).
+    recent: VecDeque<(u32, String, String)>,
+    pruned: Option<Instant>,
 }
 
-/// How long the snapshot table's changes are remembered for the visibility check.
-const RECENT_FOR: Duration = Duration::from_secs(10);
+/// How often [`Snap::recent`] is pruned of transactions every new snapshot sees.
+const PRUNE_EVERY: Duration = Duration::from_millis(200);
+/// Most entries of [`Snap::recent`]; past it the oldest go (with a warning).
+const RECENT_MAX: usize = 1_000_000;
 
 #[derive(Default)]
 enum SnapPhase {
@@ -371,6 +381,9 @@ impl Streaming {
                     ..Snap::default()
                 },
                 captured_oids: std::collections::HashSet::new(),
+                change_ids: 0,
+                tx_seq: 0,
+                table_keys: HashMap::new(),
             }),
         }
     }
@@ -389,7 +402,7 @@ impl Streaming {
                 let table_schema = store::stream::check_publication(c, &tables, &s.publication)?;
                 let prefix = store::stream::message_prefix(c, &tables)?;
                 let (types, oids) = if s.capture_tables.is_empty() {
-                    (Vec::new(), Vec::new())
+                    (Vec::new(), (Vec::new(), Vec::new()))
                 } else {
                     let oids = store::stream::check_captured_tables(
                         c,
@@ -397,14 +410,19 @@ impl Streaming {
                         &s.capture_publication,
                     )?;
                     store::stream::check_capture_columns(c, &s.capture_columns)?;
-                    (store::stream::user_types(c)?, oids)
+                    let keys = store::stream::table_keys(c, &s.capture_tables)?;
+                    (store::stream::user_types(c)?, (oids, keys))
                 };
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
                 Ok((prefix, table_schema, info, (types, oids)))
             })
             .await?;
-        let (types, oids) = types;
+        let (types, (oids, keys)) = types;
         st.captured_oids = oids.into_iter().collect();
+        st.table_keys = keys
+            .into_iter()
+            .map(|(t, full, k)| (t, (full, k)))
+            .collect();
         st.types = cdc::Types {
             kinds: types
                 .into_iter()
@@ -566,6 +584,7 @@ impl Streaming {
                 commit_timestamp,
             } => {
                 st.in_tx = true;
+                st.tx_seq = 0;
                 st.tx = Some(cdc::TxInfo {
                     xid: transaction_id,
                     commit_lsn: final_lsn.value(),
@@ -598,17 +617,21 @@ impl Streaming {
                     )));
                 }
                 let rel = captured.then(|| {
-                    self.shape(cdc::Relation {
-                        name,
-                        columns: columns
-                            .iter()
-                            .map(|c| cdc::Column {
-                                name: c.name.to_string(),
-                                type_oid: c.type_id,
-                                is_key: c.is_key,
-                            })
-                            .collect(),
-                    })
+                    self.shape(
+                        &st.table_keys,
+                        cdc::Relation {
+                            full_identity: false,
+                            name,
+                            columns: columns
+                                .iter()
+                                .map(|c| cdc::Column {
+                                    name: c.name.to_string(),
+                                    type_oid: c.type_id,
+                                    is_key: c.is_key,
+                                })
+                                .collect(),
+                        },
+                    )
                 });
                 st.relations.insert(relation_id, rel);
             }
@@ -660,24 +683,19 @@ impl Streaming {
                     })
                     .collect();
                 if !named.is_empty() {
-                    let ctx = self.cdc_ctx(st);
+                    let tx = Self::tx_of(st)?;
+                    let mut seq = st.tx_seq;
                     let events = cdc::truncate_events(
-                        &ctx,
+                        &self.cdc_ctx(st),
                         &named,
-                        Self::tx_of(st)?,
+                        tx,
                         lsn,
+                        &mut seq,
                         cascade,
                         restart_identity,
-                    )
-                    .map_err(Error::Stream)?;
-                    for fetched in events {
-                        let fetched = self.checked(fetched);
-                        st.log
-                            .push(Entry::Event {
-                                fetched: Box::new(fetched),
-                            })
-                            .map_err(Error::Stream)?;
-                    }
+                    );
+                    st.tx_seq = seq;
+                    self.push_events(st, events)?;
                 }
             }
             EventType::Commit { end_lsn, .. } => {
@@ -770,13 +788,15 @@ impl Streaming {
         change: &cdc::Change<'_>,
     ) -> Result<()> {
         let tx = Self::tx_of(st)?;
+        let mut seq = st.tx_seq;
         let (events, table) = match st.relations.get(&relation) {
             Some(Some(rel)) => (
-                cdc::change_events(&self.cdc_ctx(st), rel, tx, lsn, change),
+                cdc::change_events(&self.cdc_ctx(st), rel, tx, lsn, &mut seq, change),
                 rel.name.to_string(),
             ),
             _ => return Ok(()),
         };
+        st.tx_seq = seq;
         if st.snap.request.as_ref().is_some_and(|r| r.table == table) {
             if let SnapPhase::Reading {
                 window: Some(changed),
@@ -785,22 +805,25 @@ impl Streaming {
             {
                 changed.extend(events.iter().map(|e| e.partition_key.clone()));
             }
-            let now = Instant::now();
-            while st
-                .snap
-                .recent
-                .front()
-                .is_some_and(|(t, _, _)| now.duration_since(*t) > RECENT_FOR)
-            {
-                st.snap.recent.pop_front();
-            }
-            st.snap.recent.extend(
-                events
-                    .iter()
-                    .map(|e| (now, tx.xid, e.partition_key.clone())),
-            );
         }
-        for fetched in events {
+        if st.snap.recent.len() + events.len() > RECENT_MAX {
+            tracing::warn!(target: TARGET, "more than {RECENT_MAX} captured changes not yet visible to new snapshots; forgetting the oldest (a snapshot chunk read now could miss one of their keys)");
+            let drop = (st.snap.recent.len() + events.len()).saturating_sub(RECENT_MAX);
+            st.snap.recent.drain(..drop.min(st.snap.recent.len()));
+        }
+        st.snap.recent.extend(
+            events
+                .iter()
+                .map(|e| (tx.xid, table.clone(), e.partition_key.clone())),
+        );
+        self.push_events(st, events)
+    }
+
+    /// Change events or snapshot rows into the log, each with the term's next log id.
+    fn push_events(&self, st: &mut State, events: Vec<Fetched>) -> Result<()> {
+        for mut fetched in events {
+            fetched.event.id = cdc::change_log_id(st.change_ids);
+            st.change_ids += 1;
             let fetched = self.checked(fetched);
             st.log
                 .push(Entry::Event {
@@ -811,12 +834,47 @@ impl Streaming {
         Ok(())
     }
 
-    /// A captured relation as its events carry it (the configured columns and key).
-    fn shape(&self, rel: cdc::Relation) -> cdc::Relation {
+    /// A captured relation as its events carry it: the table's key and identity from the
+    /// catalog (the stream's own key flags mark every column under FULL), then the configured
+    /// columns and key.
+    fn shape(
+        &self,
+        keys: &HashMap<cdc::TableName, (bool, Vec<String>)>,
+        rel: cdc::Relation,
+    ) -> cdc::Relation {
+        let rel = match keys.get(&rel.name) {
+            Some((full, key)) => cdc::with_key(rel, *full, key),
+            None => rel,
+        };
         match self.settings.capture_columns.get(&rel.name) {
             Some(o) => o.shape(rel),
             None => rel,
         }
+    }
+
+    /// The relation a snapshot's rows are read as: the plan's columns, shaped as the stream's.
+    fn plan_relation(
+        &self,
+        keys: &HashMap<cdc::TableName, (bool, Vec<String>)>,
+        name: cdc::TableName,
+        plan: &store::stream::SnapshotPlan,
+    ) -> cdc::Relation {
+        self.shape(
+            keys,
+            cdc::Relation {
+                full_identity: false,
+                name,
+                columns: plan
+                    .columns
+                    .iter()
+                    .map(|(n, oid, _, _, key)| cdc::Column {
+                        name: n.clone(),
+                        type_oid: *oid,
+                        is_key: key.is_some(),
+                    })
+                    .collect(),
+            },
+        )
     }
 
     fn snapshot_prefix(&self, st: &State) -> String {
@@ -861,12 +919,12 @@ impl Streaming {
                 let Some(mut changed) = window else {
                     return Ok(());
                 };
-                if let Some(snap) = &snapshot {
+                if let (Some(snap), Some(req)) = (&snapshot, &st.snap.request) {
                     changed.extend(
                         st.snap
                             .recent
                             .iter()
-                            .filter(|(_, xid, _)| !cdc::committed_in(snap, *xid))
+                            .filter(|(xid, t, _)| *t == req.table && !cdc::committed_in(snap, *xid))
                             .map(|(_, _, k)| k.clone()),
                     );
                 }
@@ -875,14 +933,7 @@ impl Streaming {
                 };
                 let events = cdc::snapshot_events(&self.cdc_ctx(st), rel, lsn, &rows, &changed);
                 let n = i64::try_from(events.len()).unwrap_or(i64::MAX);
-                for fetched in events {
-                    let fetched = self.checked(fetched);
-                    st.log
-                        .push(Entry::Event {
-                            fetched: Box::new(fetched),
-                        })
-                        .map_err(Error::Stream)?;
-                }
+                self.push_events(st, events)?;
                 st.log.push(Entry::Mark(lsn)).map_err(Error::Stream)?;
                 st.snap.phase = SnapPhase::Delivering {
                     high: lsn,
@@ -903,6 +954,15 @@ impl Streaming {
             return Ok(());
         }
         let snapshots = self.settings.snapshots_table.clone();
+        if !st.snap.recent.is_empty() && st.snap.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            st.snap.pruned = Some(Instant::now());
+            let snap = session
+                .call(|c, _, _| store::stream::current_snapshot(c))
+                .await?;
+            st.snap
+                .recent
+                .retain(|(xid, _, _)| !cdc::committed_in(&snap, *xid));
+        }
         if let SnapPhase::Delivering {
             high,
             last_key,
@@ -918,22 +978,28 @@ impl Streaming {
                 st.snap.phase = SnapPhase::Idle;
                 return Ok(());
             };
-            let table = req.table.clone();
-            let (s2, lk) = (snapshots.clone(), last_key.clone());
-            session
+            let (s2, lk, r2) = (snapshots.clone(), last_key.clone(), req.clone());
+            let saved = session
                 .call(move |c, _, _| {
                     store::stream::save_snapshot_progress(
                         c,
                         &s2,
-                        &table,
+                        &r2,
                         lk.as_deref(),
                         rows,
                         finished,
                     )
                 })
                 .await?;
-            tracing::info!(target: TARGET, table = %req.table, rows, finished, "snapshot chunk delivered");
             st.snap.phase = SnapPhase::Idle;
+            if !saved {
+                tracing::info!(target: TARGET, table = %req.table, "snapshot asked for again: it starts over");
+                st.snap.request = None;
+                st.snap.plan = None;
+                st.snap.checked = None;
+                return Ok(());
+            }
+            tracing::info!(target: TARGET, table = %req.table, rows, finished, "snapshot chunk delivered");
             if finished {
                 st.snap.request = None;
                 st.snap.plan = None;
@@ -973,28 +1039,18 @@ impl Streaming {
                 return Ok(());
             };
             tracing::info!(target: TARGET, table = %req.table, chunk_size = req.chunk_size, resume_after = ?req.last_key, "snapshot starts");
-            let rel = self.shape(cdc::Relation {
-                name,
-                columns: plan
-                    .columns
-                    .iter()
-                    .map(|(n, oid, _, _, key)| cdc::Column {
-                        name: n.clone(),
-                        type_oid: *oid,
-                        is_key: key.is_some(),
-                    })
-                    .collect(),
-            });
+            let rel = self.plan_relation(&st.table_keys, name, &plan);
             st.snap.request = Some(req);
             st.snap.plan = Some((plan, rel));
         }
-        let (Some(req), Some((plan, _))) = (st.snap.request.clone(), st.snap.plan.clone()) else {
+        let (Some(req), Some((_, rel))) = (st.snap.request.clone(), st.snap.plan.clone()) else {
             return Ok(());
         };
+        let name = rel.name.clone();
         st.snap.chunk += 1;
         let marker = format!("{}:{}", st.snap.nonce, st.snap.chunk);
         let prefix = self.snapshot_prefix(st);
-        let (m2, p2) = (marker.clone(), plan.clone());
+        let m2 = marker.clone();
         // The window opens now: every change the stream shows from here on is at least as
         // new as what the chunk reads.
         st.snap.phase = SnapPhase::Reading {
@@ -1005,25 +1061,31 @@ impl Streaming {
             window: Some(std::collections::HashSet::new()),
             snapshot: None,
         };
+        // The plan is read again for each chunk: a column added or dropped since the last
+        // one is in (or out of) this one's rows.
         let chunk = session
             .call(move |c, _, _| {
-                store::stream::snapshot_chunk(
+                let plan = store::stream::snapshot_plan(c, &name)?;
+                let chunk = store::stream::snapshot_chunk(
                     c,
-                    &p2,
+                    &plan,
                     &prefix,
                     &m2,
                     req.last_key.as_deref(),
                     req.chunk_size,
-                )
+                )?;
+                Ok((plan, chunk))
             })
             .await;
-        let chunk = match chunk {
+        let (plan, chunk) = match chunk {
             Ok(c) => c,
             Err(e) => {
                 st.snap.phase = SnapPhase::Idle;
                 return Err(e);
             }
         };
+        let rel = self.plan_relation(&st.table_keys, rel.name.clone(), &plan);
+        st.snap.plan = Some((plan.clone(), rel));
         let rows = chunk.rows;
         let finished = rows.len() < usize::try_from(req.chunk_size).unwrap_or(usize::MAX);
         let last_key = rows.last().map(|(_, k)| k.clone());

@@ -589,6 +589,9 @@ pub struct SnapshotRequest {
     pub chunk_size: i32,
     /// The key after which the next chunk starts (`None`: the first chunk).
     pub last_key: Option<Vec<String>>,
+    /// When it was requested (names this request: asked for again, the table's row is another
+    /// request, and this one's progress is no longer saved).
+    pub requested_at: String,
 }
 
 /// The oldest unfinished snapshot of one of `tables`.
@@ -608,10 +611,12 @@ pub fn next_snapshot(
         chunk_size: i32,
         #[diesel(sql_type = Nullable<diesel::sql_types::Array<Text>>)]
         last_key: Option<Vec<String>>,
+        #[diesel(sql_type = Text)]
+        requested_at: String,
     }
     let names: Vec<String> = tables.iter().map(ToString::to_string).collect();
     let r: Option<R> = diesel::sql_query(format!(
-        "SELECT table_name, chunk_size, last_key FROM {snapshots} \
+        "SELECT table_name, chunk_size, last_key, requested_at::text AS requested_at FROM {snapshots} \
          WHERE finished_at IS NULL AND table_name = ANY($1) ORDER BY requested_at LIMIT 1"
     ))
     .bind::<diesel::sql_types::Array<Text>, _>(names)
@@ -621,6 +626,7 @@ pub fn next_snapshot(
         table: r.table_name,
         chunk_size: r.chunk_size,
         last_key: r.last_key,
+        requested_at: r.requested_at,
     }))
 }
 
@@ -645,29 +651,32 @@ pub fn request_snapshot(
     Ok(())
 }
 
-/// Records a delivered chunk: the snapshot resumes after `last_key`; `finished` ends it.
+/// Records a delivered chunk of `request`: the snapshot resumes after `last_key`; `finished`
+/// ends it. Returns false when the table's snapshot was asked for again meanwhile (this
+/// request's progress is then not saved: the new one starts from the beginning).
 ///
 /// # Errors
 /// [`Error::Database`].
 pub fn save_snapshot_progress(
     conn: &mut PgConnection,
     snapshots: &str,
-    table: &str,
+    request: &SnapshotRequest,
     last_key: Option<&[String]>,
     rows: i64,
     finished: bool,
-) -> Result<()> {
-    diesel::sql_query(format!(
+) -> Result<bool> {
+    let n = diesel::sql_query(format!(
         "UPDATE {snapshots} SET last_key = COALESCE($2, last_key), rows_read = rows_read + $3, \
            finished_at = CASE WHEN $4 THEN now() END \
-         WHERE table_name = $1 AND finished_at IS NULL"
+         WHERE table_name = $1 AND finished_at IS NULL AND requested_at::text = $5"
     ))
-    .bind::<Text, _>(table)
+    .bind::<Text, _>(&request.table)
     .bind::<Nullable<diesel::sql_types::Array<Text>>, _>(last_key.map(<[String]>::to_vec))
     .bind::<BigInt, _>(rows)
     .bind::<Bool, _>(finished)
+    .bind::<Text, _>(&request.requested_at)
     .execute(conn)?;
-    Ok(())
+    Ok(n == 1)
 }
 
 /// How a snapshot reads a table: its columns (in table order) with their type and send function,
@@ -715,10 +724,13 @@ pub fn snapshot_plan(
                 t.typsend::regproc::text AS send, pg_catalog.format_type(a.atttypid, NULL) AS type_name, \
                 array_position(i.indkey, a.attnum)::int AS key_pos \
          FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-         LEFT JOIN LATERAL (SELECT indkey::int2[] AS indkey FROM pg_index \
-                            WHERE indrelid = a.attrelid AND (indisprimary OR indisreplident) \
-                            ORDER BY indisprimary DESC LIMIT 1) i ON true \
+         LEFT JOIN LATERAL (SELECT x.indkey::int2[] AS indkey FROM pg_index x \
+                            JOIN pg_class r ON r.oid = x.indrelid \
+                            WHERE x.indrelid = a.attrelid \
+                              AND ((r.relreplident = 'i' AND x.indisreplident) \
+                                OR (r.relreplident <> 'i' AND x.indisprimary))) i ON true \
          WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+           AND a.attgenerated = '' \
          ORDER BY a.attnum",
     )
     .bind::<Text, _>(&qualified)
@@ -936,4 +948,62 @@ pub fn check_capture_columns(conn: &mut PgConnection, columns: &crate::cdc::Colu
         }
     }
     Ok(())
+}
+
+/// The key each captured table's events carry by default, and whether its replica identity
+/// is FULL: the primary key (identity DEFAULT), the identity index's columns (USING INDEX),
+/// and with FULL the primary key when there is one, else every column.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn table_keys(
+    conn: &mut PgConnection,
+    tables: &[crate::cdc::TableName],
+) -> Result<Vec<(crate::cdc::TableName, bool, Vec<String>)>> {
+    #[derive(QueryableByName)]
+    struct K {
+        #[diesel(sql_type = Bool)]
+        full: bool,
+        #[diesel(sql_type = diesel::sql_types::Array<Text>)]
+        key: Vec<String>,
+    }
+    let mut out = Vec::new();
+    for t in tables {
+        let k: K = diesel::sql_query(
+            "WITH c AS (SELECT oid, relreplident FROM pg_class \
+                        WHERE oid = format('%I.%I', $1::text, $2::text)::regclass), \
+                  i AS (SELECT x.indkey::int2[] AS cols FROM pg_index x, c \
+                        WHERE x.indrelid = c.oid AND ((c.relreplident = 'i' AND x.indisreplident) \
+                           OR (c.relreplident <> 'i' AND x.indisprimary))) \
+             SELECT c.relreplident = 'f' AS full, \
+                    COALESCE((SELECT array_agg(a.attname::text ORDER BY array_position(i.cols, a.attnum)) \
+                              FROM pg_attribute a, i WHERE a.attrelid = c.oid AND a.attnum = ANY(i.cols)), \
+                             (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                                AND a.attgenerated = '')) AS key \
+             FROM c",
+        )
+        .bind::<Text, _>(&t.schema)
+        .bind::<Text, _>(&t.table)
+        .get_result(conn)?;
+        out.push((t.clone(), k.full, k.key));
+    }
+    Ok(out)
+}
+
+/// `pg_current_snapshot()` as text (`xmin:xmax:xip,...`).
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn current_snapshot(conn: &mut PgConnection) -> Result<String> {
+    #[derive(QueryableByName)]
+    struct S {
+        #[diesel(sql_type = Text)]
+        snap: String,
+    }
+    Ok(
+        diesel::sql_query("SELECT pg_current_snapshot()::text AS snap")
+            .get_result::<S>(conn)?
+            .snap,
+    )
 }
