@@ -256,11 +256,13 @@ pub(crate) fn committed_in(snapshot: &str, xid: u32) -> bool {
     let (Ok(xmin), Ok(xmax)) = (xmin.parse::<u64>(), xmax.parse::<u64>()) else {
         return false;
     };
-    // The full xid: in xmax's epoch, or the one before when that would be past xmax.
-    let mut full = (xmax & !0xFFFF_FFFF) | u64::from(xid);
-    if full > xmax {
-        full = full.saturating_sub(1 << 32);
-    }
+    // The full xid nearest xmax (xids of running or recent transactions are within 2^31 of
+    // it): at or past xmax it is not visible yet.
+    #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
+    let diff = i64::from(xid.wrapping_sub(xmax as u32) as i32);
+    let Some(full) = xmax.checked_add_signed(diff) else {
+        return false;
+    };
     if full < xmin {
         return true;
     }
@@ -282,15 +284,18 @@ pub(crate) fn snapshot_events(
     rows: &[RowData],
     changed: &std::collections::HashSet<String>,
 ) -> Vec<Fetched> {
+    // The message's position is the end of the watermark record; a commit record right after
+    // it starts there: a read event sits just below, so that commit's changes are newer.
+    let at = high_lsn.saturating_sub(1);
     let tx = TxInfo {
         xid: 0,
-        commit_lsn: high_lsn,
+        commit_lsn: at,
         commit_time: Utc::now(),
     };
     let mut out = Vec::new();
     for (k, row) in rows.iter().enumerate() {
         let mut seq = k as u64;
-        let mut events = change_events(ctx, rel, tx, high_lsn, &mut seq, &Change::Read { row });
+        let mut events = change_events(ctx, rel, tx, at, &mut seq, &Change::Read { row });
         let Some(mut e) = events.pop() else { continue };
         if changed.contains(&e.partition_key) && e.defect.is_none() {
             continue;
@@ -1098,11 +1103,14 @@ mod tests {
         assert!(!committed_in(snap, 105));
         assert!(committed_in(snap, 109));
         assert!(!committed_in(snap, 110));
+        assert!(!committed_in(snap, 111), "past xmax: not visible yet");
+        assert!(!committed_in(snap, 5000));
         // Across an epoch: xmax in epoch 1, an xid of the end of epoch 0.
         let epoch = "4294967290:4294967306:";
         assert!(committed_in(epoch, 4_294_967_295));
         assert!(committed_in(epoch, 3));
         assert!(!committed_in(epoch, 10));
+        assert!(!committed_in(epoch, 11));
     }
 
     #[test]

@@ -421,6 +421,10 @@ fn run(cli: Cli) -> Result<()> {
                             .qualify(outbox::contract::Table::Snapshots)
                             .to_string();
                         for t in captured.iter().filter(|t| added.contains(&t.to_string())) {
+                            if let Err(e) = store::stream::snapshot_plan(&mut conn, t) {
+                                println!("no snapshot of {t}: {e}");
+                                continue;
+                            }
                             store::stream::request_snapshot(&mut conn, &snapshots, t, 1000)?;
                             println!("snapshot of {t} requested (its existing rows)");
                         }

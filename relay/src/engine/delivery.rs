@@ -493,6 +493,7 @@ impl Relay {
             if let Some(listener) = &self.ack_listener {
                 listener(Acknowledged {
                     id: entry.id,
+                    partition_key: key.1.clone(),
                     batch_started: entry.batch_started,
                     fetched: entry.fetched,
                     acknowledged: Instant::now(),

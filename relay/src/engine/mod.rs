@@ -59,10 +59,12 @@ impl std::fmt::Debug for Relay {
 
 /// One event the broker acknowledged, as reported to a listener set with
 /// [`Relay::on_acknowledged`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Acknowledged {
     /// The outbox row id (what [`outbox::Enqueued::id`] returned to the writer).
     pub id: i64,
+    /// The event's message key.
+    pub partition_key: String,
     /// When the relay began opening the event's batch (taking the snapshot).
     pub batch_started: Instant,
     /// When the relay read the event's page from the outbox.

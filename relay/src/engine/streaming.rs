@@ -288,7 +288,12 @@ struct State {
     snap: Snap,
     /// The captured tables' oids when the term began: a Relation message naming one of them
     /// under a name not captured is a rename.
-    captured_oids: std::collections::HashSet<u32>,
+    captured_oids: HashMap<u32, cdc::TableName>,
+    /// Names the stream used for a captured table (before a rename the configuration already
+    /// follows), by the configured name they stand for: a TRUNCATE names tables so.
+    aliases: HashMap<cdc::TableName, cdc::TableName>,
+    /// The name the stream last gave each relation this term.
+    streamed_names: HashMap<u32, cdc::TableName>,
     /// Change events and snapshot rows given a log id so far this term.
     change_ids: u64,
     /// Each captured table's default key and whether its identity is FULL (at connect).
@@ -380,7 +385,9 @@ impl Streaming {
                     nonce: uuid::Uuid::new_v4().simple().to_string(),
                     ..Snap::default()
                 },
-                captured_oids: std::collections::HashSet::new(),
+                captured_oids: HashMap::new(),
+                aliases: HashMap::new(),
+                streamed_names: HashMap::new(),
                 change_ids: 0,
                 tx_seq: 0,
                 table_keys: HashMap::new(),
@@ -418,7 +425,11 @@ impl Streaming {
             })
             .await?;
         let (types, (oids, keys)) = types;
-        st.captured_oids = oids.into_iter().collect();
+        st.captured_oids = oids
+            .into_iter()
+            .zip(self.settings.capture_tables.iter().cloned())
+            .collect();
+        st.aliases.clear();
         st.table_keys = keys
             .into_iter()
             .map(|(t, full, k)| (t, (full, k)))
@@ -598,22 +609,34 @@ impl Streaming {
                 columns,
                 ..
             } => {
-                let name = cdc::TableName {
+                let streamed = cdc::TableName {
                     schema: namespace.to_string(),
                     table: relation_name.to_string(),
                 };
-                // By name, or by the oid a captured name had when the term began (changes
-                // from before a rename the configuration already follows).
-                let captured = self.settings.capture_tables.contains(&name)
-                    || st.captured_oids.contains(&relation_id);
-                let known = st.relations.get(&relation_id).and_then(Option::as_ref);
-                let renamed = known.is_some_and(|r| r.name != name)
-                    && !self.settings.capture_tables.contains(&name);
+                // By the oid a captured name had when the term began (changes from before a
+                // rename the configuration already follows are the configured table's: its
+                // key, columns and topic), or by name.
+                let configured = st.captured_oids.get(&relation_id).cloned();
+                let captured =
+                    configured.is_some() || self.settings.capture_tables.contains(&streamed);
+                if let Some(c) = &configured {
+                    if *c != streamed {
+                        st.aliases.insert(streamed.clone(), c.clone());
+                    }
+                }
+                let name = configured.unwrap_or_else(|| streamed.clone());
+                // Renamed while streamed: the stream named it otherwise before in this term, and
+                // the new name is not the configured one.
+                let before = st.streamed_names.insert(relation_id, streamed.clone());
+                let renamed = captured
+                    && before.as_ref().is_some_and(|b| *b != streamed)
+                    && streamed != name
+                    && !self.settings.capture_tables.contains(&streamed);
                 if renamed {
-                    let was = known.map_or_else(String::new, |r| r.name.to_string());
+                    let was = before.map_or_else(String::new, |r| r.to_string());
                     return Err(Error::Config(format!(
-                        "{was} was renamed to {name}: its changes are no longer captured. Add \
-                         {name} to capture_tables (and to the publication) to go on"
+                        "{was} was renamed to {streamed}: its changes are no longer captured. Add \
+                         {streamed} to capture_tables (and to the publication) to go on"
                     )));
                 }
                 let rel = captured.then(|| {
@@ -679,9 +702,19 @@ impl Streaming {
                             schema: schema.to_owned(),
                             table: table.to_owned(),
                         };
+                        let n = st.aliases.get(&n).cloned().unwrap_or(n);
                         self.settings.capture_tables.contains(&n).then_some(n)
                     })
                     .collect();
+                // A TRUNCATE of the table a snapshot chunk is being read from: the chunk's
+                // rows were read before it and must not come back after it.
+                if let (Some(req), SnapPhase::Reading { rows, .. }) =
+                    (&st.snap.request, &mut st.snap.phase)
+                {
+                    if named.iter().any(|t| t.to_string() == req.table) {
+                        rows.clear();
+                    }
+                }
                 if !named.is_empty() {
                     let tx = Self::tx_of(st)?;
                     let mut seq = st.tx_seq;
@@ -954,7 +987,12 @@ impl Streaming {
             return Ok(());
         }
         let snapshots = self.settings.snapshots_table.clone();
-        if !st.snap.recent.is_empty() && st.snap.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+        // Not while a chunk is being read: a transaction its read could not see must stay
+        // listed until its high watermark, even if it has become visible since.
+        if !st.snap.recent.is_empty()
+            && !matches!(st.snap.phase, SnapPhase::Reading { .. })
+            && st.snap.pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY)
+        {
             st.snap.pruned = Some(Instant::now());
             let snap = session
                 .call(|c, _, _| store::stream::current_snapshot(c))
@@ -1031,8 +1069,17 @@ impl Streaming {
                         .map_err(Error::Config)?
                         .pop()
                         .ok_or_else(|| Error::Config(format!("snapshot of {:?}", req.table)))?;
-                    let plan = store::stream::snapshot_plan(c, &name)?;
-                    Ok(Some((req, name, plan)))
+                    match store::stream::snapshot_plan(c, &name) {
+                        Ok(plan) => Ok(Some((req, name, plan))),
+                        // A table that cannot be read in key order: the request is closed
+                        // (rows_read stays as it was) rather than stop capture for good.
+                        Err(Error::Config(why)) => {
+                            tracing::error!(target: TARGET, table = %name, "snapshot not possible: {why}");
+                            store::stream::save_snapshot_progress(c, &s2, &req, None, 0, true)?;
+                            Ok(None)
+                        }
+                        Err(e) => Err(e),
+                    }
                 })
                 .await?;
             let Some((req, name, plan)) = found else {

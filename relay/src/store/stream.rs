@@ -419,6 +419,8 @@ pub fn check_captured_tables(
         has_pk: bool,
         #[diesel(sql_type = Bool)]
         published: bool,
+        #[diesel(sql_type = Bool)]
+        partitioned: bool,
     }
     #[derive(QueryableByName)]
     struct P {
@@ -450,6 +452,7 @@ pub fn check_captured_tables(
     for t in tables {
         let row: T = diesel::sql_query(
             "SELECT c.oid::bigint AS oid, c.oid IS NOT NULL AS exists, \
+                    COALESCE(c.relkind = 'p', false) AS partitioned, \
                     c.relreplident::text AS identity, \
                     EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid \
                             AND (i.indisprimary OR (c.relreplident = 'i' AND i.indisreplident))) AS has_pk, \
@@ -465,7 +468,13 @@ pub fn check_captured_tables(
         .get_result(conn)?;
         if !row.exists {
             return Err(Error::Config(format!(
-                "captured table {t} does not exist (check `tables`)"
+                "captured table {t} does not exist (check capture_tables)"
+            )));
+        }
+        if row.partitioned {
+            return Err(Error::Config(format!(
+                "captured table {t} is partitioned: its changes arrive under its partitions' \
+                 names; capture the partitions instead"
             )));
         }
         let keyed = match row.identity.as_deref() {
