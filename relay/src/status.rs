@@ -94,6 +94,23 @@ pub struct SlotStatus {
     pub lag_bytes: Option<i64>,
 }
 
+/// A snapshot of a captured table (change capture, `outbox_cdc_snapshots`).
+#[derive(Debug, Clone, Serialize, QueryableByName)]
+pub struct SnapshotStatus {
+    /// `schema.table`.
+    #[diesel(sql_type = Text)]
+    pub table_name: String,
+    /// Rows published so far.
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub rows_read: i64,
+    /// When it was asked for.
+    #[diesel(sql_type = Text)]
+    pub requested_at: String,
+    /// When its last chunk was delivered (`None`: running or waiting).
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    pub finished_at: Option<String>,
+}
+
 /// A relay process connected to the database (from `pg_stat_activity`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RelaySession {
@@ -174,6 +191,8 @@ pub struct Status {
     pub inbox: InboxSizes,
     /// The logical replication slots of this database (streaming capture).
     pub slots: Vec<SlotStatus>,
+    /// Snapshots of captured tables, newest request first.
+    pub snapshots: Vec<SnapshotStatus>,
 }
 
 /// Reads the status.
@@ -219,8 +238,27 @@ pub fn read(conn: &mut PgConnection, tables: &outbox::TableRef) -> Result<Status
          FROM pg_replication_slots WHERE database = current_database() ORDER BY slot_name",
     )
     .load(conn)?;
+    let q = tables.qualify(Table::Snapshots);
+    #[derive(QueryableByName)]
+    struct Exists {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        e: bool,
+    }
+    let has_snapshots = diesel::sql_query(format!("SELECT to_regclass('{q}') IS NOT NULL AS e"))
+        .get_result::<Exists>(conn)?
+        .e;
+    let snapshots = if has_snapshots {
+        diesel::sql_query(format!(
+            "SELECT table_name, rows_read, requested_at::text AS requested_at, \
+             finished_at::text AS finished_at FROM {q} ORDER BY requested_at DESC"
+        ))
+        .load(conn)?
+    } else {
+        Vec::new()
+    };
     Ok(Status {
         slots,
+        snapshots,
         backlog,
         leaders,
         relays,

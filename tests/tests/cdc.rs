@@ -605,6 +605,12 @@ async fn a_snapshot_under_concurrent_writes_and_kill_9_rebuilds_the_source() {
     )
     .get_result(&mut conn)
     .unwrap();
+    // `status` shows it.
+    let status = outbox_relay::status::read(&mut conn, &outbox::TableRef::default()).unwrap();
+    assert_eq!(status.snapshots.len(), 1);
+    assert_eq!(status.snapshots[0].table_name, "public.stock");
+    assert!(status.snapshots[0].finished_at.is_some());
+    assert_eq!(status.snapshots[0].rows_read, done.rows_read);
     let source = source_rows(&mut conn);
     let deadline = Instant::now() + Duration::from_secs(60);
     let (seen, rebuilt) = loop {

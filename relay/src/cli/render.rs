@@ -58,6 +58,7 @@ pub fn status(status: &Status) -> String {
         dead_letters_by_topic,
         oldest_transaction,
         slots,
+        snapshots,
         inbox,
     ] {
         section(status, &mut out);
@@ -228,6 +229,30 @@ fn slots(status: &Status, out: &mut String) {
             "retained WAL",
             "unconfirmed",
         ],
+        &rows,
+    ));
+}
+
+/// Snapshots of captured tables (change capture).
+fn snapshots(status: &Status, out: &mut String) {
+    if status.snapshots.is_empty() {
+        return;
+    }
+    out.push_str("\nSNAPSHOTS (change capture)\n");
+    let rows: Vec<Vec<String>> = status
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.table_name.clone(),
+                s.rows_read.to_string(),
+                s.requested_at.clone(),
+                s.finished_at.clone().unwrap_or_else(|| "(running)".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["table", "rows read", "requested", "finished"],
         &rows,
     ));
 }
