@@ -368,25 +368,22 @@ pub(crate) fn change_events(
         }
         Ok((key_text(&key), key))
     };
+    // One event: its message key, op, and the envelope with the same op.
+    let one = |text: String,
+               op: &'static str,
+               key: &Map<String, Value>,
+               before: Option<Map<String, Value>>,
+               after: Option<Map<String, Value>>,
+               unavailable: &[String]| {
+        let body = envelope(rel, tx, lsn, op, key, before, after, unavailable);
+        (text, op, body)
+    };
     let built = (|| -> std::result::Result<Vec<(String, &'static str, Value)>, String> {
         Ok(match change {
             Change::Insert { new } => {
                 let (text, key) = key_of(new)?;
                 let (after, unavailable) = row_json(ctx.types, rel, new)?;
-                vec![(
-                    text,
-                    "insert",
-                    envelope(
-                        rel,
-                        tx,
-                        lsn,
-                        "insert",
-                        &key,
-                        None,
-                        Some(after),
-                        &unavailable,
-                    ),
-                )]
+                vec![one(text, "insert", &key, None, Some(after), &unavailable)]
             }
             Change::Update { old, new } => {
                 // With a whole old row (FULL), a TOASTed value the UPDATE left alone is the
@@ -411,59 +408,35 @@ pub(crate) fn change_events(
                 let old_key = old.map(&key_of).transpose()?;
                 match old_key {
                     Some((old_text, old_key)) if old_text != new_text => vec![
-                        (
-                            old_text,
-                            "delete",
-                            envelope(rel, tx, lsn, "delete", &old_key, before.clone(), None, &[]),
-                        ),
-                        (
+                        one(old_text, "delete", &old_key, before.clone(), None, &[]),
+                        one(
                             new_text,
                             "insert",
-                            envelope(
-                                rel,
-                                tx,
-                                lsn,
-                                "insert",
-                                &new_key,
-                                None,
-                                Some(after),
-                                &unavailable,
-                            ),
-                        ),
-                    ],
-                    _ => vec![(
-                        new_text,
-                        "update",
-                        envelope(
-                            rel,
-                            tx,
-                            lsn,
-                            "update",
                             &new_key,
-                            before,
+                            None,
                             Some(after),
                             &unavailable,
                         ),
+                    ],
+                    _ => vec![one(
+                        new_text,
+                        "update",
+                        &new_key,
+                        before,
+                        Some(after),
+                        &unavailable,
                     )],
                 }
             }
             Change::Read { row } => {
                 let (text, key) = key_of(row)?;
                 let (after, _) = row_json(ctx.types, rel, row)?;
-                vec![(
-                    text,
-                    "read",
-                    envelope(rel, tx, lsn, "read", &key, None, Some(after), &[]),
-                )]
+                vec![one(text, "read", &key, None, Some(after), &[])]
             }
             Change::Delete { old } => {
                 let (text, key) = key_of(old)?;
                 let before = before_json(ctx.types, rel, old)?;
-                vec![(
-                    text,
-                    "delete",
-                    envelope(rel, tx, lsn, "delete", &key, Some(before), None, &[]),
-                )]
+                vec![one(text, "delete", &key, Some(before), None, &[])]
             }
         })
     })();

@@ -223,6 +223,42 @@ fn run_stock_writers(url: &str, writers: usize, ops: usize, keys: usize, seed: u
     handles.into_iter().map(|h| h.join().unwrap()).sum()
 }
 
+/// What [`hit_leader`] does to the leading relay process.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// kill -9, and a fresh process in its place.
+    Kill9,
+    /// SIGSTOP (the caller sends SIGCONT).
+    Stop,
+}
+
+/// After 1.5 s of load, hits the leading relay with `fault` and waits for a standby to take
+/// over. Returns the index of the process hit, `None` when no leader was found to hit.
+async fn hit_leader(
+    conn: &mut PgConnection,
+    relays: &mut [RelayProcess; 2],
+    spawn: &dyn Fn() -> RelayProcess,
+    fault: Fault,
+) -> Option<usize> {
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (first, epoch) = leader(conn).unwrap()?;
+    let pid: u32 = first.rsplit('-').nth(1).unwrap().parse().unwrap();
+    let victim = relays.iter().position(|r| r.pid() == pid)?;
+    match fault {
+        Fault::Kill9 => {
+            relays[victim].kill9().unwrap();
+            relays[victim] = spawn();
+        }
+        Fault::Stop => relays[victim].stop().unwrap(),
+    }
+    wait_until(Duration::from_secs(20), "takeover", || {
+        Ok(leader(conn)?.is_some_and(|(id, e)| id != first && e > epoch))
+    })
+    .await
+    .unwrap();
+    Some(victim)
+}
+
 /// The rebuild-equals-source guarantee under concurrent writers, kill -9 of the streaming
 /// leader three times and a SIGSTOP of it past its lease (two relay processes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,28 +295,14 @@ async fn a_consumer_rebuilding_the_table_from_its_changes_equals_the_source_afte
     // Three kill -9 of the leader, then a SIGSTOP past its lease and a SIGCONT (the zombie
     // wakes up after a standby took the slot).
     for round in 0..4 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let Some((first, epoch)) = leader(&mut conn).unwrap() else {
-            continue;
-        };
-        let pid: u32 = first.rsplit('-').nth(1).unwrap().parse().unwrap();
-        let Some(victim) = relays.iter().position(|r| r.pid() == pid) else {
+        let fault = if round < 3 { Fault::Kill9 } else { Fault::Stop };
+        let Some(victim) = hit_leader(&mut conn, &mut relays, &spawn, fault).await else {
             continue;
         };
         if round < 3 {
-            relays[victim].kill9().unwrap();
-            relays[victim] = spawn();
             kills += 1;
         } else {
-            relays[victim].stop().unwrap();
             stops += 1;
-        }
-        wait_until(Duration::from_secs(20), "takeover", || {
-            Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
-        })
-        .await
-        .unwrap();
-        if round == 3 {
             tokio::time::sleep(Duration::from_secs(2)).await;
             relays[victim].cont().unwrap();
         }
@@ -570,22 +592,12 @@ async fn a_snapshot_under_concurrent_writes_and_kill_9_rebuilds_the_source() {
     let writers = tokio::task::spawn_blocking(move || run_stock_writers(&url, 3, 700, 3000, 11));
     let mut kills = 0;
     for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        let Some((first, epoch)) = leader(&mut conn).unwrap() else {
-            continue;
-        };
-        let pid: u32 = first.rsplit('-').nth(1).unwrap().parse().unwrap();
-        let Some(victim) = relays.iter().position(|r| r.pid() == pid) else {
-            continue;
-        };
-        relays[victim].kill9().unwrap();
-        relays[victim] = spawn();
-        kills += 1;
-        wait_until(Duration::from_secs(20), "takeover", || {
-            Ok(leader(&mut conn)?.is_some_and(|(id, e)| id != first && e > epoch))
-        })
-        .await
-        .unwrap();
+        if hit_leader(&mut conn, &mut relays, &spawn, Fault::Kill9)
+            .await
+            .is_some()
+        {
+            kills += 1;
+        }
     }
     let committed = writers.await.unwrap();
     let logs = |relays: &[RelayProcess]| relays.iter().map(RelayProcess::log).collect::<String>();
