@@ -846,3 +846,96 @@ async fn edge_rows_are_dead_lettered_while_streaming_and_nothing_stalls() {
         "the small events around the edge rows: {k:?}"
     );
 }
+
+/// The server keeps a slot's confirmed position on disk only now and then, so after a database
+/// crash the slot can resume minutes back and the relay re-reads transactions an earlier term
+/// delivered and removed. Those rows are not sent again (gone from the outbox, their commit
+/// visible). Made deterministic by putting back a copy of the slot taken before the writes:
+/// the second term re-reads every one of them. Returns (duplicates, events of the first term).
+async fn resume_far_back(broken: bool) -> (usize, usize) {
+    let db = streaming_db();
+    let broker = Tansu::start().unwrap();
+    let topic = unique_name("farback");
+    create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
+    let mut conn = db.conn().unwrap();
+    create_keys(&mut conn, 50).unwrap();
+    let saved = format!("{}_saved", db.name());
+    diesel::sql_query("SELECT pg_copy_logical_replication_slot($1, $2)::text AS lsn")
+        .bind::<Text, _>(db.name())
+        .bind::<Text, _>(&saved)
+        .execute(&mut conn)
+        .unwrap();
+    let (url, t) = (db.url().to_owned(), topic.clone());
+    let mut expected = tokio::task::spawn_blocking(move || {
+        outbox_tests::workload::run_writers(&url, &t, 2, 100, 50, 3).unwrap()
+    })
+    .await
+    .unwrap();
+    let first = expected.len();
+    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the first term delivered everything",
+        || Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0),
+    )
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
+    // The slot goes back to before the writes.
+    conn.batch_execute(&format!(
+        "SELECT pg_drop_replication_slot('{0}'); \
+         SELECT pg_copy_logical_replication_slot('{saved}', '{0}'); \
+         SELECT pg_drop_replication_slot('{saved}');",
+        db.name()
+    ))
+    .unwrap();
+    let mut relay = outbox_relay::Relay::new(streaming(&db, &broker.bootstrap())).unwrap();
+    if broken {
+        relay = relay.broken_variant_resend_removed_rows();
+    }
+    let relay = InProcessRelay::run(relay);
+    let (url, t) = (db.url().to_owned(), topic.clone());
+    expected.extend(
+        tokio::task::spawn_blocking(move || {
+            outbox_tests::workload::run_writers(&url, &t, 1, 10, 50, 1).unwrap()
+        })
+        .await
+        .unwrap(),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the second term delivered its events",
+        || Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0),
+    )
+    .await
+    .unwrap();
+    let seen = read(&broker.bootstrap(), &topic, expected.len()).await;
+    relay.stop().await.unwrap();
+    let report = check(&seen, &expected);
+    assert!(
+        report.missing.is_empty()
+            && report.unexpected.is_empty()
+            && report.order_violations.is_empty(),
+        "{}",
+        summary(&report)
+    );
+    (report.duplicates, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_an_earlier_term_delivered_are_not_sent_again_when_the_slot_resumes_far_back() {
+    let (duplicates, first) = resume_far_back(false).await;
+    eprintln!("slot resumed {first} events back: {duplicates} sent again");
+    assert_eq!(
+        duplicates, 0,
+        "re-read rows already delivered were sent again"
+    );
+}
+
+/// The broken variant: every re-read row is sent again; the duplicate count catches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_variant_resending_what_the_slot_re_reads_duplicates_every_delivered_event() {
+    let (duplicates, first) = resume_far_back(true).await;
+    eprintln!("broken variant: slot resumed {first} events back: {duplicates} sent again");
+    assert!(duplicates >= first, "{duplicates} duplicates of {first}");
+}

@@ -44,6 +44,9 @@ pub struct Relay {
     instance: String,
     source: Arc<str>,
     ack_listener: Option<AckListener>,
+    /// The broken variant of streaming's catch-up (tests only): see
+    /// [`Relay::broken_variant_resend_removed_rows`].
+    resend_removed: bool,
 }
 
 impl std::fmt::Debug for Relay {
@@ -111,6 +114,7 @@ impl Relay {
             instance,
             source: source.into(),
             ack_listener: None,
+            resend_removed: false,
         })
     }
 
@@ -121,6 +125,16 @@ impl Relay {
     #[must_use]
     pub fn on_acknowledged(mut self, listener: AckListener) -> Self {
         self.ack_listener = Some(listener);
+        self
+    }
+
+    /// TESTS ONLY, a broken variant: streaming sends again every row it re-reads from the slot,
+    /// even those an earlier term delivered and removed (the duplicates a slot that resumes
+    /// far back would cause without the check).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn broken_variant_resend_removed_rows(mut self) -> Self {
+        self.resend_removed = true;
         self
     }
 
@@ -251,6 +265,7 @@ impl Relay {
                 .unwrap_or(1000)
                 .saturating_mul(self.cfg.max_pages_in_flight)
                 .saturating_mul(2),
+            skip_removed: !self.resend_removed,
         }
     }
 

@@ -70,6 +70,9 @@ pub(crate) struct StreamSettings {
     pub wait: Duration,
     /// Most changes read into one batch.
     pub batch_events: usize,
+    /// Rows re-read from transactions an earlier term may have delivered are checked against
+    /// the outbox before they are sent again (`false` only in a test's broken variant).
+    pub skip_removed: bool,
 }
 
 /// Heartbeat after this long without a change from the stream: an idle relay confirms its
@@ -300,6 +303,16 @@ struct State {
     table_keys: HashMap<cdc::TableName, (bool, Vec<String>)>,
     /// The place of the next change event in the transaction being read.
     tx_seq: u64,
+    /// The server's flush position when this term's stream began: a transaction that committed
+    /// before it may have been delivered (and its rows removed) by an earlier term, whose
+    /// confirmation the slot did not keep (the server persists a slot's confirmed position
+    /// only now and then: after a crash it can go back minutes).
+    catchup_lsn: u64,
+    /// Outbox rows read from such transactions, checked against the table before they are
+    /// paged (see [`Streaming::skip_removed`]).
+    recheck: Vec<i64>,
+    /// Rows skipped so by this term (logged once the catch-up is over).
+    skipped: u64,
 }
 
 /// A snapshot of a captured table, read in chunks between watermarks (the DBLog method): a
@@ -391,6 +404,9 @@ impl Streaming {
                 change_ids: 0,
                 tx_seq: 0,
                 table_keys: HashMap::new(),
+                catchup_lsn: 0,
+                recheck: Vec::new(),
+                skipped: 0,
             }),
         }
     }
@@ -421,10 +437,16 @@ impl Streaming {
                     (store::stream::user_types(c)?, (oids, keys))
                 };
                 store::stream::terminate_walsender(c, sql, lease, &s.slot)?;
-                Ok((prefix, table_schema, info, (types, oids)))
+                // After the old walsender ended: whatever an earlier term delivered committed
+                // before this position.
+                let flushed = store::stream::flush_lsn(c)?;
+                Ok((prefix, table_schema, info, (types, oids, flushed)))
             })
             .await?;
-        let (types, (oids, keys)) = types;
+        let (types, (oids, keys), flushed) = types;
+        st.catchup_lsn = flushed;
+        st.recheck.clear();
+        st.skipped = 0;
         st.captured_oids = oids
             .into_iter()
             .zip(self.settings.capture_tables.iter().cloned())
@@ -751,6 +773,14 @@ impl Streaming {
                     .is_none_or(|s| s == &*schema) =>
             {
                 let fetched = self.checked(decode_row(&data).map_err(Error::Stream)?);
+                if self.settings.skip_removed
+                    && st
+                        .tx
+                        .as_ref()
+                        .is_some_and(|t| t.commit_lsn < st.catchup_lsn)
+                {
+                    st.recheck.push(fetched.id);
+                }
                 st.log
                     .push(Entry::Event {
                         fetched: Box::new(fetched),
@@ -1195,6 +1225,41 @@ impl Streaming {
         fetched
     }
 
+    /// Settles, without sending them again, the re-read rows an earlier term already delivered
+    /// or dead-lettered (gone from the outbox, their transaction visible). After a database
+    /// crash the slot can resume minutes back; sending all of that again would be a storm of
+    /// duplicates and a backlog the lag bound sees (the streaming soak's I6). A row still there
+    /// is sent as usual (at-least-once).
+    async fn skip_removed(st: &mut State, session: &mut Session<'_>) -> Result<()> {
+        if st.recheck.is_empty() {
+            if st.skipped > 0 {
+                tracing::info!(target: TARGET, rows = st.skipped, "caught up: rows re-read from the slot that an earlier term had delivered were not sent again");
+                st.skipped = 0;
+            }
+            return Ok(());
+        }
+        let (ids, tx_ids): (Vec<i64>, Vec<String>) = std::mem::take(&mut st.recheck)
+            .into_iter()
+            .filter_map(|id| match st.log.get(id) {
+                Some(Entry::Event { fetched }) if id > 0 => Some((id, fetched.tx_id.to_string())),
+                _ => None,
+            })
+            .unzip();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let table = format!("\"{}\".outbox", st.table_schema.replace('"', "\"\""));
+        let gone = session
+            .call(move |c, _, _| store::stream::already_removed(c, &table, &ids, &tx_ids))
+            .await?;
+        if !gone.is_empty() {
+            tracing::debug!(target: TARGET, rows = gone.len(), "re-read rows already delivered by an earlier term: not sent again");
+            st.skipped += gone.len() as u64;
+            st.log.settle(gone);
+        }
+        Ok(())
+    }
+
     /// Takes in what delivery settled and gives the server the position now safe to confirm.
     /// A row the removal did not find is settled only once its writing transaction is visible
     /// to new snapshots (it was removed before, e.g. by a previous leader); until then its
@@ -1278,6 +1343,7 @@ impl Capture for Streaming {
         };
         let wait = self.settings.wait.min(session.renew_in());
         self.fill(&mut st, session, wait).await?;
+        Self::skip_removed(&mut st, session).await?;
         let batch = StreamBatch {
             from,
             to: st.log.next_seq() - 1,

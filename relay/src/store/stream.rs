@@ -1016,3 +1016,50 @@ pub fn current_snapshot(conn: &mut PgConnection) -> Result<String> {
             .snap,
     )
 }
+
+/// The server's WAL flush position now (`pg_current_wal_flush_lsn()`).
+///
+/// # Errors
+/// [`Error::Database`], or a position that cannot be read.
+pub fn flush_lsn(conn: &mut PgConnection) -> Result<u64> {
+    #[derive(QueryableByName)]
+    struct L {
+        #[diesel(sql_type = Text)]
+        lsn: String,
+    }
+    let l = diesel::sql_query("SELECT pg_current_wal_flush_lsn()::text AS lsn")
+        .get_result::<L>(conn)?;
+    parse_lsn(&l.lsn)
+}
+
+/// Of these outbox rows (`ids`, each with its writing transaction as `xid8` text), the ones
+/// already gone from `table` (the outbox, qualified): their transaction is visible and the row
+/// is not, in ONE snapshot (the statement's, which `pg_current_snapshot()` also reports), so a
+/// row whose commit is not visible yet is never taken as gone. Only the relay removes outbox
+/// rows, after delivering or dead-lettering them: a row gone was settled by an earlier term.
+///
+/// # Errors
+/// [`Error::Database`].
+pub fn already_removed(
+    conn: &mut PgConnection,
+    table: &str,
+    ids: &[i64],
+    tx_ids: &[String],
+) -> Result<Vec<i64>> {
+    #[derive(QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = BigInt)]
+        id: i64,
+    }
+    Ok(diesel::sql_query(format!(
+        "SELECT t.id FROM unnest($1::bigint[], $2::text[]) AS t(id, tx) \
+         WHERE pg_visible_in_snapshot(t.tx::xid8, pg_current_snapshot()) \
+         AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.id = t.id)"
+    ))
+    .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+    .bind::<diesel::sql_types::Array<Text>, _>(tx_ids)
+    .load::<Id>(conn)?
+    .into_iter()
+    .map(|i| i.id)
+    .collect())
+}

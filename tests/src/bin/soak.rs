@@ -142,6 +142,40 @@ fn oldest_age(url: &str) -> Option<f64> {
     .or(Some(0.0))
 }
 
+#[derive(QueryableByName)]
+struct Stuck {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    line: String,
+}
+
+/// The oldest rows still in the outbox and the slot's position (diagnostics of a lag that did
+/// not recover).
+fn stuck_rows(url: &str) -> String {
+    let Ok(mut c) = PgConnection::establish(url) else {
+        return "  (database unreachable)".into();
+    };
+    let q =
+        "SELECT format('  row id=%s type=%s key=%s created_at=%s tx_id=%s visible=%s bytes=%s', \
+             id, event_type, left(partition_key, 20), created_at, tx_id, \
+             pg_visible_in_snapshot(tx_id, pg_current_snapshot()), octet_length(payload)) AS line \
+             FROM outbox ORDER BY id LIMIT 10";
+    let mut out: Vec<String> = diesel::sql_query(q)
+        .load::<Stuck>(&mut c)
+        .map(|v| v.into_iter().map(|s| s.line).collect())
+        .unwrap_or_else(|e| vec![format!("  (rows: {e})")]);
+    let q = "SELECT format('  outbox rows=%s; slots: %s; dead letters=%s', \
+             (SELECT count(*) FROM outbox), \
+             (SELECT string_agg(format('%s active=%s restart=%s confirmed=%s', slot_name, active, restart_lsn, confirmed_flush_lsn), ', ') FROM pg_replication_slots), \
+             (SELECT count(*) FROM outbox_dead_letters)) AS line";
+    out.extend(
+        diesel::sql_query(q)
+            .load::<Stuck>(&mut c)
+            .map(|v| v.into_iter().map(|s| s.line).collect::<Vec<_>>())
+            .unwrap_or_else(|e| vec![format!("  (slots: {e})")]),
+    );
+    out.join("\n")
+}
+
 /// Time from `healed` until the oldest waiting event is younger than 1 s.
 fn lag_recovery(url: &str, healed: Instant) -> Duration {
     loop {
@@ -452,6 +486,18 @@ async fn main() -> Result<()> {
             "  fault: {label:<48} lag back under 1 s after {:.1} s",
             lag.as_secs_f64()
         );
+        if lag >= LAG_BOUND / 6 {
+            // What kept the lag up, for whoever reads a failed run.
+            println!("{}", stuck_rows(&url));
+            for (i, r) in relays.iter().enumerate() {
+                let log = r.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                println!("  relay {i} (pid {}) log, last lines:", r.pid());
+                for l in tail.into_iter().rev() {
+                    println!("    {l}");
+                }
+            }
+        }
         faults.push((label, lag));
         tokio::time::sleep(Duration::from_millis(rng.gen_range(1000..4000))).await;
     }
