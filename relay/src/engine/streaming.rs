@@ -765,13 +765,7 @@ impl Streaming {
                 table,
                 data,
                 ..
-            } if &*table == "outbox"
-                && self
-                    .settings
-                    .schema
-                    .as_deref()
-                    .is_none_or(|s| s == &*schema) =>
-            {
+            } if &*table == "outbox" && *schema == *st.table_schema => {
                 let fetched = self.checked(decode_row(&data).map_err(Error::Stream)?);
                 if self.settings.skip_removed
                     && st
@@ -1238,19 +1232,26 @@ impl Streaming {
             }
             return Ok(());
         }
-        let (ids, tx_ids): (Vec<i64>, Vec<String>) = std::mem::take(&mut st.recheck)
-            .into_iter()
-            .filter_map(|id| match st.log.get(id) {
-                Some(Entry::Event { fetched }) if id > 0 => Some((id, fetched.tx_id.to_string())),
-                _ => None,
-            })
-            .unzip();
+        let mut ids = Vec::new();
+        let mut event_ids = Vec::new();
+        let mut tx_ids = Vec::new();
+        for id in std::mem::take(&mut st.recheck) {
+            if let Some(Entry::Event { fetched }) = st.log.get(id) {
+                if id > 0 {
+                    ids.push(id);
+                    event_ids.push(fetched.event_id);
+                    tx_ids.push(fetched.tx_id.to_string());
+                }
+            }
+        }
         if ids.is_empty() {
             return Ok(());
         }
         let table = format!("\"{}\".outbox", st.table_schema.replace('"', "\"\""));
         let gone = session
-            .call(move |c, _, _| store::stream::already_removed(c, &table, &ids, &tx_ids))
+            .call(move |c, _, _| {
+                store::stream::already_removed(c, &table, &ids, &event_ids, &tx_ids)
+            })
             .await?;
         if !gone.is_empty() {
             tracing::debug!(target: TARGET, rows = gone.len(), "re-read rows already delivered by an earlier term: not sent again");

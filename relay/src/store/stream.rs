@@ -1032,11 +1032,14 @@ pub fn flush_lsn(conn: &mut PgConnection) -> Result<u64> {
     parse_lsn(&l.lsn)
 }
 
-/// Of these outbox rows (`ids`, each with its writing transaction as `xid8` text), the ones
-/// already gone from `table` (the outbox, qualified): their transaction is visible and the row
-/// is not, in ONE snapshot (the statement's, which `pg_current_snapshot()` also reports), so a
-/// row whose commit is not visible yet is never taken as gone. Only the relay removes outbox
-/// rows, after delivering or dead-lettering them: a row gone was settled by an earlier term.
+/// Of these outbox events (`ids`, each with its event id and its writing transaction as
+/// `xid8` text), the ones whose row is already gone from `table` (the outbox, qualified): no row
+/// holds that id WITH that event id, and the transaction is visible, in ONE snapshot (the
+/// statement's, which `pg_current_snapshot()` also reports), so a row whose commit is not
+/// visible yet is never taken as gone. Matching the event id too: after an identity reset (a
+/// restore, `ALTER ... RESTART`) another event can hold the id, and neither row may stand for the
+/// other. Only the relay removes outbox rows, after delivering or dead-lettering them: a row gone
+/// was settled by an earlier term.
 ///
 /// # Errors
 /// [`Error::Database`].
@@ -1044,6 +1047,7 @@ pub fn already_removed(
     conn: &mut PgConnection,
     table: &str,
     ids: &[i64],
+    event_ids: &[uuid::Uuid],
     tx_ids: &[String],
 ) -> Result<Vec<i64>> {
     #[derive(QueryableByName)]
@@ -1052,11 +1056,12 @@ pub fn already_removed(
         id: i64,
     }
     Ok(diesel::sql_query(format!(
-        "SELECT t.id FROM unnest($1::bigint[], $2::text[]) AS t(id, tx) \
+        "SELECT t.id FROM unnest($1::bigint[], $2::uuid[], $3::text[]) AS t(id, event_id, tx) \
          WHERE pg_visible_in_snapshot(t.tx::xid8, pg_current_snapshot()) \
-         AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.id = t.id)"
+         AND NOT EXISTS (SELECT 1 FROM {table} o WHERE o.id = t.id AND o.event_id = t.event_id)"
     ))
     .bind::<diesel::sql_types::Array<BigInt>, _>(ids)
+    .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(event_ids)
     .bind::<diesel::sql_types::Array<Text>, _>(tx_ids)
     .load::<Id>(conn)?
     .into_iter()
