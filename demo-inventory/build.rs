@@ -1,4 +1,5 @@
-//! Rebuild when a migration is added (`embed_migrations!` reads the directory at compile time).
+//! Rebuild when a migration is added (`embed_migrations!` reads the directories at compile time).
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
+    println!("cargo:rerun-if-changed=migrations-warehouse");
 }

@@ -16,6 +16,8 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 /// Topic of order events (key: order id).
 pub const ORDER_TOPIC: &str = "orders.events";
 
+pub mod report_html;
+
 /// Errors of the order service, each with a clear message for the API.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -127,6 +129,9 @@ pub struct Order {
     /// Why it was rejected.
     #[diesel(sql_type = Nullable<Text>)]
     pub reason: Option<String>,
+    /// Where the stock is reserved (set on confirmation).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub warehouse: Option<String>,
 }
 
 /// `OrderCreated` as published.
@@ -151,7 +156,7 @@ pub struct OrderCancelled {
     pub order_id: String,
 }
 
-const COLUMNS: &str = "id, user_id, product, quantity, amount_cents, status, reason";
+const COLUMNS: &str = "id, user_id, product, quantity, amount_cents, status, reason, warehouse";
 
 /// Reads an order.
 ///
@@ -247,22 +252,37 @@ fn transition(
     to: &str,
     reason: Option<&str>,
 ) -> Result<bool, Error> {
+    transition_at(conn, id, from, to, reason, None)
+}
+
+fn transition_at(
+    conn: &mut PgConnection,
+    id: Uuid,
+    from: &[&str],
+    to: &str,
+    reason: Option<&str>,
+    warehouse: Option<&str>,
+) -> Result<bool, Error> {
     let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
     let n = diesel::sql_query(
         "UPDATE orders SET status = $2, reason = coalesce($3, reason), updated_at = clock_timestamp(), \
-         confirmed_at = CASE WHEN $2 = 'CONFIRMED' THEN clock_timestamp() ELSE confirmed_at END \
+         warehouse = coalesce($5, warehouse), \
+         confirmed_at = CASE WHEN $2 = 'CONFIRMED' THEN clock_timestamp() ELSE confirmed_at END, \
+         shipped_at = CASE WHEN $2 = 'SHIPPED' THEN clock_timestamp() ELSE shipped_at END \
          WHERE id = $1 AND status = ANY($4)",
     )
     .bind::<SqlUuid, _>(id)
     .bind::<Text, _>(to)
     .bind::<Nullable<Text>, _>(reason)
     .bind::<diesel::sql_types::Array<Text>, _>(&from)
+    .bind::<Nullable<Text>, _>(warehouse)
     .execute(conn)?;
     Ok(n == 1)
 }
 
 /// Applies an inventory reply (inside the consumer's inbox transaction): `InventoryReserved`
-/// confirms a PENDING order, `InventoryRejected` rejects it. A reply for an order that is no
+/// confirms a PENDING order (recording the warehouse), `InventoryRejected` rejects it,
+/// `OrderShipped` moves a CONFIRMED order to SHIPPED. A reply for an order that is no
 /// longer PENDING (cancelled meanwhile) changes nothing. Returns whether the status changed.
 ///
 /// # Errors
@@ -272,10 +292,15 @@ pub fn apply_reply(
     event_type: &str,
     order_id: Uuid,
     reason: Option<&str>,
+    warehouse: Option<&str>,
 ) -> Result<bool, Error> {
     match event_type {
-        "InventoryReserved" => transition(conn, order_id, &["PENDING"], "CONFIRMED", None),
+        "InventoryReserved" => {
+            transition_at(conn, order_id, &["PENDING"], "CONFIRMED", None, warehouse)
+        }
         "InventoryRejected" => transition(conn, order_id, &["PENDING"], "REJECTED", reason),
+        // Shipped from the warehouse: from now on a cancellation is refused (409).
+        "OrderShipped" => transition(conn, order_id, &["CONFIRMED"], "SHIPPED", None),
         other => Err(Error::Invalid(format!("unknown reply type {other}"))),
     }
 }

@@ -186,16 +186,22 @@ async fn order_by_id(
 struct Reply {
     order_id: Uuid,
     reason: Option<String>,
+    warehouse: Option<String>,
 }
 
 fn handle(conn: &mut PgConnection, m: &IncomingMessage) -> Result<(), HandlerError> {
     let reply: Reply = m.json()?;
     let kind = m.event_type().unwrap_or_default();
-    demo_order::apply_reply(conn, kind, reply.order_id, reply.reason.as_deref()).map_err(|e| {
-        match e {
-            Error::Database(e) => e.into(),
-            other => HandlerError::Permanent(other.to_string()),
-        }
+    demo_order::apply_reply(
+        conn,
+        kind,
+        reply.order_id,
+        reply.reason.as_deref(),
+        reply.warehouse.as_deref(),
+    )
+    .map_err(|e| match e {
+        Error::Database(e) => e.into(),
+        other => HandlerError::Permanent(other.to_string()),
     })?;
     Ok(())
 }
@@ -211,6 +217,7 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
     }
     let pool = Pool::builder()
         .max_size(8)
+        .min_idle(Some(1))
         .build(ConnectionManager::<PgConnection>::new(&database_url))?;
     let cfg = ConsumerConfig::new(&brokers, "demo-order", &["inventory.events"], &database_url)
         .kafka_option("session.timeout.ms", "6000")

@@ -1,7 +1,8 @@
 //! The demo end to end, as the README's first command runs it, on a smaller load: with chaos on
 //! the embedded broker, and on tansu. The driver checks consistency itself (orders decided once,
-//! stock = initial - confirmed per product, reconcile finds no drift, stock never negative) and
-//! exits non-zero otherwise. Needs the sibling binaries: `scripts/test` builds them.
+//! never oversold, reservations and stock in step, each warehouse's movements in the centre by
+//! push, change capture and pull with no drift, a cancelled shipped order refused) and exits
+//! non-zero otherwise. Needs the sibling binaries: `scripts/test` builds them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,7 +20,7 @@ fn run_demo(extra: &[&str]) -> String {
             "--ample-products",
             "20",
         ])
-        .args(["--settle-timeout-secs", "120"])
+        .args(["--settle-timeout-secs", "120", "--rate", "40"])
         .args(extra)
         .output()
         .expect("run the demo");
@@ -35,18 +36,41 @@ fn run_demo(extra: &[&str]) -> String {
 
 #[test]
 fn demo_with_chaos_on_the_embedded_broker_is_consistent() {
-    let text = run_demo(&["--chaos"]);
-    assert_eq!(text.matches("chaos: kill -9").count(), 3, "{text}");
+    let html = std::env::temp_dir().join(format!("demo-e2e-{}.html", std::process::id()));
+    let text = run_demo(&["--chaos", "--html", html.to_str().unwrap()]);
+    // Relays of every database with one, the centre, and three warehouses.
+    assert_eq!(text.matches("chaos: kill -9").count(), 8, "{text}");
     assert!(
-        text.contains("reconcile drift (orders vs ledger vs stock)    |                      0"),
+        text.contains("reconcile drift (orders vs reservations vs stock) |                      0"),
         "{text}"
     );
+    let lost = text
+        .lines()
+        .find(|l| l.starts_with("| lost by the path"))
+        .unwrap_or_else(|| panic!("no per-path table:\n{text}"));
+    let cells: Vec<&str> = lost.split('|').map(str::trim).collect();
+    // push, capture, pull lose nothing (the dual write may).
+    assert_eq!(&cells[2..5], &["0", "0", "0"], "{text}");
+    assert!(text.contains("sync path"), "{text}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("id=\"data\"") && page.contains("kill -9 wh-dual"),
+        "{page}"
+    );
+    let _ = std::fs::remove_file(&html);
 }
 
 #[test]
 fn demo_on_tansu_is_consistent() {
     let mut tansu = TansuProcess::start();
-    let text = run_demo(&["--brokers", &tansu.bootstrap]);
+    let html = std::env::temp_dir().join(format!("demo-e2e-tansu-{}.html", std::process::id()));
+    let text = run_demo(&[
+        "--brokers",
+        &tansu.bootstrap,
+        "--html",
+        html.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&html);
     assert!(
         text.contains(&format!("broker     {}", tansu.bootstrap)),
         "{text}"

@@ -4,10 +4,13 @@ CREATE TABLE orders (
     product      text        NOT NULL CHECK (product <> ''),
     quantity     integer     NOT NULL CHECK (quantity > 0),
     amount_cents bigint      NOT NULL CHECK (amount_cents > 0),
-    status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED')),
+    status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED', 'SHIPPED')),
+    -- Where the inventory centre reserved the stock (and the order ships from).
+    warehouse    text,
     reason       text,
     created_at   timestamptz NOT NULL DEFAULT now(),
     confirmed_at timestamptz,
+    shipped_at   timestamptz,
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX orders_status_idx ON orders (status);

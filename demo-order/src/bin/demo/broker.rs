@@ -8,9 +8,12 @@ use rdkafka::producer::DefaultProducerContext;
 
 /// The demo's topics: name and partitions (replicated 3 times on the embedded cluster, once on
 /// an external one).
-const TOPICS: [(&str, i32); 4] = [
+const TOPICS: [(&str, i32); 7] = [
     ("orders.events", 6),
     ("inventory.events", 6),
+    ("warehouse.movements", 6),
+    ("warehouse.capture", 6),
+    ("warehouse.dual", 6),
     ("demo-order.dlq", 1),
     ("demo-inventory.dlq", 1),
 ];

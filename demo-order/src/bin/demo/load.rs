@@ -1,10 +1,12 @@
-//! Step 5: the load. Concurrent HTTP clients place orders (some submitted twice with the same
-//! Idempotency-Key, some cancelled), count what they saw and advance the `placed` bar.
+//! Step 5: the load. Concurrent HTTP clients place orders at a stated rate (some submitted twice
+//! with the same Idempotency-Key, some cancelled), count what they saw and advance the `placed`
+//! bar.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -19,6 +21,18 @@ pub(crate) struct Counters {
     pub(crate) cancel_refused: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) errors: AtomicU64,
+    /// Orders shipped by a warehouse (HTTP 201).
+    pub(crate) shipped: AtomicU64,
+    /// Shipments a warehouse refused for lack of stock (an oversell reaching the warehouse).
+    pub(crate) ship_short: AtomicU64,
+    /// Cancellations of shipped orders: refused (409) as they must be, or accepted (a defect).
+    pub(crate) cancel_after_ship_refused: AtomicU64,
+    pub(crate) cancel_after_ship_accepted: AtomicU64,
+    /// Inbound goods and stocktakes recorded by the warehouses.
+    pub(crate) warehouse_moves: AtomicU64,
+    /// Orders the clients placed later than their slot by more than 100 ms (the rate was not
+    /// kept: the machine or the services could not keep up).
+    pub(crate) late: AtomicU64,
 }
 
 /// The two progress bars: orders placed, orders settled.
@@ -59,6 +73,8 @@ pub(crate) struct Plan {
     pub(crate) cancel_rate: f64,
     pub(crate) scarce_products: u32,
     pub(crate) ample_products: u32,
+    /// Orders per second, over all clients.
+    pub(crate) rate: f64,
 }
 
 /// What every client shares: the next order number, the counters, the API, the `placed` bar.
@@ -70,6 +86,10 @@ pub(crate) struct Clients {
     pub(crate) agent: ureq::Agent,
     pub(crate) api: String,
     pub(crate) bar: ProgressBar,
+    /// When order 0 is due.
+    pub(crate) started: Instant,
+    /// Orders a client cancels (the warehouses never ship them).
+    pub(crate) cancelled: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Clients {
@@ -95,6 +115,16 @@ impl Clients {
             if i >= self.plan.orders {
                 return;
             }
+            // Paced: order i is due at i / rate seconds (the clients are the concurrency, the
+            // rate is the load).
+            #[allow(clippy::cast_precision_loss)]
+            let due = self.started + Duration::from_secs_f64(i as f64 / self.plan.rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            } else if now - due > Duration::from_millis(100) {
+                self.counters.late.fetch_add(1, Ordering::Relaxed);
+            }
             let body = self.random_order(&mut rng, i);
             let key = uuid::Uuid::new_v4().to_string();
             let Some(id) = self.submit(&key, &body, true) else {
@@ -109,6 +139,10 @@ impl Clients {
                 }
             }
             if rng.gen_bool(self.plan.cancel_rate) {
+                self.cancelled
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(id.clone());
                 self.cancel(&id);
             }
             self.bar.inc(1);

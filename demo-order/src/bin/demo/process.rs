@@ -56,6 +56,13 @@ impl Proc {
         Ok(())
     }
 
+    /// The exit status, if the process ended (it is then forgotten).
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+
     pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

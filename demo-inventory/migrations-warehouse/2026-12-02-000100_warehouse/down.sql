@@ -1,0 +1,1 @@
+DROP TABLE wh_movements; DROP TABLE wh_stock;
