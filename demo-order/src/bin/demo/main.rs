@@ -104,6 +104,15 @@ struct Args {
     /// Seconds to wait for everything to settle after the load.
     #[arg(long, default_value_t = 180)]
     settle_timeout_secs: u64,
+    /// Find the sustainable order rate: steps of `--max-step-secs` from `--rate`, doubling,
+    /// until the clients fall behind (achieved < 90% of the stated rate, or over 5% of orders
+    /// placed late) or created -> confirmed p99 passes 1 s; then the usual report over all
+    /// steps. `--orders` is ignored.
+    #[arg(long)]
+    max: bool,
+    /// Seconds per step of `--max`.
+    #[arg(long, default_value_t = 10)]
+    max_step_secs: u64,
 }
 
 impl Args {
@@ -367,6 +376,28 @@ fn run_tool(bin: &Path, args: &[&str], what: &str) -> Result<()> {
 struct N {
     #[diesel(sql_type = BigInt)]
     n: i64,
+}
+
+/// p99 of created -> confirmed (ms) of the orders created since `since`, and how many of them
+/// are still PENDING.
+fn phase_p99(conn: &mut PgConnection, since: &str) -> Result<(Option<f64>, i64)> {
+    #[derive(QueryableByName)]
+    struct P {
+        #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+        p99: Option<f64>,
+        #[diesel(sql_type = BigInt)]
+        pending: i64,
+    }
+    let p: P = diesel::sql_query(
+        "SELECT percentile_cont(0.99) WITHIN GROUP (ORDER BY \
+         extract(epoch FROM confirmed_at - created_at) * 1000) \
+           FILTER (WHERE confirmed_at IS NOT NULL)::float8 AS p99, \
+         count(*) FILTER (WHERE status = 'PENDING') AS pending \
+         FROM orders WHERE created_at >= $1::timestamptz",
+    )
+    .bind::<diesel::sql_types::Text, _>(since)
+    .get_result(conn)?;
+    Ok((p.p99, p.pending))
 }
 
 /// `clock_timestamp()` of the server, as text.
@@ -686,22 +717,30 @@ impl Demo {
             args.ship_rate * 100.0,
             if args.chaos { ", with chaos" } else { "" }
         );
-        let progress = Progress::new(args.orders)?;
+        // The phases: one at --rate, or --max's doubling steps.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let phases: Vec<(f64, usize)> = if args.max {
+            (0..7)
+                .map(|k| {
+                    let rate = args.rate * f64::from(1_u32 << k);
+                    (rate, (rate * args.max_step_secs as f64).ceil() as usize)
+                })
+                .collect()
+        } else {
+            vec![(args.rate, args.orders)]
+        };
+        let total: usize = phases.iter().map(|(_, n)| n).sum();
+        let progress = Progress::new(total)?;
         let mut conns = self.scratch.connect()?;
         // The database's clock at the start: the seed's movements are not the load's.
         let load_start = db_now(&mut conns.inventory)?;
         let started = Instant::now();
         let cancelled = Arc::new(Mutex::new(std::collections::HashSet::new()));
-        let clients = Clients {
-            plan: args.plan(),
-            next: Arc::new(AtomicUsize::new(0)),
-            counters: Arc::new(Counters::default()),
-            agent: services.agent.clone(),
-            api: services.order_api.clone(),
-            bar: progress.placed.clone(),
-            started,
-            cancelled: Arc::clone(&cancelled),
-        };
+        let counters = Arc::new(Counters::default());
         let stop_operators = Arc::new(AtomicBool::new(false));
         let operators = warehouses::Operators {
             agent: services.agent.clone(),
@@ -712,8 +751,8 @@ impl Demo {
             ship_rate: args.ship_rate,
             scarce: args.scarce_products,
             ample: args.ample_products,
-            counters: Arc::clone(&clients.counters),
-            cancelled,
+            counters: Arc::clone(&counters),
+            cancelled: Arc::clone(&cancelled),
             stop: Arc::clone(&stop_operators),
         }
         .spawn();
@@ -732,23 +771,79 @@ impl Demo {
         }
         .spawn();
         let mut chaos = Chaos::new(services);
-        let threads = clients.spawn(args.clients);
-        while threads.iter().any(|c| !c.is_finished()) {
-            services.check_alive(&self.scratch.logs)?;
-            if args.chaos {
-                chaos.during_load(services, clients.placed(), args.orders)?;
+        let mut sustainable: Option<f64> = None;
+        for (rate, orders) in phases {
+            let phase_start = db_now(&mut conns.orders)?;
+            let (late_before, created_before) = (
+                counters.late.load(Ordering::Relaxed),
+                counters.created.load(Ordering::Relaxed),
+            );
+            let began = Instant::now();
+            let clients = Clients {
+                plan: load::Plan {
+                    orders,
+                    rate,
+                    ..args.plan()
+                },
+                next: Arc::new(AtomicUsize::new(0)),
+                counters: Arc::clone(&counters),
+                agent: services.agent.clone(),
+                api: services.order_api.clone(),
+                bar: progress.placed.clone(),
+                started: Instant::now(),
+                cancelled: Arc::clone(&cancelled),
+            };
+            let threads = clients.spawn(args.clients);
+            while threads.iter().any(|c| !c.is_finished()) {
+                services.check_alive(&self.scratch.logs)?;
+                if args.chaos {
+                    chaos.during_load(services, clients.placed(), orders)?;
+                }
+                let settled = count(
+                    &mut conns.orders,
+                    "SELECT count(*) AS n FROM orders WHERE status <> 'PENDING'",
+                )?;
+                progress.settled.set_position(u64::try_from(settled)?);
+                std::thread::sleep(Duration::from_millis(200));
             }
-            let settled = count(
-                &mut conns.orders,
-                "SELECT count(*) AS n FROM orders WHERE status <> 'PENDING'",
-            )?;
-            progress.settled.set_position(u64::try_from(settled)?);
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        for c in threads {
-            let _ = c.join();
+            for c in threads {
+                let _ = c.join();
+            }
+            if !args.max {
+                break;
+            }
+            // Let the step's orders be decided before measuring them.
+            std::thread::sleep(Duration::from_secs(2));
+            #[allow(clippy::cast_precision_loss)]
+            let achieved = (counters.created.load(Ordering::Relaxed) - created_before) as f64
+                / began.elapsed().as_secs_f64().max(0.001);
+            let late = counters.late.load(Ordering::Relaxed) - late_before;
+            let (p99, pending) = phase_p99(&mut conns.orders, &phase_start)?;
+            #[allow(clippy::cast_precision_loss)]
+            let kept = achieved >= rate * 0.9
+                && (late as f64) <= orders as f64 * 0.05
+                && (pending as f64) <= orders as f64 * 0.05
+                && p99.is_some_and(|p| p < 1000.0);
+            progress.placed.println(format!(
+                "max: step {rate:>6.0} orders/s: achieved {achieved:.1}/s, {late} placed late, {pending} undecided 2 s after, created -> confirmed p99 {} -> {}",
+                p99.map_or_else(|| "-".into(), |p| format!("{p:.1} ms")),
+                if kept { "sustained" } else { "NOT sustained: stop" }
+            ));
+            if !kept {
+                break;
+            }
+            sustainable = Some(rate);
         }
         progress.placed.finish();
+        if args.max {
+            println!(
+                "max: sustainable order rate on this machine: {}",
+                sustainable.map_or_else(
+                    || format!("below {} orders/s (the first step was not sustained)", args.rate),
+                    |r| format!("{r:.0} orders/s (the next step doubled it and was not sustained, or was the last)")
+                )
+            );
+        }
         if args.chaos {
             chaos.after_load(services)?;
         }
@@ -758,7 +853,7 @@ impl Demo {
         let _ = operators.join();
         Ok(Load {
             progress,
-            counters: clients.counters,
+            counters,
             chaos,
             conns,
             started,
