@@ -180,18 +180,27 @@ pub fn reserve(conn: &mut PgConnection, order: &OrderCreated) -> Result<Reply, E
             order.order_id, order.quantity
         )));
     }
-    let reserved = diesel::sql_query(
-        "WITH pick AS (SELECT product, warehouse FROM stock \
-                       WHERE product = $1 AND available >= $2 \
-                       ORDER BY available DESC, warehouse LIMIT 1 FOR UPDATE) \
-         UPDATE stock s SET reserved = s.reserved + $2 FROM pick \
-         WHERE s.product = pick.product AND s.warehouse = pick.warehouse \
-           AND s.on_hand - s.reserved >= $2 \
-         RETURNING s.warehouse",
-    )
-    .bind::<Text, _>(&order.product)
-    .bind::<Integer, _>(order.quantity)
-    .load::<At>(conn)?;
+    // The picked row can stop qualifying while this waits for its lock (a concurrent
+    // reservation took it): then the pick comes back empty although another warehouse may have
+    // enough, so it is tried again while the product's total available would cover the order.
+    let mut reserved = Vec::new();
+    for _ in 0..3 {
+        reserved = diesel::sql_query(
+            "WITH pick AS (SELECT product, warehouse FROM stock \
+                           WHERE product = $1 AND available >= $2 \
+                           ORDER BY available DESC, warehouse LIMIT 1 FOR UPDATE) \
+             UPDATE stock s SET reserved = s.reserved + $2 FROM pick \
+             WHERE s.product = pick.product AND s.warehouse = pick.warehouse \
+               AND s.on_hand - s.reserved >= $2 \
+             RETURNING s.warehouse",
+        )
+        .bind::<Text, _>(&order.product)
+        .bind::<Integer, _>(order.quantity)
+        .load::<At>(conn)?;
+        if !reserved.is_empty() || available(conn, &order.product)?.unwrap_or(0) < order.quantity {
+            break;
+        }
+    }
     let reply = if let Some(at) = reserved.into_iter().next() {
         diesel::sql_query(
             "INSERT INTO reservations (order_id, product, warehouse, quantity, state) \
@@ -210,7 +219,7 @@ pub fn reserve(conn: &mut PgConnection, order: &OrderCreated) -> Result<Reply, E
         let reason = match available(conn, &order.product)? {
             None => format!("unknown product {}", order.product),
             Some(a) => format!(
-                "insufficient stock: {a} available, {} requested",
+                "insufficient stock: {a} available (in all warehouses), {} requested from one",
                 order.quantity
             ),
         };
@@ -316,7 +325,7 @@ pub fn apply_movement(conn: &mut PgConnection, m: &Movement, path: &str) -> Resu
     if new == 0 {
         // Applied before; if by a reconciliation, the path did deliver it after all.
         diesel::sql_query(
-            "UPDATE movements SET arrived_by = $2 \
+            "UPDATE movements SET arrived_by = $2, arrived_at = clock_timestamp() \
              WHERE movement_id = $1 AND path = 'repair' AND arrived_by IS NULL AND $2 <> 'repair'",
         )
         .bind::<SqlUuid, _>(m.movement_id)
@@ -341,9 +350,12 @@ pub fn apply_movement(conn: &mut PgConnection, m: &Movement, path: &str) -> Resu
         }
         let shipped: Vec<Q> = diesel::sql_query(
             "UPDATE reservations SET state = 'SHIPPED', updated_at = clock_timestamp() \
-             WHERE order_id = $1 AND state = 'RESERVED' RETURNING quantity",
+             WHERE order_id = $1 AND state = 'RESERVED' AND product = $2 AND warehouse = $3 \
+             RETURNING quantity",
         )
         .bind::<Text, _>(&order_id)
+        .bind::<Text, _>(&m.product)
+        .bind::<Text, _>(&m.warehouse)
         .load(conn)?;
         if let Some(q) = shipped.first() {
             diesel::sql_query(
@@ -354,6 +366,9 @@ pub fn apply_movement(conn: &mut PgConnection, m: &Movement, path: &str) -> Resu
             .bind::<Integer, _>(q.quantity)
             .execute(conn)?;
         } else {
+            // No open reservation of this order for this product at this warehouse (released
+            // by a cancellation, or a shipment of something else): on hand moved, nothing
+            // reserved did; reconcile reports it.
             diesel::sql_query("UPDATE movements SET unreserved = true WHERE movement_id = $1")
                 .bind::<SqlUuid, _>(m.movement_id)
                 .execute(conn)?;

@@ -228,6 +228,14 @@ fn print_report(r: &demo_inventory::reconcile::Report) {
             &r.holding_without_order,
         ),
         ("reservations without an order", &r.orphan_reservations),
+        (
+            "cancelled orders whose stock shipped",
+            &r.cancelled_but_shipped,
+        ),
+        (
+            "orders not told of their shipment",
+            &r.order_behind_shipment,
+        ),
         ("stock rows off their reservations/movements", &r.stock_off),
         ("stock rows with less on hand than reserved", &r.oversold),
     ] {

@@ -54,6 +54,12 @@ pub struct Report {
     pub holding_without_order: Vec<String>,
     /// Reservations whose order does not exist.
     pub orphan_reservations: Vec<String>,
+    /// Cancelled orders whose reservation shipped (a cancellation accepted too late).
+    pub cancelled_but_shipped: Vec<String>,
+    /// Orders still CONFIRMED or SHIPPING whose reservation shipped (the order service never
+    /// heard of the shipment: a lost or dead-lettered OrderShipped; drift once nothing is in
+    /// flight).
+    pub order_behind_shipment: Vec<String>,
     /// Shipments of orders that held no reservation (cancelled while shipping: a return case).
     pub unreserved_shipments: i64,
     /// Stock rows whose reserved or on hand differ from the reservations and movements.
@@ -72,6 +78,9 @@ impl Report {
             + self.shipped_without_shipment.len()
             + self.holding_without_order.len()
             + self.orphan_reservations.len()
+            + self.cancelled_but_shipped.len()
+            + self.order_behind_shipment.len()
+            + usize::try_from(self.unreserved_shipments).unwrap_or(usize::MAX)
             + self.stock_off.len()
             + self.oversold.len()
     }
@@ -102,8 +111,14 @@ pub fn run(
         *report.orders_by_status.entry(o.status.clone()).or_default() += 1;
         let state = by_order.get(o.id.as_str()).copied();
         match (o.status.as_str(), state) {
-            ("CONFIRMED", Some("RESERVED" | "SHIPPED")) | ("SHIPPED", Some("SHIPPED")) => {}
-            ("CONFIRMED", _) => report.confirmed_without_reservation.push(o.id.clone()),
+            ("CONFIRMED" | "SHIPPING", Some("RESERVED")) | ("SHIPPED", Some("SHIPPED")) => {}
+            ("CONFIRMED" | "SHIPPING", Some("SHIPPED")) => {
+                report.order_behind_shipment.push(o.id.clone());
+            }
+            ("CANCELLED", Some("SHIPPED")) => report.cancelled_but_shipped.push(o.id.clone()),
+            ("CONFIRMED" | "SHIPPING", _) => {
+                report.confirmed_without_reservation.push(o.id.clone());
+            }
             ("SHIPPED", _) => report.shipped_without_shipment.push(o.id.clone()),
             ("REJECTED" | "CANCELLED", Some("RESERVED")) => {
                 report.holding_without_order.push(o.id.clone());

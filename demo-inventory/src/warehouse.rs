@@ -190,7 +190,12 @@ pub fn record(
         } => (product, "shipment", Some(order_id.as_str())),
         Request::Stocktake { product, .. } => (product, "stocktake", None),
     };
-    conn.transaction(|conn| {
+    if product.trim().is_empty() || order_id.is_some_and(|o| o.trim().is_empty()) {
+        return Err(Error::Invalid(
+            "product and order_id must not be empty".into(),
+        ));
+    }
+    let r = conn.transaction(|conn| {
         if let Some(order) = order_id {
             #[derive(QueryableByName)]
             struct N {
@@ -251,7 +256,6 @@ pub fn record(
             .load(conn)?;
             return match (request, h.first()) {
                 (Request::Shipment { .. }, Some(h)) => Ok(Outcome::Short { on_hand: h.on_hand }),
-                (Request::Shipment { .. }, None) => Ok(Outcome::Short { on_hand: 0 }),
                 _ => Err(Error::Invalid(format!(
                     "{product} is not stocked in {warehouse}"
                 ))),
@@ -281,7 +285,24 @@ pub fn record(
             outbox::Outbox::new().enqueue(conn, &event)?;
         }
         Ok(Outcome::Moved(movement))
-    })
+    });
+    match r {
+        // The same order shipped by a concurrent request: its movement is the one.
+        Err(Error::Database(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            info,
+        ))) if info.constraint_name() == Some("wh_movements_one_shipment") => {
+            Ok(Outcome::AlreadyShipped)
+        }
+        Err(Error::Database(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::CheckViolation
+            | diesel::result::DatabaseErrorKind::Unknown,
+            info,
+        ))) if info.message().contains("out of range") => Err(Error::Invalid(format!(
+            "{product}: the quantity would take on hand out of range"
+        ))),
+        other => other,
+    }
 }
 
 /// A pull cursor: the (transaction id, row id) of the last movement taken.
@@ -304,10 +325,14 @@ impl std::str::FromStr for Cursor {
     fn from_str(s: &str) -> Result<Self, Error> {
         let bad = || Error::Invalid(format!("cursor {s:?}: expected TX:ID (e.g. 0:0)"));
         let (tx, id) = s.split_once(':').ok_or_else(bad)?;
-        Ok(Self {
-            tx: tx.parse().map_err(|_| bad())?,
-            id: id.parse().map_err(|_| bad())?,
-        })
+        let (tx, id): (i64, i64) = (
+            tx.parse().map_err(|_| bad())?,
+            id.parse().map_err(|_| bad())?,
+        );
+        if tx < 0 || id < 0 {
+            return Err(bad());
+        }
+        Ok(Self { tx, id })
     }
 }
 

@@ -299,10 +299,30 @@ pub fn apply_reply(
             transition_at(conn, order_id, &["PENDING"], "CONFIRMED", None, warehouse)
         }
         "InventoryRejected" => transition(conn, order_id, &["PENDING"], "REJECTED", reason),
-        // Shipped from the warehouse: from now on a cancellation is refused (409).
-        "OrderShipped" => transition(conn, order_id, &["CONFIRMED"], "SHIPPED", None),
+        // Shipped from the warehouse (it was handed over by `fulfil`).
+        "OrderShipped" => transition(conn, order_id, &["SHIPPING"], "SHIPPED", None),
         other => Err(Error::Invalid(format!("unknown reply type {other}"))),
     }
+}
+
+/// Hands a CONFIRMED order to its warehouse to ship: CONFIRMED -> SHIPPING, one conditional
+/// UPDATE, so a cancellation and a shipment of one order cannot both be accepted (a cancel
+/// after it is refused, and it is refused after a cancel).
+///
+/// # Errors
+/// [`Error::NotFound`], [`Error::InvalidTransition`], [`Error::Database`].
+pub fn fulfil(conn: &mut PgConnection, id: Uuid) -> Result<Order, Error> {
+    conn.transaction(|conn| {
+        if !transition(conn, id, &["CONFIRMED"], "SHIPPING", None)? {
+            let order = get(conn, id)?;
+            return Err(Error::InvalidTransition {
+                id,
+                status: order.status,
+                action: "ship",
+            });
+        }
+        get(conn, id)
+    })
 }
 
 /// Cancels a PENDING or CONFIRMED order and writes `OrderCancelled` (the inventory restores any

@@ -166,6 +166,12 @@ async fn cancel_order(State(app): State<App>, Path(id): Path<String>) -> Respons
     order_by_id(&app, &id, demo_order::cancel).await
 }
 
+/// POST /orders/{id}/fulfil: a CONFIRMED order is handed to its warehouse to ship (SHIPPING);
+/// from then on a cancellation is refused. The one place that decides cancel against ship.
+async fn fulfil_order(State(app): State<App>, Path(id): Path<String>) -> Response {
+    order_by_id(&app, &id, demo_order::fulfil).await
+}
+
 /// The routes on one order: parse the id, run `f` on it, answer with the order.
 async fn order_by_id(
     app: &App,
@@ -236,6 +242,7 @@ async fn serve(database_url: String, brokers: String, listen: SocketAddr) -> Res
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
         .route("/orders/{id}/cancel", post(cancel_order))
+        .route("/orders/{id}/fulfil", post(fulfil_order))
         .route(
             "/stats",
             get(|State(app): State<App>| async move {

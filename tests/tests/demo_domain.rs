@@ -257,7 +257,7 @@ fn concurrent_reservations_never_take_stock_below_zero() {
     });
     assert_eq!(
         rejected.as_deref(),
-        Some("insufficient stock: 0 available, 1 requested")
+        Some("insufficient stock: 0 available (in all warehouses), 1 requested from one")
     );
 }
 
@@ -325,6 +325,24 @@ fn an_order_reserves_once_releases_once_and_a_shipment_consumes_it_once() {
         shipped_events, 1,
         "the order service hears of the shipment once"
     );
+    // A shipment naming another product (or warehouse) for an order does not consume the
+    // order's reservation: it is recorded as unreserved, which reconcile reports.
+    let o4 = OrderCreated {
+        order_id: "o-4".into(),
+        product: "p1".into(),
+        quantity: 1,
+    };
+    conn.transaction::<_, demo_inventory::Error, _>(|c| demo_inventory::reserve(c, &o4))
+        .unwrap();
+    let mut wrong = movement("wh-b", "shipment", -1, Some("o-4"));
+    wrong.product = "p1".into();
+    assert!(apply(&mut conn, &wrong, "push"));
+    assert_eq!(
+        stock(&mut conn, "wh-a").reserved,
+        1,
+        "o-4's reservation at wh-a is untouched"
+    );
+    assert_eq!(stock(&mut conn, "wh-b"), three(3, 0));
     // A cancellation after shipment releases nothing.
     let late = conn
         .transaction::<_, demo_inventory::Error, _>(|c| {
@@ -337,7 +355,7 @@ fn an_order_reserves_once_releases_once_and_a_shipment_consumes_it_once() {
         })
         .unwrap();
     assert_eq!(late, Release::AlreadyShipped);
-    assert_eq!(stock(&mut conn, "wh-a"), three(6, 0));
+    assert_eq!(stock(&mut conn, "wh-a"), three(6, 1));
     // A rejected order releases nothing; unknown products and bad movements are named.
     let none = conn
         .transaction::<_, demo_inventory::Error, _>(|c| {
@@ -379,7 +397,7 @@ fn an_order_reserves_once_releases_once_and_a_shipment_consumes_it_once() {
             c, &bad, "push"
         ))
         .is_err());
-    assert_eq!(stock(&mut conn, "wh-a"), three(6, 0), "nothing applied");
+    assert_eq!(stock(&mut conn, "wh-a"), three(6, 1), "nothing applied");
 }
 
 #[test]
@@ -387,6 +405,8 @@ fn the_order_service_follows_the_shipment_and_refuses_a_cancellation_after_it() 
     let db = order_db();
     let mut conn = db.conn().unwrap();
     let (o, _) = demo_order::create(&mut conn, None, &new_order(1)).unwrap();
+    // Not confirmed yet: nothing to ship.
+    assert!(demo_order::fulfil(&mut conn, o.id).is_err());
     assert!(
         demo_order::apply_reply(&mut conn, "InventoryReserved", o.id, None, Some("wh-a")).unwrap()
     );
@@ -397,11 +417,31 @@ fn the_order_service_follows_the_shipment_and_refuses_a_cancellation_after_it() 
             .as_deref(),
         Some("wh-a")
     );
+    // Handed to the warehouse: from here a cancellation is refused, whatever the warehouse
+    // has done yet (the one place that decides cancel against ship).
+    assert_eq!(
+        demo_order::fulfil(&mut conn, o.id).unwrap().status,
+        "SHIPPING"
+    );
+    let err = demo_order::cancel(&mut conn, o.id).unwrap_err();
+    assert!(
+        err.to_string().contains("is SHIPPING: cannot cancel"),
+        "{err}"
+    );
     assert!(demo_order::apply_reply(&mut conn, "OrderShipped", o.id, None, None).unwrap());
     assert!(!demo_order::apply_reply(&mut conn, "OrderShipped", o.id, None, None).unwrap());
     let err = demo_order::cancel(&mut conn, o.id).unwrap_err();
     assert!(
         err.to_string().contains("is SHIPPED: cannot cancel"),
+        "{err}"
+    );
+    // And the other way round: a cancelled order is never handed over.
+    let (c, _) = demo_order::create(&mut conn, None, &new_order(1)).unwrap();
+    demo_order::apply_reply(&mut conn, "InventoryReserved", c.id, None, Some("wh-a")).unwrap();
+    demo_order::cancel(&mut conn, c.id).unwrap();
+    let err = demo_order::fulfil(&mut conn, c.id).unwrap_err();
+    assert!(
+        err.to_string().contains("is CANCELLED: cannot ship"),
         "{err}"
     );
 }

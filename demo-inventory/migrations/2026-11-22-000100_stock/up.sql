@@ -46,7 +46,8 @@ CREATE TABLE movements (
     -- For a movement a reconciliation applied (path 'repair'): the path that brought it later,
     -- if any. NULL: the path lost it (real drift); set: the reconciliation ran ahead of a slow
     -- path (its settle window was shorter than an outage), and nothing was applied twice.
-    arrived_by  text
+    arrived_by  text,
+    arrived_at  timestamptz
 );
 CREATE INDEX movements_applied_idx ON movements (applied_at);
 

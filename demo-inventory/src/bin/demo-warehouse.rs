@@ -310,6 +310,7 @@ fn after_and_limit(query: Option<&str>) -> Result<(Cursor, i64), String> {
             Some(("after", v)) => {
                 cursor = v
                     .replace("%3A", ":")
+                    .replace("%3a", ":")
                     .parse()
                     .map_err(|e: demo_inventory::Error| e.to_string())?
             }

@@ -4,7 +4,7 @@ CREATE TABLE orders (
     product      text        NOT NULL CHECK (product <> ''),
     quantity     integer     NOT NULL CHECK (quantity > 0),
     amount_cents bigint      NOT NULL CHECK (amount_cents > 0),
-    status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED', 'SHIPPED')),
+    status       text        NOT NULL CHECK (status IN ('PENDING', 'CONFIRMED', 'REJECTED', 'CANCELLED', 'SHIPPING', 'SHIPPED')),
     -- Where the inventory centre reserved the stock (and the order ships from).
     warehouse    text,
     reason       text,

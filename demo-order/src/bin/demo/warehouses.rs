@@ -171,6 +171,17 @@ impl Operators {
             else {
                 continue;
             };
+            // The order service decides cancel against ship: only an order it handed over
+            // (CONFIRMED -> SHIPPING) is shipped; one cancelled meanwhile is refused here.
+            match self
+                .agent
+                .post(&format!("{}/orders/{}/fulfil", self.order_api, o.id))
+                .call()
+            {
+                Ok(_) => {}
+                Err(ureq::Error::Status(409, _)) => continue,
+                Err(_) => continue,
+            }
             let body = serde_json::json!({
                 "order_id": o.id, "product": o.product, "quantity": o.quantity,
             });
@@ -264,11 +275,14 @@ impl Sampler {
                 let theirs = diesel::sql_query("SELECT count(*) AS n FROM wh_movements")
                     .get_result::<N>(wh)?
                     .n;
-                let ours =
-                    diesel::sql_query("SELECT count(*) AS n FROM movements WHERE warehouse = $1")
-                        .bind::<Text, _>(&*name)
-                        .get_result::<N>(&mut inventory)?
-                        .n;
+                // Delivered by the path itself (a repair counts once the path's copy arrived).
+                let ours = diesel::sql_query(
+                    "SELECT count(*) AS n FROM movements WHERE warehouse = $1 \
+                     AND (path <> 'repair' OR arrived_by IS NOT NULL)",
+                )
+                .bind::<Text, _>(&*name)
+                .get_result::<N>(&mut inventory)?
+                .n;
                 backlog.insert(path.clone(), (theirs - ours).max(0));
             }
             let confirm = diesel::sql_query(
