@@ -225,7 +225,7 @@ fn print_paths(paths: &[PathFigures], load_secs: f64) -> (Vec<String>, Vec<(Stri
                 .collect(),
         ),
         (
-            "on hand differing at the end".into(),
+            "on hand off at the end (effect lost or twice)".into(),
             paths.iter().map(|p| p.on_hand_off.to_string()).collect(),
         ),
         (
