@@ -859,12 +859,7 @@ async fn resume_far_back(broken: bool) -> (usize, usize) {
     create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
     let mut conn = db.conn().unwrap();
     create_keys(&mut conn, 50).unwrap();
-    let saved = format!("{}_saved", db.name());
-    diesel::sql_query("SELECT pg_copy_logical_replication_slot($1, $2)::text AS lsn")
-        .bind::<Text, _>(db.name())
-        .bind::<Text, _>(&saved)
-        .execute(&mut conn)
-        .unwrap();
+    let saved = save_slot(&mut conn, db.name());
     let (url, t) = (db.url().to_owned(), topic.clone());
     let mut expected = tokio::task::spawn_blocking(move || {
         outbox_tests::workload::run_writers(&url, &t, 2, 100, 50, 3).unwrap()
@@ -882,13 +877,7 @@ async fn resume_far_back(broken: bool) -> (usize, usize) {
     .unwrap();
     relay.stop().await.unwrap();
     // The slot goes back to before the writes.
-    conn.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{0}'); \
-         SELECT pg_copy_logical_replication_slot('{saved}', '{0}'); \
-         SELECT pg_drop_replication_slot('{saved}');",
-        db.name()
-    ))
-    .unwrap();
+    put_back_slot(&mut conn, db.name(), &saved);
     let mut relay = outbox_relay::Relay::new(streaming(&db, &broker.bootstrap())).unwrap();
     if broken {
         relay = relay.broken_variant_resend_removed_rows();
@@ -953,12 +942,7 @@ async fn after_an_identity_reset_a_slot_resuming_far_back_loses_none_of_the_new_
     create_topic(&broker.bootstrap(), &topic, 2).await.unwrap();
     let mut conn = db.conn().unwrap();
     create_keys(&mut conn, 50).unwrap();
-    let saved = format!("{}_saved", db.name());
-    diesel::sql_query("SELECT pg_copy_logical_replication_slot($1, $2)::text AS lsn")
-        .bind::<Text, _>(db.name())
-        .bind::<Text, _>(&saved)
-        .execute(&mut conn)
-        .unwrap();
+    let saved = save_slot(&mut conn, db.name());
     // Old events under ids 1..205, delivered and removed by the first term.
     let (url, t) = (db.url().to_owned(), topic.clone());
     let mut expected = tokio::task::spawn_blocking(move || {
@@ -987,13 +971,7 @@ async fn after_an_identity_reset_a_slot_resuming_far_back_loses_none_of_the_new_
         .unwrap(),
     );
     let end = current_lsn(&mut conn);
-    conn.batch_execute(&format!(
-        "SELECT pg_drop_replication_slot('{0}'); \
-         SELECT pg_copy_logical_replication_slot('{saved}', '{0}'); \
-         SELECT pg_drop_replication_slot('{saved}');",
-        db.name()
-    ))
-    .unwrap();
+    put_back_slot(&mut conn, db.name(), &saved);
     // One event per page: the old events' removals and the new ones interleave most.
     let relay = InProcessRelay::start(
         streaming(&db, &broker.bootstrap())
@@ -1017,4 +995,25 @@ async fn after_an_identity_reset_a_slot_resuming_far_back_loses_none_of_the_new_
     );
     assert!(report.missing.is_empty(), "{}", summary(&report));
     assert!(report.unexpected.is_empty(), "{}", summary(&report));
+}
+
+/// A copy of `slot` as it is now (to put back later).
+fn save_slot(conn: &mut PgConnection, slot: &str) -> String {
+    let saved = format!("{slot}_saved");
+    diesel::sql_query("SELECT pg_copy_logical_replication_slot($1, $2)::text AS lsn")
+        .bind::<Text, _>(slot)
+        .bind::<Text, _>(&saved)
+        .execute(conn)
+        .unwrap();
+    saved
+}
+
+/// `slot` goes back to its copy `saved` (as after a crash that lost its later confirmations).
+fn put_back_slot(conn: &mut PgConnection, slot: &str, saved: &str) {
+    conn.batch_execute(&format!(
+        "SELECT pg_drop_replication_slot('{slot}'); \
+         SELECT pg_copy_logical_replication_slot('{saved}', '{slot}'); \
+         SELECT pg_drop_replication_slot('{saved}');"
+    ))
+    .unwrap();
 }

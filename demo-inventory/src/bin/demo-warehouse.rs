@@ -378,6 +378,46 @@ async fn stock(State(app): State<App>, Path(product): Path<String>) -> Response 
     }
 }
 
+impl From<Inbound> for Request {
+    fn from(i: Inbound) -> Self {
+        Request::Inbound {
+            product: i.product,
+            quantity: i.quantity,
+        }
+    }
+}
+
+impl From<Shipment> for Request {
+    fn from(s: Shipment) -> Self {
+        Request::Shipment {
+            order_id: s.order_id,
+            product: s.product,
+            quantity: s.quantity,
+        }
+    }
+}
+
+impl From<Stocktake> for Request {
+    fn from(s: Stocktake) -> Self {
+        Request::Stocktake {
+            product: s.product,
+            counted: s.counted,
+        }
+    }
+}
+
+/// POST of one movement request: the body read as `T` (a 422 naming what is wrong), then
+/// recorded.
+async fn post_request<T: serde::de::DeserializeOwned + Into<Request>>(
+    State(app): State<App>,
+    b: axum::body::Bytes,
+) -> Response {
+    match body::<T>(&b) {
+        Ok(r) => move_stock(app, r.into()).await,
+        Err(r) => *r,
+    }
+}
+
 /// The body as `T`, or a 422 naming what is wrong.
 fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -419,61 +459,9 @@ async fn serve(
     let tasks = outbox::shutdown::TaskTracker::new();
     outbox::shutdown::cancel_on_signals(&shutdown, &tasks)?;
     let router = Router::new()
-        .route(
-            "/inbound",
-            post(|State(app): State<App>, b: axum::body::Bytes| async move {
-                match body::<Inbound>(&b) {
-                    Ok(i) => {
-                        move_stock(
-                            app,
-                            Request::Inbound {
-                                product: i.product,
-                                quantity: i.quantity,
-                            },
-                        )
-                        .await
-                    }
-                    Err(r) => *r,
-                }
-            }),
-        )
-        .route(
-            "/shipments",
-            post(|State(app): State<App>, b: axum::body::Bytes| async move {
-                match body::<Shipment>(&b) {
-                    Ok(s) => {
-                        move_stock(
-                            app,
-                            Request::Shipment {
-                                order_id: s.order_id,
-                                product: s.product,
-                                quantity: s.quantity,
-                            },
-                        )
-                        .await
-                    }
-                    Err(r) => *r,
-                }
-            }),
-        )
-        .route(
-            "/stocktake",
-            post(|State(app): State<App>, b: axum::body::Bytes| async move {
-                match body::<Stocktake>(&b) {
-                    Ok(s) => {
-                        move_stock(
-                            app,
-                            Request::Stocktake {
-                                product: s.product,
-                                counted: s.counted,
-                            },
-                        )
-                        .await
-                    }
-                    Err(r) => *r,
-                }
-            }),
-        )
+        .route("/inbound", post(post_request::<Inbound>))
+        .route("/shipments", post(post_request::<Shipment>))
+        .route("/stocktake", post(post_request::<Stocktake>))
         .route("/movements", get(movements))
         .route("/stock/{product}", get(stock))
         .route(
