@@ -271,13 +271,7 @@ pub fn release(conn: &mut PgConnection, cancelled: &OrderCancelled) -> Result<Re
     .bind::<Text, _>(&cancelled.order_id)
     .load(conn)?;
     if let Some(r) = released.into_iter().next() {
-        diesel::sql_query(
-            "UPDATE stock SET reserved = reserved - $3 WHERE product = $1 AND warehouse = $2",
-        )
-        .bind::<Text, _>(&r.product)
-        .bind::<Text, _>(&r.warehouse)
-        .bind::<Integer, _>(r.quantity)
-        .execute(conn)?;
+        unreserve(conn, &r.product, &r.warehouse, r.quantity)?;
         return Ok(Release::Released(r.quantity));
     }
     #[derive(QueryableByName)]
@@ -292,6 +286,24 @@ pub fn release(conn: &mut PgConnection, cancelled: &OrderCancelled) -> Result<Re
         Some("SHIPPED") => Release::AlreadyShipped,
         _ => Release::Nothing,
     })
+}
+
+/// Takes `quantity` off the reserved units of a stock row (its reservation was released or
+/// shipped, in the same transaction).
+fn unreserve(
+    conn: &mut PgConnection,
+    product: &str,
+    warehouse: &str,
+    quantity: i32,
+) -> Result<(), Error> {
+    diesel::sql_query(
+        "UPDATE stock SET reserved = reserved - $3 WHERE product = $1 AND warehouse = $2",
+    )
+    .bind::<Text, _>(product)
+    .bind::<Text, _>(warehouse)
+    .bind::<Integer, _>(quantity)
+    .execute(conn)?;
+    Ok(())
 }
 
 /// Applies a warehouse movement once (by its id): on hand moves by its delta; a shipment also
@@ -358,13 +370,7 @@ pub fn apply_movement(conn: &mut PgConnection, m: &Movement, path: &str) -> Resu
         .bind::<Text, _>(&m.warehouse)
         .load(conn)?;
         if let Some(q) = shipped.first() {
-            diesel::sql_query(
-                "UPDATE stock SET reserved = reserved - $3 WHERE product = $1 AND warehouse = $2",
-            )
-            .bind::<Text, _>(&m.product)
-            .bind::<Text, _>(&m.warehouse)
-            .bind::<Integer, _>(q.quantity)
-            .execute(conn)?;
+            unreserve(conn, &m.product, &m.warehouse, q.quantity)?;
         } else {
             // No open reservation of this order for this product at this warehouse (released
             // by a cancellation, or a shipment of something else): on hand moved, nothing

@@ -867,15 +867,7 @@ async fn resume_far_back(broken: bool) -> (usize, usize) {
     .await
     .unwrap();
     let first = expected.len();
-    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "the first term delivered everything",
-        || Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0),
-    )
-    .await
-    .unwrap();
-    relay.stop().await.unwrap();
+    deliver_everything_then_stop(&db, &broker, &mut conn).await;
     // The slot goes back to before the writes.
     put_back_slot(&mut conn, db.name(), &saved);
     let mut relay = outbox_relay::Relay::new(streaming(&db, &broker.bootstrap())).unwrap();
@@ -950,15 +942,7 @@ async fn after_an_identity_reset_a_slot_resuming_far_back_loses_none_of_the_new_
     })
     .await
     .unwrap();
-    let relay = InProcessRelay::start(streaming(&db, &broker.bootstrap())).unwrap();
-    wait_until(
-        Duration::from_secs(60),
-        "the first term delivered everything",
-        || Ok(count(&mut conn, "SELECT count(*) AS n FROM outbox") == 0),
-    )
-    .await
-    .unwrap();
-    relay.stop().await.unwrap();
+    deliver_everything_then_stop(&db, &broker, &mut conn).await;
     // The reset, then 5 new events under ids 1..5.
     conn.batch_execute("ALTER TABLE outbox ALTER COLUMN id RESTART WITH 1")
         .unwrap();
@@ -1016,4 +1000,17 @@ fn put_back_slot(conn: &mut PgConnection, slot: &str, saved: &str) {
          SELECT pg_drop_replication_slot('{saved}');"
     ))
     .unwrap();
+}
+
+/// One term of a streaming relay that delivers (and removes) every row in the outbox, then stops.
+async fn deliver_everything_then_stop(db: &TestDb, broker: &Tansu, conn: &mut PgConnection) {
+    let relay = InProcessRelay::start(streaming(db, &broker.bootstrap())).unwrap();
+    wait_until(
+        Duration::from_secs(60),
+        "the first term delivered everything",
+        || Ok(count(conn, "SELECT count(*) AS n FROM outbox") == 0),
+    )
+    .await
+    .unwrap();
+    relay.stop().await.unwrap();
 }
